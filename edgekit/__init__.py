@@ -1,0 +1,27 @@
+"""edgekit: compress DeepSeek-V3-family models for 4-core CPUs, phones and browsers.
+
+Public API (lazy: importing edgekit does not import torch; ``edgekit.runtime`` never needs it):
+``load``, ``save``, ``evaluate``, ``export``, ``prune_``, ``quantize_``, ``compress``,
+``get_version_info``.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_API = {
+    "load": ".checkpoint", "save": ".checkpoint", "load_tokenizer": ".checkpoint",
+    "ModelArgs": ".model", "Transformer": ".model",
+    "evaluate": ".evaluate", "EdgekitError": ".errors",
+    "export": ".export", "prune_": ".prune", "quantize_": ".quantize",
+    "compress": ".pipeline", "get_version_info": ".bundle",
+}
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(import_module(_API[name], __name__), name)
+    raise AttributeError(f"module 'edgekit' has no attribute {name!r}")
+
+
+__all__ = sorted(_API) + ["__version__"]

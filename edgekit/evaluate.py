@@ -1,0 +1,75 @@
+"""Next-token evaluation: top-1 accuracy (with standard error), perplexity and token count.
+
+What: ``evaluate(model, data)`` scores any "logits function" on token windows. ``model`` is either a
+torch ``nn.Module`` (called as ``model(ids) -> logits``) or an object with
+``logits(ids: np.ndarray[B, T]) -> np.ndarray[B, T, V]`` (an onnxruntime runner, a bundle), so every
+stage of the pipeline is scored on the same data the same way.
+
+Why top-1 accuracy: it is the metric the 0.8-point gate is written in; perplexity is reported
+beside it. ``accuracy_stderr`` = sqrt(p(1-p)/n) treats tokens as independent (optimistic, but the
+comparison that matters, fp32 vs compressed, is paired: see ``agreement``).
+
+Failure modes: empty data raises ``EdgekitError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .data import windows
+from .errors import EdgekitError
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    accuracy_stderr: float
+    perplexity: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logits_fn(model):
+    if hasattr(model, "logits"):
+        return lambda ids: np.asarray(model.logits(ids), dtype=np.float32)
+    import torch
+
+    def run(ids):
+        with torch.no_grad():
+            return model(torch.from_numpy(ids)).float().numpy()
+    return run
+
+
+def evaluate(model, tokens: np.ndarray, seq_len: int = 256, batch_size: int = 8,
+             progress: bool = True, return_predictions: bool = False):
+    """Score ``model`` on ``tokens`` (1-D ids) in non-overlapping windows of ``seq_len``."""
+    if tokens is None or len(tokens) < 2:
+        raise EdgekitError("evaluation data is empty; pass a text file with at least a few hundred tokens")
+    rows = windows(np.asarray(tokens, dtype=np.int64), seq_len)
+    fn = _logits_fn(model)
+    correct, nll, n, preds = 0, 0.0, 0, []
+    it = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="eval", unit="batch", leave=False)
+    for i in it:
+        batch = rows[i: i + batch_size]
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = fn(x)
+        m = logits.max(-1, keepdims=True)
+        logz = (m[..., 0] + np.log(np.exp(logits - m).sum(-1)))
+        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
+        nll += float((logz - picked).sum())
+        pred = logits.argmax(-1)
+        correct += int((pred == y).sum())
+        n += y.size
+        if return_predictions:
+            preds.append(pred.reshape(-1))
+    p = correct / n
+    res = EvalResult(p, math.sqrt(p * (1 - p) / n), math.exp(nll / n), n)
+    return (res, np.concatenate(preds)) if return_predictions else res
