@@ -42,14 +42,16 @@ LAYER_FIELDS = ("num_attention_heads", "intermediate_size", "moe_intermediate_si
 
 @dataclass
 class ModelArgs:
+    """Defaults are v3-nano's, the shipped reference model."""
+
     # model
     vocab_size: int = 4096
     hidden_size: int = 256
     num_hidden_layers: int = 6
-    intermediate_size: int = 768          # dense FFN width (layers < first_k_dense_replace)
+    intermediate_size: int = 640          # dense FFN width (layers < first_k_dense_replace)
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 1024
+    max_position_embeddings: int = 2048
     hidden_act: str = "silu"
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
@@ -69,15 +71,15 @@ class ModelArgs:
     n_routed_experts: int | None = 8      # None/0: every layer is dense
     num_experts_per_tok: int = 2
     n_shared_experts: int = 1
-    moe_intermediate_size: int = 192
+    moe_intermediate_size: int = 160
     first_k_dense_replace: int = 1
     moe_layer_freq: int = 1
     scoring_func: str = "sigmoid"         # V3: sigmoid; V2: softmax
     topk_method: str = "noaux_tc"         # V3: noaux_tc (bias for selection); V2: greedy / group_limited_greedy
-    n_group: int | None = 1
-    topk_group: int | None = 1
+    n_group: int | None = 4
+    topk_group: int | None = 2
     norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = 2.5
     # edgekit
     model_type: str = "deepseek_v3"
     layer_overrides: dict = field(default_factory=dict)  # {"3": {"n_routed_experts": 6}, ...}
@@ -109,7 +111,7 @@ class ModelArgs:
                                      f"by n_group={la.n_group}; set n_group to a divisor")
 
     # -- per-layer view -------------------------------------------------------------------------
-    def for_layer(self, i: int) -> "LayerArgs":
+    def for_layer(self, i: int) -> LayerArgs:
         moe = bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
         la = LayerArgs(self.num_attention_heads, self.intermediate_size, self.moe_intermediate_size,
                        self.n_routed_experts or 0, self.num_experts_per_tok, self.n_group or 1,
