@@ -1,0 +1,75 @@
+"""Bundle manifest/verification, report gates and HTML, device matrix."""
+
+import json
+
+import pytest
+
+from edgekit.bundle import finalize, get_version_info, staging_dir, verify, write_manifest
+from edgekit.devices import collect, matrix, to_markdown
+from edgekit.errors import EdgekitError
+from edgekit.host import latency_unverified_reason
+from edgekit.recipes import Target
+from edgekit.report import gate, overall, render_html
+
+
+def _bundle(tmp_path):
+    out = tmp_path / "b"
+    tmp = staging_dir(out)
+    (tmp / "model.onnx").write_bytes(b"graph")
+    (tmp / "tokenizer.json").write_text("{}")
+    write_manifest(tmp, model_name="m", target="cpu4", features=["int8"], hardware_recommendation="4 cores",
+                   io_spec={"inputs": ["input_ids"]})
+    return finalize(tmp, out)
+
+
+def test_bundle_is_atomic_and_verifiable(tmp_path):
+    b = _bundle(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"], "no temp dirs may be left behind"
+    assert get_version_info(b)["features"] == ["int8"]
+    verify(b)
+    (b / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(EdgekitError, match="hash"):
+        verify(b)
+
+
+def test_finalize_replaces_an_old_bundle_whole(tmp_path):
+    _bundle(tmp_path)
+    b = _bundle(tmp_path)
+    assert (b / "manifest.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_gates_and_overall_status():
+    g = {"a": gate(0.004, 0.008), "b": gate(200.0, 180.0)}
+    assert g["a"]["status"] == "pass" and g["b"]["status"] == "fail" and overall(g) == "fail"
+    g["b"] = gate(200.0, 180.0, unverified_reason="2 cores")
+    assert g["b"]["status"] == "unverified" and overall(g) == "unverified"
+    assert overall({"a": gate(0.0, 0.008)}) == "pass"
+
+
+def test_latency_is_unverified_on_a_host_with_too_few_cores():
+    t = Target(name="cpu4", threads=4)
+    assert "2 usable cores" in latency_unverified_reason(t, {"cores": 2, "arch": "x86_64"})
+    assert latency_unverified_reason(t, {"cores": 16, "arch": "x86_64"}) is None
+    arm = Target(name="mobile", threads=4, arch="arm64")
+    assert "arm64" in latency_unverified_reason(arm, {"cores": 16, "arch": "x86_64"})
+
+
+def test_report_html_has_plots_and_gates():
+    r = {"target": "cpu4", "status": "pass", "gates": {"latency_prefill_p95_ms": gate(50.0, 180.0)},
+         "compressed": {"latency": {"prefill_ms": {"samples": [1.0, 2.0, 3.0]}, "decode_ms": {"samples": [1.0]}}},
+         "stages": [{"name": "fp32", "accuracy": 0.5, "size_bytes": 100}], "host": {"cores": 2}}
+    page = render_html(r)
+    assert page.count("data:image/png;base64,") == 2 and "latency_prefill_p95_ms" in page
+
+
+def test_device_matrix(tmp_path):
+    for name, status in (("h200-16c", "pass"), ("laptop", "fail")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps({
+            "target": "cpu4", "status": status, "host": {"cpu_model": "X", "cores": 16, "isa": ["avx2"]},
+            "gates": {"latency_decode_p95_ms": {"value": 3.0, "limit": 50, "status": status}}}))
+    head, rows = matrix(collect(tmp_path))
+    md = to_markdown(head, rows)
+    assert "latency_decode_p95_ms" in head and len(rows) == 2 and "pass (3)" in md
+    with pytest.raises(EdgekitError):
+        collect(tmp_path / "nothing")
