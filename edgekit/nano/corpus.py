@@ -133,8 +133,12 @@ def verify(manifest: dict, docs: list[Document]) -> dict[str, str]:
     """Check ``docs`` against a pinned manifest; return its path -> split map."""
     pinned = {f["path"]: f for f in manifest["files"]}
     have = {d.path: d for d in docs}
-    hint = (f"the manifest pins Python {manifest['python_version']} and this is "
-            f"{platform.python_version()}; run with that interpreter")
+    if manifest["python_version"] != platform.python_version():
+        hint = (f"the manifest pins Python {manifest['python_version']} and this is "
+                f"{platform.python_version()}; run with that interpreter (or --stdlib-root)")
+    else:
+        hint = ("this Python's standard library was modified; reinstall it, or re-pin deliberately "
+                "with --rewrite-manifest (changes the splits and invalidates v3-nano)")
     missing = sorted(set(pinned) - set(have))
     if missing:
         raise CorpusError(f"{len(missing)} pinned corpus files are missing (first: {missing[0]}); {hint}")
