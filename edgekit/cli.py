@@ -72,7 +72,7 @@ def info(model, as_json):
 @click.argument("model", required=False)
 @click.option("--data", default="eval", show_default=True,
               help="Text file to score, or a shipped split name (eval, calib).")
-@click.option("--seq-len", default=256, show_default=True, help="Window length in tokens.")
+@click.option("--seq-len", default=512, show_default=True, help="Window length in tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (ONNX/bundle).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

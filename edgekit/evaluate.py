@@ -45,7 +45,7 @@ def _logits_fn(model):
     return run
 
 
-def evaluate(model, tokens: np.ndarray, seq_len: int = 256, batch_size: int = 8,
+def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
              progress: bool = True, return_predictions: bool = False):
     """Score ``model`` on ``tokens`` (1-D ids) in non-overlapping windows of ``seq_len``."""
     if tokens is None or len(tokens) < 2:

@@ -82,7 +82,7 @@ class Validate:
     runs: int = 20
     decode_tokens: int = 32
     eval_max_tokens: int = 0          # 0: the whole eval split
-    seq_len: int = 256
+    seq_len: int = 512
 
     def __post_init__(self):
         if self.runs < 2 or self.warmup < 0 or self.decode_tokens < 2:
