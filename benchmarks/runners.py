@@ -1,0 +1,119 @@
+"""Runners: one small class per runtime, each implementing ``measure.Runner`` for the worker.
+
+What: ``TorchRunner`` (eager fp32, or ``torch.ao.quantization.quantize_dynamic`` int8 on nn.Linear,
+latent KV cache via ``forward_cached``), ``OrtNoCacheRunner`` (one logits graph; decode recomputes
+the whole context, marked ``cached = False``), ``OrtEdgekitRunner`` (the edgekit export with its
+KV-cache decode graph, through ``edgekit.runtime.session.OrtModel``).
+
+Why: the latency loops in measure.py time any runtime the same way.
+
+Invariants: imports happen inside constructors so an ORT worker never imports torch (RSS).
+Each runner uses exactly ``threads`` intra-op threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class TorchRunner:
+    cached = True
+
+    def __init__(self, ckpt: Path, threads: int, int8: bool = False):
+        import torch
+
+        from edgekit import checkpoint
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        model = checkpoint.load(ckpt)
+        if int8:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model.eval()
+
+    def size_mb(self) -> float:
+        import io
+        buf = io.BytesIO()
+        self.torch.save(self.model.state_dict(), buf)
+        return buf.tell() / 1e6
+
+    def prefill(self, ids):
+        with self.torch.inference_mode():
+            self.model.forward_cached(self.torch.from_numpy(ids))
+
+    def start(self, ids):
+        with self.torch.inference_mode():
+            _, kv, pe = self.model.forward_cached(self.torch.from_numpy(ids))
+        return kv, pe
+
+    def step(self, state, tok):
+        with self.torch.inference_mode():
+            _, kv, pe = self.model.forward_cached(self.torch.tensor([[tok]]), *state)
+        return kv, pe
+
+    def logits(self, ids):
+        with self.torch.inference_mode():
+            return self.model(self.torch.from_numpy(ids)).float().numpy()
+
+
+def ort_session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OrtNoCacheRunner:
+    """A cache-less logits graph: decode time = a full forward over ctx + 1 tokens."""
+
+    cached = False
+
+    def __init__(self, d: Path, threads: int):
+        self.sess = ort_session(next(Path(d).glob("*.onnx")), threads)
+
+    def logits(self, ids):
+        return self.sess.run(None, {"input_ids": ids.astype(np.int64)})[0]
+
+    def prefill(self, ids):
+        self.logits(ids)
+
+    def start(self, ids):
+        self.logits(ids)
+        return ids
+
+    def step(self, state, tok):
+        ids = np.concatenate([state, np.array([[tok]], dtype=np.int64)], axis=1)
+        self.logits(ids)
+        return ids
+
+
+def make_runner(variant: str, artifact: Path, threads: int):
+    """variant kind -> Runner (llama.cpp lives in benchmarks/llamacpp.py)."""
+    if variant == "torch-fp32":
+        return TorchRunner(artifact, threads)
+    if variant == "torch-int8":
+        return TorchRunner(artifact, threads, int8=True)
+    if variant.startswith("ort-") or variant == "nncf-int8":
+        import json
+        kind = json.loads((Path(artifact) / "bench.json").read_text())["kind"]
+        return OrtNoCacheRunner(artifact, threads) if kind == "nocache" else OrtEdgekitRunner(artifact, threads)
+    if variant == "llama-q8_0":
+        from benchmarks.llamacpp import LlamaRunner
+        return LlamaRunner(artifact, threads)
+    if variant == "edgekit-cpu4":
+        return OrtEdgekitRunner(artifact, threads)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+class OrtEdgekitRunner:
+    """Placeholder until edgekit.export / edgekit.runtime land (wired in then)."""
+
+    cached = True
+
+    def __init__(self, d: Path, threads: int):
+        raise NotImplementedError("edgekit.runtime.session.OrtModel has not landed yet")

@@ -1,0 +1,194 @@
+"""Build the artifact each benchmark row runs: checkpoints, the fp32 ONNX export and its quantized
+copies (onnxruntime ``quantize_dynamic`` defaults, NNCF ``ModelType.TRANSFORMER`` defaults).
+
+What: ``MODELS`` (v3-nano, trained; v3-50m, random init, the config in
+shared/notes/onnxruntime-cpu.md), ``prepare_model`` (an fp32 HF checkpoint dir), ``export_fp32``
+(ONNX via ``edgekit.export`` when present, else a cache-less fallback), ``quantize_ort_dynamic`` and
+``quantize_nncf`` (applied to the SAME fp32 export, so the rows differ only by quantizer).
+
+Why: baselines must be what a user would get from each tool with defaults, on identical graphs.
+
+Invariants: every builder writes into a temp dir and renames it into place when complete; a
+present output dir is reused (so a re-run only measures).
+
+Failure modes: exceptions propagate; ``run.py`` records them as the row's ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+# The ~50M-parameter V3 config the ORT / llama.cpp probes used (shared/notes/onnxruntime-cpu.md).
+V3_50M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, intermediate_size=1536,
+              num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
+              qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
+              n_shared_experts=1, moe_intermediate_size=512, first_k_dense_replace=1,
+              n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+MODELS = {
+    "v3-nano": {"trained": True, "source": "v3-nano"},
+    "v3-50m": {"trained": False, "source": V3_50M},
+}
+
+
+def _atomic_dir(out: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` and rename tmp -> out; reuse ``out`` if it already exists."""
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def dir_mb(d: Path, suffixes: tuple[str, ...] | None = None) -> float:
+    files = [p for p in Path(d).rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes
+                                                                or p.name.endswith(".onnx.data"))]
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def prepare_model(name: str, work: Path) -> Path:
+    """fp32 HF checkpoint dir (config.json, model.safetensors, tokenizer.json) for model ``name``."""
+    import torch
+
+    from edgekit import checkpoint
+    from edgekit.model import ModelArgs, Transformer
+
+    def build(tmp: Path):
+        src = MODELS[name]["source"]
+        if isinstance(src, str):
+            model = checkpoint.load(src)
+        else:
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs(**src)).eval()
+        checkpoint.save(model, tmp / "ckpt", tokenizer_from="v3-nano", dtype=torch.float32)
+        for p in (tmp / "ckpt").iterdir():
+            os.replace(p, tmp / p.name)
+        (tmp / "ckpt").rmdir()
+
+    return _atomic_dir(work / name / "checkpoint", build)
+
+
+def calib_ids(vocab: int, n: int, seq: int) -> np.ndarray:
+    """[n, seq] calibration rows from the shipped calib split (ids < vocab)."""
+    from edgekit.checkpoint import load_tokenizer
+    from edgekit.data import load_tokens
+
+    toks = load_tokens("calib", load_tokenizer("v3-nano"), max_tokens=n * seq)
+    toks = toks[: (len(toks) // seq) * seq].reshape(-1, seq)[:n]
+    return np.minimum(toks, vocab - 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# fp32 ONNX export
+# ---------------------------------------------------------------------------------------------
+def has_edgekit_export() -> bool:
+    try:
+        import edgekit.export  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def export_fp32(ckpt: Path, work: Path) -> Path:
+    """Directory of fp32 ONNX graph(s) + ``bench.json`` naming the kind (``edgekit`` or ``nocache``)."""
+    from edgekit import checkpoint
+
+    def build(tmp: Path):
+        model = checkpoint.load(ckpt)
+        if has_edgekit_export():
+            from edgekit.export import ExportConfig, export
+            export(model, tmp, ExportConfig())
+            kind = "edgekit"
+        else:
+            _export_nocache(model, tmp / "model.onnx")
+            kind = "nocache"
+        (tmp / "bench.json").write_text(json.dumps({"kind": kind}))
+
+    return _atomic_dir(ckpt.parent / "onnx-fp32", build)
+
+
+def _export_nocache(model, path: Path) -> None:
+    """Fallback until edgekit.export lands: logits = f(input_ids), no KV cache (decode recomputes)."""
+    import onnx
+    import onnxsim
+    import torch
+
+    ids = torch.randint(0, model.args.vocab_size, (1, 16))
+    torch.onnx.export(model, (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
+                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+                      opset_version=17, dynamo=False)
+    simp, ok = onnxsim.simplify(onnx.load(str(path)))
+    if ok:
+        onnx.save(simp, str(path))
+
+
+def onnx_graphs(d: Path) -> list[Path]:
+    return sorted(Path(d).glob("*.onnx"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline quantizers, applied to every graph of the fp32 export
+# ---------------------------------------------------------------------------------------------
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".onnx" and not p.name.endswith(".onnx.data"):
+            shutil.copy(p, dst / p.name)
+
+
+def quantize_ort_dynamic(fp32: Path) -> Path:
+    """onnxruntime.quantization.quantize_dynamic with its defaults (QInt8 weights, per-tensor)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    def build(tmp: Path):
+        for g in onnx_graphs(fp32):
+            quantize_dynamic(str(g), str(tmp / g.name))
+        _copy_side_files(fp32, tmp)
+
+    return _atomic_dir(fp32.parent / "onnx-ort-dynamic", build)
+
+
+def constants_to_initializers(model):
+    """Move tensor-valued Constant nodes into initializers (same graph semantics). NNCF 3.4 looks up
+    a Gather's data (here the RoPE tables) as an initializer and fails with "There is no tensor with
+    the name /Constant_3_output_0" otherwise."""
+    from onnx import numpy_helper
+
+    keep = []
+    for n in model.graph.node:
+        attr = {a.name: a for a in n.attribute}
+        if n.op_type == "Constant" and "value" in attr:
+            arr = numpy_helper.to_array(attr["value"].t)
+            model.graph.initializer.append(numpy_helper.from_array(arr, n.output[0]))
+        else:
+            keep.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def quantize_nncf(fp32: Path, calib_feeds) -> Path:
+    """nncf.quantize(ModelType.TRANSFORMER) with defaults on each graph.
+    calib_feeds(graph_path) -> list of input dicts for that graph."""
+    import nncf
+    import onnx
+
+    def build(tmp: Path):
+        for g in onnx_graphs(fp32):
+            model = constants_to_initializers(onnx.load(str(g)))
+            q = nncf.quantize(model, nncf.Dataset(calib_feeds(g)), model_type=nncf.ModelType.TRANSFORMER)
+            onnx.save(q, str(tmp / g.name))
+        _copy_side_files(fp32, tmp)
+
+    return _atomic_dir(fp32.parent / "onnx-nncf", build)
