@@ -1,0 +1,185 @@
+"""ONNX export for on-device generation: ``export(model, out_dir, config) -> Path``.
+
+What: one ONNX graph (``model.onnx``) that serves both prompt processing and per-token decoding:
+``input_ids`` [batch, seq] + ``past_latent.{i}`` [batch, past_seq, W] per layer in,
+``logits`` [batch, seq, vocab] + ``new_latent.{i}`` [batch, seq, W] out, W = kv_lora_rank +
+qk_rope_head_dim (MLA's compressed latent | shared rotary key). Prefill = the same graph with
+past_seq = 0. Beside it: ``export.json`` (the I/O spec, cache widths, max positions, MoE path,
+opset), ``config.json`` and, with ``tokenizer_from``, ``tokenizer.json``. Run it with
+``edgekit.runtime.OrtModel`` (no torch).
+
+Why one graph (measured, benchmarks/expert_scaling.py and the module notes in graph.py): one
+session holds the weights once and avoids two sessions' idle threads spinning against each other
+on small CPUs; decode with absorbed attention is what matters per token, and the same absorbed
+graph is used for prefill. Routed experts run sparsely on both MoE paths:
+``moe="contrib"``: one ``com.microsoft::MoE`` node per layer (onnxruntime CPU kernels; faster);
+``moe="portable"``: plain ONNX (TopK/NonZero/Gather/ScatterElements/index_add), for runtimes without
+contrib ops (onnxruntime-web, minimal mobile builds).
+
+Invariants: onnxruntime fp32 logits match torch to <= 1e-4 (tests/test_export.py, ``verify``);
+each graph carries metadata_props ``edgekit.version``, ``edgekit.model_hash`` (sha256 of config and
+weights) and ``edgekit.io_spec`` (JSON). The output directory appears only when complete.
+
+Failure modes: non-fp32 weights or a config the contrib MoE op cannot express raise
+``EdgekitError`` naming the fix. Models over ~2 GB are written with external data
+(``model.onnx.data``) and onnxsim is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import types
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import EdgekitError
+from ..info import cache_bytes_per_token
+from .onnx_io import finish_graph, model_hash
+
+PROTOBUF_LIMIT = 2**31          # one serialized ModelProto cannot exceed 2 GiB
+GRAPH_FILE, SPEC_FILE = "model.onnx", "export.json"
+
+__all__ = ["ExportConfig", "export", "cache_bytes_per_token", "model_hash", "verify"]
+
+
+@dataclass
+class ExportConfig:
+    moe: str = "contrib"            # "contrib": com.microsoft::MoE (ORT CPU); "portable": plain ONNX ops
+    simplify: bool = True           # run onnxsim (skipped, with a warning, when external data is needed)
+    opset: int = 17
+    # graphs whose weights exceed this are saved with external data (headroom for the graph itself)
+    external_data_threshold: int = PROTOBUF_LIMIT - 2**26
+
+    def __post_init__(self):
+        if self.moe not in ("contrib", "portable"):
+            raise EdgekitError(f"export moe={self.moe!r}: use 'contrib' (onnxruntime CPU) or 'portable' (plain ONNX)")
+        if self.opset < 17:
+            raise EdgekitError(f"export opset={self.opset}: use 17 or newer")
+
+
+def _check(model, cfg: ExportConfig) -> None:
+    import torch
+
+    bad = [n for n, p in model.state_dict().items() if p.is_floating_point() and p.dtype != torch.float32]
+    if bad:
+        raise EdgekitError(f"{bad[0]} is not float32; load the checkpoint with dtype=torch.float32 before export")
+    a = model.args
+    if cfg.moe == "contrib":
+        for i in range(a.num_hidden_layers):
+            la = a.for_layer(i)
+            if la.is_moe and not (a.norm_topk_prob and la.num_experts_per_tok > 1):
+                raise EdgekitError(f"layer {i}: the com.microsoft MoE op always normalises top-k weights "
+                                   "(needs norm_topk_prob and num_experts_per_tok > 1); export with moe='portable'")
+
+
+def io_spec(args) -> dict:
+    from .graph import io_names
+    W = args.kv_lora_rank + args.qk_rope_head_dim
+    ins, outs = io_names(args.num_hidden_layers)
+    return {
+        "inputs": [{"name": ins[0], "dtype": "int64", "shape": ["batch", "seq"]}]
+        + [{"name": n, "dtype": "float32", "shape": ["batch", "past_seq", W]} for n in ins[1:]],
+        "outputs": [{"name": outs[0], "dtype": "float32", "shape": ["batch", "seq", args.vocab_size]}]
+        + [{"name": n, "dtype": "float32", "shape": ["batch", "seq", W]} for n in outs[1:]],
+    }
+
+
+def _trace(model, cfg: ExportConfig, path: Path) -> None:
+    import torch
+
+    from .graph import LatentDecoder, dynamic_axes, io_names
+    a = model.args
+    dec = LatentDecoder(model, cfg.moe).eval()
+    W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
+    ids = torch.randint(0, a.vocab_size, (2, 3))            # batch/seq/past > 1 so nothing specialises
+    past = [torch.zeros(2, 2, W) for _ in range(L)]
+    ins, outs = io_names(L)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(dec, (ids, *past), str(path), dynamo=False, opset_version=cfg.opset,
+                          input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
+                          custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else None)
+
+
+def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,
+           tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """Export ``model`` (fp32 ``Transformer``) to ``out_dir`` (replaced if present); returns the dir."""
+    from .. import __version__
+    from ..checkpoint import config_from_args, resolve
+
+    cfg = config or ExportConfig()
+    _check(model, cfg)
+    a = model.args
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+        large = weight_bytes > cfg.external_data_threshold
+        (tmp / "raw").mkdir()
+        _trace(model, cfg, tmp / "raw" / GRAPH_FILE)
+        proto = onnx.load(str(tmp / "raw" / GRAPH_FILE))
+        simplify = cfg.simplify and not large
+        if cfg.simplify and large:
+            print(f"warning: weights are {weight_bytes / 1e9:.1f} GB, over the 2 GB protobuf limit: "
+                  "saved with external data, onnxsim skipped", file=sys.stderr)
+        digest = model_hash(model)
+        spec = io_spec(a)
+        moe_nodes = finish_graph(proto, simplify=simplify, meta={
+            "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
+        shutil.rmtree(tmp / "raw")
+        onnx.save_model(proto, str(tmp / GRAPH_FILE), save_as_external_data=large,
+                        all_tensors_to_one_file=True, location=GRAPH_FILE + ".data")
+        W = a.kv_lora_rank + a.qk_rope_head_dim
+        doc = {
+            "format": "edgekit-onnx/1", "edgekit_version": __version__, "model_hash": digest,
+            "model_name": getattr(model, "name", None), "graph": GRAPH_FILE, "external_data": large,
+            "simplified": simplify, "opset": cfg.opset, "moe": cfg.moe, "dtype": "float32",
+            "num_layers": a.num_hidden_layers, "vocab_size": a.vocab_size,
+            "max_position_embeddings": a.max_position_embeddings,
+            "bos_token_id": a.bos_token_id, "eos_token_id": a.eos_token_id,
+            "cache": {"width": W, "kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim,
+                      "row": "[norm(c_kv) (kv_lora_rank) | rope(k_pe) (qk_rope_head_dim)]",
+                      "bytes_per_token": cache_bytes_per_token(a)},
+            "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
+                     "positions are past_seq + arange(seq) and must stay < max_position_embeddings",
+            **spec, "moe_nodes": moe_nodes, "config": asdict(cfg),
+        }
+        (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
+        if tokenizer_from is not None:
+            src = resolve(tokenizer_from) / "tokenizer.json"
+            if not src.exists():
+                raise EdgekitError(f"{src} not found; pass tokenizer_from= a checkpoint dir with tokenizer.json")
+            shutil.copy(src, tmp / "tokenizer.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def verify(model, export_dir, prompt_lens=(1, 7, 128), steps: int = 32, seed: int = 0) -> dict:
+    """Parity of the export against torch: prefill logits max abs diff and greedy tokens."""
+    from .parity import verify as _verify
+    return _verify(model, export_dir, prompt_lens, steps, seed)
+
+
+class _CallableModule(types.ModuleType):
+    """``edgekit.export(model, dir)`` keeps working after ``import edgekit.export`` replaced the lazy
+    attribute on ``edgekit`` with this package."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,106 @@
+"""The torch module that is traced into the ONNX decoder graph: ids + latent cache in, logits + new
+cache entries out, with weight-absorbed MLA attention.
+
+What: ``LatentDecoder(model, moe)`` wraps a ``Transformer`` (sharing its weights) and adds, per
+layer, two derived constants: ``w_uk`` [H, nope, kv_lora] (kv_b_proj's K rows) and ``w_uv``
+[H, W, v] (kv_b_proj's V rows, zero-padded over the rotary columns), W = kv_lora_rank +
+qk_rope_head_dim. ``forward(input_ids, *past)`` is the whole graph.
+
+Why absorbed, and why past and new entries are kept apart:
+- the cache row of a token is ``[norm(c_kv) | rope(k_pe)]`` (W values), shared by all heads. The
+  query is mapped into that space once (``q_nope @ w_uk`` next to ``q_pe``), so scores are one
+  matmul against the cache and the per-head K/V of past tokens is never materialised (decode cost
+  O(S * W * H) instead of O(S * kv_lora * H * (nope + v)) for re-expanding the cache);
+- attention runs over ``past`` and ``new`` separately (scores concatenated, then split), so the
+  graph never concatenates or copies the cache. It returns only the T new rows; the caller writes
+  them behind the past rows of a preallocated buffer (see ``edgekit.runtime.OrtModel``). With
+  P = 0 (empty ``past``) the same graph is the prefill.
+
+Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); positions are
+``P + arange(T)`` with P = past length, so the caller must keep P + T <= max_position_embeddings
+(the RoPE table lookup fails beyond it). No Python branching on tensor values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model import MoE, Transformer
+from .moe_contrib import ContribMoE
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """Graph input and output names, in order."""
+    return (["input_ids"] + [f"past_latent.{i}" for i in range(num_layers)],
+            ["logits"] + [f"new_latent.{i}" for i in range(num_layers)])
+
+
+def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
+    ins, outs = io_names(num_layers)
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:]})
+    axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
+    return axes
+
+
+class _Absorbed(nn.Module):
+    """Per-layer constants derived from kv_b_proj (ONNX initializers ``absorbed.{i}.w_uk/w_uv``)."""
+
+    def __init__(self, w_uk: torch.Tensor, w_uv: torch.Tensor):
+        super().__init__()
+        self.register_buffer("w_uk", w_uk)   # [H, nope, kv_lora]
+        self.register_buffer("w_uv", w_uv)   # [H, W, v]
+
+
+class LatentDecoder(nn.Module):
+    def __init__(self, model: Transformer, moe: str = "portable"):
+        super().__init__()
+        self.model, a = model, model.args
+        self.absorbed, self.ffn = nn.ModuleList(), nn.ModuleList()
+        for i, layer in enumerate(model.model.layers):
+            attn = layer.self_attn
+            H, nope, v, kvl = attn.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+            wkv = attn.kv_b_proj.weight.detach().view(H, nope + v, kvl)          # [H, nope+v, kvl]
+            w_uv = torch.zeros(H, kvl + a.qk_rope_head_dim, v, dtype=wkv.dtype)
+            w_uv[:, :kvl] = wkv[:, nope:].transpose(1, 2)                        # [H, W, v]
+            self.absorbed.append(_Absorbed(wkv[:, :nope].contiguous(), w_uv))  # w_uk [H, nope, kvl]
+            mlp = layer.mlp
+            self.ffn.append(ContribMoE(mlp, a, a.for_layer(i)) if moe == "contrib" and isinstance(mlp, MoE)
+                            else mlp)
+
+    def attention(self, attn, ab, x, cos, sin, past):
+        """x [B, T, D], past [B, P, W] -> (out [B, T, D], new [B, T, W])."""
+        a = self.model.args
+        B, T, _ = x.shape
+        q_nope, q_pe, c_kv, k_pe = attn.project(x, cos, sin)
+        new = torch.cat([c_kv, k_pe], dim=-1)                                   # [B, T, W]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                 # [B, H, T, kvl]
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
+        past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
+        s_past = torch.matmul(q, past4.transpose(-1, -2))                       # [B, H, T, P]
+        s_new = torch.matmul(q, new4.transpose(-1, -2))                         # [B, H, T, T]
+        idx = torch.arange(T, device=x.device)
+        causal = idx[None, :] <= idx[:, None]                                   # [T, T]
+        s_new = s_new.masked_fill(~causal, torch.finfo(s_new.dtype).min)
+        P = past.shape[1]
+        p = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)                  # [B, H, T, P+T]
+        o = torch.matmul(p[..., :P], past4) + torch.matmul(p[..., P:], new4)    # [B, H, T, W]
+        o = torch.matmul(o, ab.w_uv)                                          # [B, H, T, v]
+        o = o.transpose(1, 2).reshape(B, T, attn.n_heads * a.v_head_dim)
+        return attn.o_proj(o), new
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
+        """input_ids [B, T]; past[i] [B, P, W] -> (logits [B, T, vocab], *new[i] [B, T, W])."""
+        m = self.model
+        T, P = input_ids.shape[1], past[0].shape[1]
+        pos = torch.arange(T, device=input_ids.device) + P                      # [T]
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]                             # [T, rope/2]
+        x = m.model.embed_tokens(input_ids)
+        news = []
+        for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):
+            h, new = self.attention(layer.self_attn, ab, layer.input_layernorm(x), cos, sin, past_i)
+            x = x + h
+            x = x + ffn(layer.post_attention_layernorm(x))
+            news.append(new)
+        return (m.lm_head(m.model.norm(x)), *news)

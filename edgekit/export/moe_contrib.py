@@ -1,0 +1,80 @@
+"""Routed experts as one onnxruntime ``com.microsoft::MoE`` node (fp32, CPU kernel; sparse).
+
+What: ``ContribMoE(moe, args, la)`` replaces a model ``MoE`` block at export time. The router and
+the shared experts stay plain ONNX; the routed experts become one MoE node per layer, emitted by
+the TorchScript exporter through ``_MoEOp.symbolic``.
+
+How DeepSeek routing maps onto the op (ORT 1.32 schema, checked by tests/test_export.py):
+- the fp32 MoE op has no ``router_weights`` input: it picks the top-k of ``router_probs`` and,
+  with ``normalize_routing_weights=1``, weights them by a softmax over those k values. So the
+  model's own ``Gate`` picks the experts (bias, group limit, any scoring) and ``router_probs`` is
+  ``log(weight)`` at the chosen experts and ``-1e4`` elsewhere: the op selects exactly those k,
+  and softmax(log w) = w / sum(w), the model's normalised top-k weights;
+- ``routed_scaling_factor`` is folded into the down projection (``fc2``);
+- SwiGLU: ``swiglu_fusion=1`` (the only CPU layout): fc1 rows interleave gate and up
+  (g0, u0, g1, u1, ...); activation_alpha=1, activation_beta=0, no limit = silu(g) * u.
+This needs ``norm_topk_prob`` with k > 1 (softmax always normalises); other configs must use the
+portable path (``ExportConfig`` says so).
+
+For int8 conversion (QMoE): per layer ``i`` the node is named ``moe.{i}`` and its initializers are
+``ffn.{i}.fc1`` [E, 2I, D] and ``ffn.{i}.fc2`` [E, D, I] (export.json lists them). QMoE without
+``router_weights`` routes the same way, so only the weights (and scales) change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASKED_LOGIT = -1e4   # router_probs of experts not chosen (never in the op's top-k)
+MIN_LOGIT = -1e3      # floor of log(weight) of a chosen expert, so it stays above MASKED_LOGIT
+
+
+class _MoEOp(torch.autograd.Function):
+    """Torch reference (eager) + ONNX symbolic of ``com.microsoft::MoE`` with interleaved SwiGLU."""
+
+    @staticmethod
+    def forward(ctx, x, router_probs, fc1, fc2, k: int):
+        """x [N, D], router_probs [N, E], fc1 [E, 2I, D], fc2 [E, D, I] -> [N, D]."""
+        top, idx = router_probs.topk(k, dim=-1)                             # [N, k]
+        w = top.softmax(dim=-1)
+        y = torch.zeros_like(x)
+        for e in range(fc1.shape[0]):
+            token, slot = torch.where(idx == e)
+            h = F.linear(x[token], fc1[e])                                  # [n_e, 2I]
+            h = F.silu(h[:, 0::2]) * h[:, 1::2]
+            y = y.index_add(0, token, F.linear(h, fc2[e]) * w[token, slot].unsqueeze(-1))
+        return y
+
+    @staticmethod
+    def symbolic(g, x, router_probs, fc1, fc2, k: int):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor as none
+        out = g.op("com.microsoft::MoE", x, router_probs, fc1, none(g), fc2,
+                   k_i=k, activation_type_s="swiglu", swiglu_fusion_i=1, normalize_routing_weights_i=1,
+                   activation_alpha_f=1.0, activation_beta_f=0.0)
+        out.setType(x.type())
+        return out
+
+
+class ContribMoE(nn.Module):
+    def __init__(self, moe, args, la):
+        super().__init__()
+        self.gate, self.shared_experts, self.k = moe.gate, moe.shared_experts, la.num_experts_per_tok
+        ex = moe.experts
+        gate_up = torch.stack([torch.stack([e.gate_proj.weight, e.up_proj.weight], dim=1) for e in ex])  # [E, I, 2, D]
+        self.register_buffer("fc1", gate_up.flatten(1, 2).detach().clone())                              # [E, 2I, D]
+        down = torch.stack([e.down_proj.weight for e in ex]) * args.routed_scaling_factor                 # [E, D, I]
+        self.register_buffer("fc2", down.detach().clone())
+
+    def forward(self, x):
+        """x [B, T, D] -> [B, T, D]."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                        # [N, D]
+        weights, indices = self.gate(x)                                     # [N, k]
+        probs = torch.full((x.shape[0], self.fc1.shape[0]), MASKED_LOGIT, dtype=x.dtype, device=x.device)
+        probs = probs.scatter(1, indices, weights.log().clamp_min(MIN_LOGIT))  # [N, E]
+        y = _MoEOp.apply(x, probs, self.fc1, self.fc2, self.k)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,152 @@
+"""Run an ``edgekit export`` directory on onnxruntime CPU, without torch.
+
+What: ``OrtModel(export_dir, threads=None, spinning=None)``
+- ``logits(ids [B, T]) -> [B, T, V]``: full-sequence prefill logits (what ``edgekit.evaluate`` scores);
+- ``prefill(ids) -> (logits [B, V] of the last position, cache)`` and
+  ``decode(tokens [B], cache) -> logits [B, V]``: incremental generation with the latent cache;
+- ``generate_greedy(ids, n) -> [B, T + n]``.
+
+Why it is shaped like this (per-token overhead decides decode speed at this model size, see
+/work/shared/notes/onnxruntime-cpu.md): the cache lives in one preallocated buffer per layer
+[B, capacity, W]. The graph reads ``past_latent.i`` straight from the first P rows of that buffer
+and writes ``new_latent.i`` straight into the next rows, through IO binding on raw pointers, so no
+cache tensor is copied, concatenated or allocated per token (for B = 1; with B > 1 the row slices
+are strided and are copied). Capacity doubles on demand up to ``max_position_embeddings``.
+
+Invariants: positions are the cache length; P + T <= max_position_embeddings is checked before
+every call, and exceeding it raises ``EdgekitError`` naming the limit (the graph's RoPE table ends
+there). Imports only numpy, onnxruntime and the stdlib (plus ``edgekit.errors``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import EdgekitError
+
+
+@dataclass
+class LatentCache:
+    """Per-layer buffers [B, capacity, W]; rows [:length] are filled."""
+    buffers: list[np.ndarray]
+    length: int = 0
+    binding: object = None     # the onnxruntime IOBinding reused across steps
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[1]
+
+
+class OrtModel:
+    def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None):
+        d = Path(export_dir)
+        spec_file = d / "export.json"
+        if not spec_file.exists():
+            raise EdgekitError(f"{d} has no export.json; pass a directory written by `edgekit export`")
+        self.spec = spec = json.loads(spec_file.read_text())
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        if spinning is not None:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        try:
+            self.session = ort.InferenceSession(str(d / spec["graph"]), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # e.g. a contrib-op graph on a runtime build without com.microsoft ops
+            raise EdgekitError(f"onnxruntime cannot load {d / spec['graph']} ({str(e).splitlines()[0][:200]}); "
+                               "re-export with moe='portable' for runtimes without contrib ops") from None
+        self.num_layers, self.width = spec["num_layers"], spec["cache"]["width"]
+        self.max_positions, self.vocab_size = spec["max_position_embeddings"], spec["vocab_size"]
+        self.name = spec.get("model_name") or d.name
+        self._past = [i["name"] for i in spec["inputs"][1:]]
+        self._new = [o["name"] for o in spec["outputs"][1:]]
+
+    # -- full-sequence logits ------------------------------------------------------------------
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        """ids [B, T] -> logits [B, T, V] (fp32), no cache kept."""
+        ids = self._ids(ids)
+        self._check_room(0, ids.shape[1])
+        empty = np.zeros((ids.shape[0], 0, self.width), np.float32)
+        feed = {"input_ids": ids, **{n: empty for n in self._past}}
+        return self.session.run(["logits"], feed)[0]
+
+    # -- incremental generation -----------------------------------------------------------------
+    def new_cache(self, batch: int, capacity: int = 256) -> LatentCache:
+        capacity = max(1, min(capacity, self.max_positions))
+        return LatentCache([np.zeros((batch, capacity, self.width), np.float32) for _ in range(self.num_layers)],
+                           binding=self.session.io_binding())
+
+    def prefill(self, ids: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, LatentCache]:
+        """ids [B, T] -> (logits of the last position [B, V], cache holding T rows)."""
+        ids = self._ids(ids)
+        cache = self.new_cache(ids.shape[0], capacity or ids.shape[1] + 256)
+        return self._step(ids, cache)[:, -1], cache
+
+    def decode(self, tokens: np.ndarray, cache: LatentCache) -> np.ndarray:
+        """tokens [B] (or [B, 1]) appended after the cache -> logits [B, V]."""
+        return self._step(np.asarray(tokens, np.int64).reshape(-1, 1), cache)[:, -1]
+
+    def generate_greedy(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """ids [B, T] -> [B, T + n]: the prompt and n greedy tokens (needs T + n - 1 <= max positions)."""
+        ids = self._ids(ids)
+        if n < 1:
+            return ids
+        self._check_room(0, ids.shape[1] + n - 1)
+        logits, cache = self.prefill(ids, capacity=ids.shape[1] + n - 1)
+        out = [ids, logits.argmax(-1)[:, None]]
+        for _ in range(n - 1):
+            out.append(self.decode(out[-1], cache).argmax(-1)[:, None])
+        return np.concatenate(out, axis=1)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _ids(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise EdgekitError(f"token ids have shape {ids.shape}; pass a [batch, seq] array with seq >= 1")
+        return ids
+
+    def _check_room(self, past: int, new: int) -> None:
+        if past + new > self.max_positions:
+            raise EdgekitError(f"{past} cached + {new} new tokens exceed the model's maximum of "
+                               f"{self.max_positions} positions; shorten the prompt or generate fewer tokens")
+
+    def _grow(self, cache: LatentCache, need: int) -> None:
+        cap = min(self.max_positions, max(need, 2 * cache.capacity))
+        for i, b in enumerate(cache.buffers):
+            nb = np.zeros((b.shape[0], cap, b.shape[2]), np.float32)
+            nb[:, :cache.length] = b[:, :cache.length]
+            cache.buffers[i] = nb
+
+    def _step(self, ids: np.ndarray, cache: LatentCache) -> np.ndarray:
+        """Run ids [B, T] after the cache's rows; writes T new rows; returns logits [B, T, V]."""
+        B, T = ids.shape
+        P = cache.length
+        self._check_room(P, T)
+        if P + T > cache.capacity:
+            self._grow(cache, P + T)
+        bind, f32 = cache.binding, np.float32
+        bind.bind_input("input_ids", "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
+        keep = [ids]                         # arrays whose memory the binding points at
+        copies = []
+        for name, buf in zip(self._past, cache.buffers):
+            past = np.ascontiguousarray(buf[:, :P])          # a view (no copy) when B == 1
+            keep.append(past)
+            bind.bind_input(name, "cpu", 0, f32, past.shape, past.ctypes.data)
+        for name, buf in zip(self._new, cache.buffers):
+            dst = buf[:, P:P + T]
+            tgt = dst if dst.flags.c_contiguous else np.empty(dst.shape, f32)
+            if tgt is not dst:
+                copies.append((dst, tgt))
+            bind.bind_output(name, "cpu", 0, f32, tgt.shape, tgt.ctypes.data)
+        logits = np.empty((B, T, self.vocab_size), f32)
+        bind.bind_output("logits", "cpu", 0, f32, logits.shape, logits.ctypes.data)
+        self.session.run_with_iobinding(bind)
+        for dst, tgt in copies:
+            dst[...] = tgt
+        cache.length = P + T
+        del keep
+        return logits
