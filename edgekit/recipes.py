@@ -124,13 +124,20 @@ def build(cls: type, table: dict, where: str):
         raise EdgekitError(f"bad value in [{where}]: {e}") from None
 
 
-def parse_recipe(data: dict, source: str = "") -> Recipe:
-    tables = {"target": Target, "goals": Goals, "validate": Validate, **_stage_classes()}
-    unknown = sorted(set(data) - set(tables))
+STAGES = ("prune", "smooth", "export", "quantize")
+
+
+def parse_recipe(data: dict, source: str = "", stages: bool = True) -> Recipe:
+    """``stages=False`` validates only target/goals/validate (device-side: no torch needed)."""
+    tables = {"target": Target, "goals": Goals, "validate": Validate}
+    unknown = sorted(set(data) - set(tables) - set(STAGES))
     if unknown:
-        raise EdgekitError(f"{source}: unknown table [{unknown[0]}]; valid tables: {', '.join(tables)}")
+        raise EdgekitError(f"{source}: unknown table [{unknown[0]}]; valid tables: "
+                           f"{', '.join([*tables, *STAGES])}")
     if "target" not in data or "name" not in data["target"]:
         raise EdgekitError(f"{source}: missing [target] name; every recipe names its target")
+    if stages:
+        tables.update(_stage_classes())
     built = {k: build(cls, data.get(k, {}), k) for k, cls in tables.items()}
     return Recipe(**built, source=source)
 
@@ -139,7 +146,7 @@ def target_names() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.toml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
+def load_recipe(name_or_path: str, stages: bool = True) -> Recipe:
     """A target name (``cpu4``) or a path to a user recipe TOML."""
     p = Path(name_or_path)
     if p.suffix != ".toml":
@@ -153,7 +160,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         data = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as e:
         raise EdgekitError(f"{p} is not valid TOML ({e}); fix the syntax") from None
-    return parse_recipe(data, str(p))
+    return parse_recipe(data, str(p), stages)
 
 
 def recipe_dict(recipe: Recipe) -> dict:

@@ -1,0 +1,96 @@
+"""Latency and memory of an exported model or bundle on onnxruntime CPU, measured in a clean process.
+
+What: ``measure(dir, threads, ...)`` starts ``python -m edgekit.latency`` in a subprocess (so the
+numbers are not polluted by torch's threads or the build process's memory) and returns
+``{"prefill_ms": {"p50", "p95", "mean", "samples"}, "decode_ms": {...}, "peak_rss_mb", ...}``.
+Prefill = one ``prefill_tokens`` prompt (batch 1); decode = per generated token after that prompt,
+with the latent cache (``OrtModel.decode``). Both after ``warmup`` untimed runs.
+
+No torch: this runs on devices (``edgekit validate``) with only onnxruntime + numpy.
+Failure modes: the worker's error (e.g. the graph cannot load) comes back as ``EdgekitError``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .errors import EdgekitError
+
+
+def _stats(samples: list[float]) -> dict:
+    a = np.asarray(samples)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "mean": float(a.mean()), "min": float(a.min()), "samples": [round(float(x), 4) for x in a]}
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode_tokens: int,
+               runs: int, warmup: int, seed: int = 0) -> dict:
+    from .runtime.session import OrtModel
+
+    t0 = time.perf_counter()
+    m = OrtModel(d, threads=threads, spinning=spinning)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, m.vocab_size, (1, prefill_tokens))
+    prefill, decode = [], []
+    for r in range(warmup + runs):
+        t = time.perf_counter()
+        logits, cache = m.prefill(ids, capacity=prefill_tokens + decode_tokens)
+        dt = (time.perf_counter() - t) * 1e3
+        tok = logits.argmax(-1)
+        steps = []
+        for _ in range(decode_tokens):
+            t = time.perf_counter()
+            tok = m.decode(tok, cache).argmax(-1)
+            steps.append((time.perf_counter() - t) * 1e3)
+        if r >= warmup:
+            prefill.append(dt)
+            decode.extend(steps[1:])  # the first step after prefill also warms the decode shapes
+    return {"prefill_ms": _stats(prefill), "decode_ms": _stats(decode), "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "session_load_s": round(load_s, 3), "threads": threads, "spinning": spinning,
+            "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "runs": runs, "warmup": warmup}
+
+
+def measure(d, threads: int, spinning: bool = True, prefill_tokens: int = 128, decode_tokens: int = 32,
+            runs: int = 20, warmup: int = 3, timeout: float = 900) -> dict:
+    cmd = [sys.executable, "-m", "edgekit.latency", str(d), "--threads", str(threads),
+           "--spinning", str(int(spinning)), "--prefill-tokens", str(prefill_tokens),
+           "--decode-tokens", str(decode_tokens), "--runs", str(runs), "--warmup", str(warmup)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgekitError(f"latency measurement of {d} failed: {last}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Measure prefill/decode latency of an edgekit export or bundle.")
+    ap.add_argument("dir")
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--spinning", type=int, default=1)
+    ap.add_argument("--prefill-tokens", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    a = ap.parse_args(argv)
+    res = run_worker(a.dir, a.threads, bool(a.spinning), a.prefill_tokens, a.decode_tokens, a.runs, a.warmup)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Content-addressed cache of pipeline stage artifacts, so a re-run after a failure resumes.
+
+What: ``StageCache(root).get(stage, key_parts, build)`` returns ``root/<stage>/<hash>/``, calling
+``build(tmp_dir)`` only when that directory does not exist yet. The hash covers everything the
+artifact depends on (input artifact hash, stage config, data hash, edgekit version).
+
+Invariants: an entry appears complete or not at all (built in a temp dir, renamed into place);
+``build`` may write a ``meta.json`` that the pipeline reads back on a cache hit.
+Root: ``$EDGEKIT_CACHE`` or ``~/.cache/edgekit``; ``--no-cache`` uses a throwaway directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from . import __version__
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit"))
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha256(__version__.encode())
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def dir_digest(d: Path) -> str:
+    """Hash of a directory's files (names and contents)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(d).rglob("*")):
+        if p.is_file() and p.name != "meta.json":
+            h.update(str(p.relative_to(d)).encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+class StageCache:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_root()
+        self.hits: list[str] = []
+
+    def get(self, stage: str, key_parts, build: Callable[[Path], None]) -> Path:
+        out = self.root / stage / digest(stage, key_parts)
+        if out.is_dir():
+            self.hits.append(stage)
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+        try:
+            build(tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out

@@ -1,0 +1,93 @@
+"""Validation on onnxruntime CPU: accuracy, latency, size and memory against a recipe's goals.
+
+What: ``validate(model_dir, recipe, baseline, eval_tokens)`` measures the compressed model and
+returns the report dict (schema in ``edgekit/report.py``): accuracy of the bundle against the fp32
+torch model's accuracy on the same eval tokens (``baseline["accuracy"]``), prefill/decode latency
+p50/p95 after warm-up in a clean subprocess configured from the target (threads, spinning), graph
+size against the fp32 ONNX size (``baseline["onnx_bytes"]``) and peak RSS.
+``validate_bundle(bundle, target=None)`` re-runs this on whatever machine it is called on — the
+device validation run — using the baseline recorded in the bundle's report at build time.
+
+Invariants: a latency gate is ``unverified``, never ``pass``, when the host cannot represent the
+target (``host.latency_unverified_reason``). No torch import: this runs on devices.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import EdgekitError
+from .host import host_facts, latency_unverified_reason
+from .latency import measure
+from .report import gate, overall
+
+
+def graph_bytes(d: Path) -> int:
+    """Bytes of the ONNX graph files (+ external data) in an export or bundle dir."""
+    return sum(p.stat().st_size for p in Path(d).iterdir()
+               if p.is_file() and (p.suffix in (".onnx", ".ort") or p.name.endswith(".onnx.data")))
+
+
+def score(model_dir: Path, eval_tokens, seq_len: int, threads: int | None = None) -> dict:
+    from .evaluate import evaluate
+    from .runtime.session import OrtModel
+
+    return evaluate(OrtModel(model_dir, threads=threads), eval_tokens, seq_len=seq_len, progress=False).to_dict()
+
+
+def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: dict | None = None) -> dict:
+    d = Path(model_dir)
+    t, goals, v = recipe.target, recipe.goals, recipe.validate
+    facts = facts or host_facts()
+    t0 = time.perf_counter()
+    acc = score(d, eval_tokens, v.seq_len, threads=min(t.threads, facts["cores"]))
+    why = latency_unverified_reason(t, facts)
+    lat = measure(d, threads=t.threads, spinning=t.spinning, prefill_tokens=goals.prefill_tokens,
+                  decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup)
+    size = graph_bytes(d)
+    drop = baseline["accuracy"] - acc["accuracy"]
+    ratio = size / baseline["onnx_bytes"]
+    gates = {
+        "accuracy_drop": gate(drop, goals.accuracy_drop, baseline_accuracy=baseline["accuracy"],
+                              accuracy=acc["accuracy"], tokens=acc["tokens"]),
+        "latency_prefill_p95_ms": gate(lat["prefill_ms"]["p95"], goals.latency_prefill_p95_ms, unverified_reason=why,
+                                       p50=lat["prefill_ms"]["p50"], tokens=goals.prefill_tokens),
+        "latency_decode_p95_ms": gate(lat["decode_ms"]["p95"], goals.latency_decode_p95_ms, unverified_reason=why,
+                                      p50=lat["decode_ms"]["p50"]),
+        "size_ratio": gate(ratio, goals.size_ratio, goal=goals.size_ratio_goal,
+                           goal_met=ratio <= goals.size_ratio_goal, bytes=size, fp32_bytes=baseline["onnx_bytes"]),
+    }
+    if why:
+        facts = {**facts, "latency_unverified": why}
+    return {
+        "target": t.name,
+        "status": overall(gates),
+        "gates": gates,
+        "host": facts,
+        "baseline": baseline,
+        "compressed": {**acc, "size_bytes": size, "latency": lat, "peak_rss_mb": lat["peak_rss_mb"]},
+        "validate_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: str | None = None) -> dict:
+    """Re-validate a bundle on this machine (writes nothing; the caller decides where the report goes)."""
+    from .bundle import verify
+    from .checkpoint import load_tokenizer
+    from .data import load_tokens
+    from .recipes import load_recipe
+
+    b = Path(bundle)
+    manifest = verify(b)
+    built = b / "report.json"
+    if not built.exists():
+        raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
+    baseline = json.loads(built.read_text())["baseline"]
+    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
+    tokens = load_tokens(eval_data or "eval", load_tokenizer(b), recipe.validate.eval_max_tokens or None)
+    report = validate(b, recipe, baseline, tokens)
+    report["bundle"] = {"path": str(b), "model_name": manifest["model_name"], "built_for": manifest["target"],
+                        "edgekit_version": manifest["edgekit_version"]}
+    return report
