@@ -94,6 +94,150 @@ def eval_(model, data, seq_len, max_tokens, threads, as_json):
         f"perplexity {o['perplexity']:.3f}, {o['tokens']} tokens"))
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--out", required=True, help="Output directory (replaced when complete).")
+@click.option("--moe", type=click.Choice(["contrib", "portable"]), default="contrib", show_default=True,
+              help="contrib: onnxruntime com.microsoft MoE kernels (CPU); portable: plain ONNX (web, mobile).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check onnxruntime against torch (logits and greedy tokens) after export.")
+def export(model, out, moe, no_simplify, verify):
+    """Export MODEL to ONNX: one graph for prefill and decode with MLA's latent KV cache.
+
+    \b
+    Example:
+        edgekit export -o edgekit-out/nano-onnx
+        edgekit eval edgekit-out/nano-onnx
+    """
+    from .checkpoint import load, resolve
+    from .export import ExportConfig
+    from .export import export as do_export
+    from .export import verify as do_verify
+
+    m = load(model)
+    d = do_export(m, out, ExportConfig(moe=moe, simplify=not no_simplify), tokenizer_from=resolve(model))
+    click.echo(f"wrote {d}")
+    if verify:
+        r = do_verify(m, d)
+        click.echo(f"parity vs torch: {json.dumps(r)}")
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--out", required=True, help="Output checkpoint directory.")
+@click.option("--experts", type=float, default=0.0, help="Fraction of routed experts removed per MoE layer.")
+@click.option("--heads", type=float, default=0.0, help="Fraction of attention heads removed per layer.")
+@click.option("--ffn", type=float, default=0.0, help="Fraction of FFN channels removed (dense, shared, routed).")
+@click.option("--layers", type=int, default=0, help="Whole layers removed (lowest block influence first).")
+@click.option("--recover-steps", type=int, default=0, help="Distillation steps from the unpruned model.")
+@click.option("--calib", default="calib", show_default=True, help="Text for importance (file or split).")
+@click.option("--recipe", "recipe_path", default=None, help="TOML whose [prune] table (incl. per_layer) is used.")
+def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_path):
+    """Structurally prune MODEL (experts, heads, channels, layers physically removed).
+
+    Writes an ordinary Hugging Face-format checkpoint that `edgekit load/info/eval/export` read.
+
+    \b
+    Example:
+        edgekit prune --experts 0.25 --recover-steps 100 -o edgekit-out/pruned
+        edgekit info edgekit-out/pruned
+    """
+    from .prune import PruneConfig, prune_checkpoint
+    from .recipes import build, load_recipe
+
+    if recipe_path:
+        cfg = load_recipe(recipe_path).prune
+    else:
+        cfg = build(PruneConfig, dict(experts=experts, heads=heads, ffn=ffn, layers=layers,
+                                      recover_steps=recover_steps), "prune")
+    d = prune_checkpoint(model, out, cfg, calib=calib)
+    rec = json.loads((d / "prune.json").read_text())
+    click.echo(f"wrote {d}: {rec['params_before'] / 1e6:.3f}M -> {rec['params_after'] / 1e6:.3f}M params")
+
+
+@cli.command()
+def targets():
+    """List deployment targets (export_recipes/*.toml) with their budgets."""
+    from .recipes import load_recipe, target_names
+    from .report_text import render_targets
+
+    render_targets([load_recipe(n, stages=False) for n in target_names()])
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--target", default="cpu4", show_default=True, help="Target name or a recipe .toml path.")
+@click.option("--calib", default=None, help="Calibration text file (default: shipped calib split).")
+@click.option("--eval", "eval_data", default=None, help="Evaluation text file (default: shipped eval split).")
+@click.option("-o", "--out", default=None, help="Bundle directory (default: edgekit-out/<model>-<target>).")
+@click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
+@click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")
+@click.option("--no-cache", is_flag=True, help="Do not reuse cached stage artifacts.")
+def compress(model, target, calib, eval_data, out, auto, strict, no_cache):
+    """Compress MODEL for a target and validate it: the main job.
+
+    load -> prune (+recover) -> scale -> export -> simplify -> quantize -> validate -> bundle.
+    Exit code 0: no gate failed (unverified gates warn); 1: a gate failed (bundle still written);
+    2: bad input.
+
+    \b
+    Example:
+        edgekit compress --target cpu4
+        edgekit compress ./my-v3-checkpoint --target my_recipe.toml --eval held_out.txt -o bundle/
+    """
+    from rich.console import Console
+
+    from .pipeline import compress as run
+    from .report_text import render_report
+
+    con = Console(stderr=True)
+    res = run(model, target, calib=calib, eval_data=eval_data, out=out, strict=strict, auto=auto,
+              use_cache=not no_cache, console=con)
+    render_report(res.report, res.bundle)
+    sys.exit(res.exit_code)
+
+
+@cli.command()
+@click.argument("bundle")
+@click.option("--target", default=None, help="Validate against another target or recipe (default: the bundle's).")
+@click.option("--eval", "eval_data", default=None, help="Evaluation text (default: shipped eval split).")
+@click.option("--report-dir", default=None, help="Where to write report.json/html (default: BUNDLE/device-report).")
+@click.option("--strict", is_flag=True, help="Treat unverified gates as failures.")
+def validate(bundle, target, eval_data, report_dir, strict):
+    """Re-validate BUNDLE on this machine (a device validation run); writes a fresh report beside it."""
+    from pathlib import Path
+
+    from .report import write_report
+    from .report_text import render_report
+    from .validate import validate_bundle
+
+    r = validate_bundle(bundle, target, eval_data)
+    d = Path(report_dir or Path(bundle) / "device-report")
+    d.mkdir(parents=True, exist_ok=True)
+    write_report(d, r)
+    render_report(r, d)
+    st = [g["status"] for g in r["gates"].values()]
+    sys.exit(1 if "fail" in st or (strict and "unverified" in st) else 0)
+
+
+@cli.group(cls=Group)
+def devices():
+    """Device validation runs."""
+
+
+@devices.command(name="report")
+@click.argument("root", default="device_runs")
+@click.option("--markdown", is_flag=True, help="Print a markdown table.")
+def devices_report(root, markdown):
+    """Render a device x gate matrix from the report.json files under ROOT."""
+    from .devices import collect, matrix, to_markdown
+    from .report_text import render_matrix
+
+    head, rows = matrix(collect(root))
+    click.echo(to_markdown(head, rows)) if markdown else render_matrix(head, rows)
+
+
 def main():
     cli(prog_name="edgekit")
 

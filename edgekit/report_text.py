@@ -32,3 +32,39 @@ def render_info(info: dict) -> None:
     kv = info["kv_cache"]
     con.print(f"KV cache: {kv['latent']} B/token (MLA latent, fp32) vs {kv['per_head_kv']} B/token "
               f"for per-head K/V ({kv['ratio']:.1f}x smaller)")
+
+
+def render_targets(recipes) -> None:
+    t = Table("target", "threads", "ops", "prefill p95", "decode p95", "acc. drop", "size vs fp32")
+    for r in recipes:
+        g = r.goals
+        t.add_row(r.target.name, str(r.target.threads), r.target.ops, f"{g.latency_prefill_p95_ms:g} ms",
+                  f"{g.latency_decode_p95_ms:g} ms", f"{100 * g.accuracy_drop:.1f} pts",
+                  f"<= {g.size_ratio:g} (goal {g.size_ratio_goal:g})")
+    con = Console()
+    con.print(t)
+    for r in recipes:
+        con.print(f"[bold]{r.target.name}[/]: {r.target.description}. Recommended: {r.target.hardware_recommendation}")
+
+
+def render_report(r: dict, where) -> None:
+    con = Console()
+    color = {"pass": "green", "fail": "red", "unverified": "yellow"}
+    t = Table("gate", "value", "limit", "status", "note")
+    for k, g in r["gates"].items():
+        v = g["value"]
+        t.add_row(k, "-" if v is None else f"{v:.4g}", f"{g['limit']:g}",
+                  f"[{color[g['status']]}]{g['status']}[/]", g.get("reason", "")[:60])
+    con.print(t)
+    c = r["compressed"]
+    con.print(f"accuracy {100 * c['accuracy']:.2f}% (fp32 {100 * r['baseline']['accuracy']:.2f}%), "
+              f"size {c['size_bytes'] / 1e6:.2f} MB (fp32 {r['baseline']['onnx_bytes'] / 1e6:.2f} MB), "
+              f"peak RSS {c['peak_rss_mb']:.0f} MB")
+    con.print(f"[bold {color[r['status']]}]{r['status'].upper()}[/] target {r['target']} -> {where}")
+
+
+def render_matrix(head, rows) -> None:
+    t = Table(*head)
+    for r in rows:
+        t.add_row(*r)
+    Console().print(t)
