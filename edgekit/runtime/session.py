@@ -88,14 +88,16 @@ class OrtModel:
 
     def decode(self, tokens: np.ndarray, cache: LatentCache) -> np.ndarray:
         """tokens [B] (or [B, 1]) appended after the cache -> logits [B, V]."""
-        return self._step(np.asarray(tokens, np.int64).reshape(-1, 1), cache)[:, -1]
+        return self._step(self._ids(np.asarray(tokens).reshape(-1, 1)), cache)[:, -1]
 
     def generate_greedy(self, ids: np.ndarray, n: int) -> np.ndarray:
         """ids [B, T] -> [B, T + n]: the prompt and n greedy tokens (needs T + n - 1 <= max positions)."""
         ids = self._ids(ids)
         if n < 1:
             return ids
-        self._check_room(0, ids.shape[1] + n - 1)
+        if ids.shape[1] + n - 1 > self.max_positions:
+            raise EdgekitError(f"a {ids.shape[1]}-token prompt + {n} new tokens need {ids.shape[1] + n - 1} "
+                               f"positions, over the model's {self.max_positions}; shorten the prompt or lower n")
         logits, cache = self.prefill(ids, capacity=ids.shape[1] + n - 1)
         out = [ids, logits.argmax(-1)[:, None]]
         for _ in range(n - 1):

@@ -1,0 +1,170 @@
+"""ONNX export: onnxruntime fp32 vs torch (logits, greedy tokens, max positions), both MoE paths,
+the export directory's spec and metadata, external data, and a torch-free runtime."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import edgekit
+from edgekit.errors import EdgekitError
+from edgekit.evaluate import evaluate
+from edgekit.export import ExportConfig, cache_bytes_per_token, export, model_hash, verify
+from edgekit.export.parity import torch_greedy
+from edgekit.runtime import OrtModel
+
+from .conftest import tiny_model
+
+MOE_PATHS = ["contrib", "portable"]
+
+
+@pytest.fixture(scope="module")
+def tiny_m():
+    return tiny_model()   # max_position_embeddings 160: prompt 128 + 32 steps fits
+
+
+@pytest.fixture(scope="module", params=MOE_PATHS)
+def exported(request, tiny_m, tmp_path_factory):
+    d = export(tiny_m, tmp_path_factory.mktemp(request.param) / "onnx", ExportConfig(moe=request.param))
+    return request.param, d, OrtModel(d, spinning=False)   # spinning ORT threads would slow torch
+
+
+def test_parity_prompt_lengths_and_greedy(tiny_m, exported):
+    moe, d, om = exported
+    r = verify(tiny_m, d, prompt_lens=(1, 7, 128), steps=32, ort_model=om)
+    assert r["passed"], f"{moe}: {json.dumps(r['runs'], indent=1)}"
+    assert [x["new_tokens"] for x in r["runs"]] == [32, 32, 32]
+
+
+def test_batch_prefill_then_decode(tiny_m, exported):
+    moe, _, om = exported
+    ids = torch.randint(0, tiny_m.args.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+    got, ref = om.generate_greedy(ids.numpy(), 12), torch_greedy(tiny_m, ids, 12)
+    assert (got == ref).all(), f"{moe}: batch-3 tokens differ at {np.argwhere(got != ref)[:5].tolist()}"
+    logits, cache = om.prefill(ids.numpy())
+    with torch.no_grad():
+        full = tiny_m(torch.cat([ids, ids[:, :2]], 1)).numpy()
+    step1 = om.decode(ids[:, 0].numpy(), cache)
+    step2 = om.decode(ids[:, 1].numpy(), cache)
+    for name, a, b in [("prefill", logits, full[:, 8]), ("decode1", step1, full[:, 9]),
+                       ("decode2", step2, full[:, 10])]:
+        diff = np.abs(a - b)
+        assert diff.max() <= 1e-4, f"{moe} {name}: max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert cache.length == 11
+
+
+@pytest.mark.parametrize("moe", MOE_PATHS)
+def test_run_reaches_max_positions(moe, tmp_path):
+    m = tiny_model(max_position_embeddings=24)
+    om = OrtModel(export(m, tmp_path / "o", ExportConfig(moe=moe, simplify=False)), spinning=False)
+    ids = torch.randint(0, m.args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    n = 24 - 5 + 1                           # the last decode step uses position 23, the table's last
+    got, ref = om.generate_greedy(ids.numpy(), n), torch_greedy(m, ids, n)
+    assert got.shape == (1, 25) and (got == ref).all(), f"{moe}: differ at {np.flatnonzero(got != ref)}"
+    full = np.abs(om.logits(torch.randint(0, 128, (1, 24)).numpy()))
+    assert np.isfinite(full).all()
+    _, cache = om.prefill(ids.numpy())
+    for t in range(24 - 5):
+        om.decode(np.array([t]), cache)
+    assert cache.length == 24
+    with pytest.raises(EdgekitError, match="maximum of 24 positions"):
+        om.decode(np.array([0]), cache)
+    with pytest.raises(EdgekitError, match="24"):
+        om.generate_greedy(ids.numpy(), n + 1)
+    with pytest.raises(EdgekitError, match="24"):
+        om.logits(np.zeros((1, 25), np.int64))
+
+
+def test_export_dir_spec_and_metadata(tiny_m, exported):
+    moe, d, om = exported
+    spec = json.loads((d / "export.json").read_text())
+    a = tiny_m.args
+    W = a.kv_lora_rank + a.qk_rope_head_dim
+    assert spec["moe"] == moe and spec["num_layers"] == a.num_hidden_layers and spec["cache"]["width"] == W
+    assert spec["max_position_embeddings"] == a.max_position_embeddings and spec["vocab_size"] == a.vocab_size
+    assert (d / "config.json").exists()
+    proto = onnx.load(str(d / "model.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["edgekit.version"] == edgekit.__version__
+    assert meta["edgekit.model_hash"] == model_hash(tiny_m) == spec["model_hash"]
+    io = json.loads(meta["edgekit.io_spec"])
+    names = [i.name for i in proto.graph.input]
+    assert names == [i["name"] for i in io["inputs"]] == [i["name"] for i in spec["inputs"]]
+    assert [o.name for o in proto.graph.output] == [o["name"] for o in io["outputs"]]
+    past = proto.graph.input[1].type.tensor_type.shape.dim
+    assert [x.dim_param for x in past[:2]] == ["batch", "past_seq"] and past[2].dim_value == W
+    ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    moe_layers = [i for i in range(a.num_hidden_layers) if a.for_layer(i).is_moe]
+    if moe == "contrib":
+        inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+        names = {n.name for n in proto.graph.node if n.op_type == "MoE"}
+        assert names == {f"moe.{i}" for i in moe_layers}
+        for node in spec["moe_nodes"]:
+            assert inits[node["fc1"]] == [a.n_routed_experts, 2 * a.moe_intermediate_size, a.hidden_size]
+            assert inits[node["fc2"]] == [a.n_routed_experts, a.hidden_size, a.moe_intermediate_size]
+    else:
+        assert not any(dom for dom, _ in ops), f"portable graph uses non-standard ops: {ops}"
+        assert spec["moe_nodes"] == []
+
+
+def test_model_hash_tracks_weights(tiny_m):
+    m2 = tiny_model()
+    assert model_hash(m2) == model_hash(tiny_m)
+    with torch.no_grad():
+        m2.model.layers[1].mlp.experts[3].up_proj.weight[0, 0] += 1e-3
+    assert model_hash(m2) != model_hash(tiny_m)
+
+
+def test_external_data_skips_onnxsim(tmp_path, capfd):
+    m = tiny_model(num_hidden_layers=2, max_position_embeddings=40)
+    d = export(m, tmp_path / "o", ExportConfig(external_data_threshold=1000), tokenizer_from=None)
+    assert "onnxsim skipped" in capfd.readouterr().err
+    assert (d / "model.onnx.data").stat().st_size > (d / "model.onnx").stat().st_size
+    assert json.loads((d / "export.json").read_text())["external_data"] is True
+    r = verify(m, d, prompt_lens=(3,), steps=8)
+    assert r["passed"], r
+
+
+def test_tokenizer_copied_and_dir_replaced(tmp_path, tiny_ckpt):
+    m = edgekit.load(tiny_ckpt)
+    (tiny_ckpt / "tokenizer.json").write_text("{}")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    export(m, out, ExportConfig(simplify=False), tokenizer_from=tiny_ckpt)
+    assert (out / "tokenizer.json").read_text() == "{}" and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left behind"
+
+
+def test_contrib_rejects_unnormalised_routing(tmp_path):
+    m = tiny_model(norm_topk_prob=False)
+    with pytest.raises(EdgekitError, match="moe='portable'"):
+        export(m, tmp_path / "o", ExportConfig(moe="contrib"))
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(EdgekitError, match="portable"):
+        ExportConfig(moe="fast")
+
+
+def test_evaluate_scores_ort_like_torch(tiny_m, exported):
+    tokens = np.random.default_rng(0).integers(0, tiny_m.args.vocab_size, 300)
+    a = evaluate(tiny_m, tokens, seq_len=64, progress=False)
+    b = evaluate(exported[2], tokens, seq_len=64, progress=False)
+    assert a.tokens == b.tokens and abs(a.accuracy - b.accuracy) < 1e-9, (a, b)
+    assert abs(a.perplexity - b.perplexity) / a.perplexity < 1e-4, (a, b)
+
+
+def test_runtime_imports_without_torch():
+    code = "import sys, edgekit.runtime; assert 'torch' not in sys.modules, 'runtime imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cache_bytes_and_callable_module(tiny_m):
+    c = cache_bytes_per_token(tiny_m.args)
+    a = tiny_m.args
+    assert c["latent"] == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
+    assert c["per_head_kv"] > c["latent"]
+    assert callable(edgekit.export)
