@@ -90,7 +90,7 @@ def build_artifacts(model: str, wanted: list[str], a, s: dict, llama: dict | Non
         log(f"{model}: fp32 ONNX ready, {kind} ({time.perf_counter() - t:.0f}s)")
         out["ort-fp32"] = {"artifact": str(fp32), "cache_elem_bytes": 4, "note": note}
         for v, build in (("ort-dynamic-int8", lambda: variants.quantize_ort_dynamic(fp32)),
-                         ("nncf-int8", lambda: variants.quantize_nncf(fp32, _calib_feeds(model, s)))):
+                         ("nncf-int8", lambda: variants.quantize_nncf(fp32, s["calib_rows"]))):
             if v in wanted:
                 out[v] = _guarded(v, model, lambda b=build: {"artifact": str(b()), "cache_elem_bytes": 4, "note": note})
     if "llama-q8_0" in wanted:
@@ -116,17 +116,6 @@ def _guarded(v: str, model: str, fn) -> dict:
     except Exception as e:
         log(f"{model}: {v} build FAILED: {e}")
         return {"error": f"build failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
-
-
-def _calib_feeds(model: str, s: dict):
-    def feeds(graph: Path) -> list[dict]:
-        import onnx
-        names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
-        if names != ["input_ids"]:
-            raise NotImplementedError(f"calibration feeds for graph inputs {names}")
-        vocab = json.loads((graph.parent.parent / "checkpoint" / "config.json").read_text())["vocab_size"]
-        return [{"input_ids": r[None]} for r in variants.calib_ids(vocab, s["calib_rows"], PREFILL_TOKENS)]
-    return feeds
 
 
 def _edgekit_bundle(model: str, ckpt: Path, work: Path) -> dict:

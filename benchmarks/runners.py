@@ -111,9 +111,25 @@ def make_runner(variant: str, artifact: Path, threads: int):
 
 
 class OrtEdgekitRunner:
-    """Placeholder until edgekit.export / edgekit.runtime land (wired in then)."""
+    """An edgekit export or bundle (one graph with the MLA latent cache) through
+    ``edgekit.runtime.session.OrtModel``: IO binding into preallocated cache buffers."""
 
     cached = True
 
     def __init__(self, d: Path, threads: int):
-        raise NotImplementedError("edgekit.runtime.session.OrtModel has not landed yet")
+        from edgekit.runtime.session import OrtModel
+
+        self.m = OrtModel(d, threads=threads)
+
+    def logits(self, ids):
+        return self.m.logits(ids)
+
+    def prefill(self, ids):
+        self.m.prefill(ids)
+
+    def start(self, ids):
+        return self.m.prefill(ids)[1]
+
+    def step(self, cache, tok):
+        self.m.decode(np.array([tok], dtype=np.int64), cache)
+        return cache

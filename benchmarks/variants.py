@@ -102,14 +102,19 @@ def has_edgekit_export() -> bool:
 
 
 def export_fp32(ckpt: Path, work: Path) -> Path:
-    """Directory of fp32 ONNX graph(s) + ``bench.json`` naming the kind (``edgekit`` or ``nocache``)."""
+    """Directory of fp32 ONNX graph(s) + ``bench.json`` naming the kind: ``edgekit`` (edgekit.export,
+    ``moe="portable"``: one graph with the latent KV cache, plain-ONNX sparse MoE) or ``nocache``."""
     from edgekit import checkpoint
 
     def build(tmp: Path):
         model = checkpoint.load(ckpt)
         if has_edgekit_export():
             from edgekit.export import ExportConfig, export
-            export(model, tmp, ExportConfig())
+            # plain ONNX MoE (no com.microsoft ops): what the baseline quantizers can see and quantize
+            export(model, tmp / "x", ExportConfig(moe="portable"), tokenizer_from=ckpt)
+            for p in (tmp / "x").iterdir():
+                os.replace(p, tmp / p.name)
+            (tmp / "x").rmdir()
             kind = "edgekit"
         else:
             _export_nocache(model, tmp / "model.onnx")
@@ -178,16 +183,51 @@ def constants_to_initializers(model):
     return model
 
 
-def quantize_nncf(fp32: Path, calib_feeds) -> Path:
-    """nncf.quantize(ModelType.TRANSFORMER) with defaults on each graph.
-    calib_feeds(graph_path) -> list of input dicts for that graph."""
+def calib_feeds(graph: Path, rows: int, seq: int = 128) -> list[dict]:
+    """NNCF calibration inputs for one graph: ``rows`` calib-split rows of ``seq`` tokens.
+    Cache graphs get realistic decode inputs: the first half of a row is prefilled by the fp32
+    graph (OrtModel) and its latent rows are fed as past_latent.* with the second half as input_ids,
+    so every cache tensor has statistics (an empty past would give none)."""
+    import onnx
+
+    names = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.input]
+    vocab = json.loads((graph.parent / "config.json").read_text())["vocab_size"] \
+        if (graph.parent / "config.json").exists() else None
+    ids = calib_ids(vocab or 2**31, rows, seq)
+    if names == ["input_ids"]:
+        return [{"input_ids": r[None]} for r in ids]
+    from edgekit.runtime.session import OrtModel
+
+    m, half, feeds = OrtModel(graph.parent), seq // 2, []
+    for r in ids:
+        _, cache = m.prefill(r[None, :half])
+        feed = {"input_ids": r[None, half:]}
+        feed.update({n: b[:, :cache.length].copy() for n, b in zip(m._past, cache.buffers)})
+        feeds.append(feed)
+    return feeds
+
+
+def batched_weight_matmuls(model) -> list[str]:
+    """MatMul nodes whose B is a >2-D initializer (the export's absorbed per-head MLA weights
+    [H, r, d]). NNCF's per-channel int8 weights there give a zero-point shape onnxruntime's fused
+    MatMulIntegerToFloat rejects at run time ("b zero point is not valid")."""
+    init = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and init.get(n.input[1], 2) > 2]
+
+
+def quantize_nncf(fp32: Path, rows: int) -> Path:
+    """nncf.quantize(ModelType.TRANSFORMER) with defaults on each graph of the fp32 export,
+    calibrated on ``rows`` calib-split rows (see calib_feeds). One deviation from defaults, the
+    smallest that makes the result run: the batched-weight MatMuls stay fp32 (ignored_scope)."""
     import nncf
     import onnx
 
     def build(tmp: Path):
         for g in onnx_graphs(fp32):
             model = constants_to_initializers(onnx.load(str(g)))
-            q = nncf.quantize(model, nncf.Dataset(calib_feeds(g)), model_type=nncf.ModelType.TRANSFORMER)
+            skip = nncf.IgnoredScope(names=batched_weight_matmuls(model), validate=False)
+            q = nncf.quantize(model, nncf.Dataset(calib_feeds(g, rows)), model_type=nncf.ModelType.TRANSFORMER,
+                              ignored_scope=skip)
             onnx.save(q, str(tmp / g.name))
         _copy_side_files(fp32, tmp)
 

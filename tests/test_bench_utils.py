@@ -1,0 +1,91 @@
+"""Pure logic of benchmarks/: parameter counting, the bandwidth floor, ratios and the table."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.measure import ActiveParams, active_params, decode_floor_ms, floor_fraction
+from benchmarks.tables import add_floor, add_ratios, markdown
+
+NANO = Path(__file__).resolve().parent.parent / "edgekit" / "data" / "v3-nano" / "config.json"
+
+
+def _cfg(**over):
+    from edgekit.checkpoint import config_from_args
+    from edgekit.model import ModelArgs
+
+    return config_from_args(ModelArgs(**over))
+
+
+@pytest.mark.parametrize("over", [{}, dict(q_lora_rank=0, first_k_dense_replace=2, n_shared_experts=0)])
+def test_active_params_total_matches_model(over):
+    from edgekit.model import ModelArgs, Transformer
+
+    cfg = _cfg(vocab_size=512, hidden_size=64, num_hidden_layers=3, **over)
+    model = Transformer(ModelArgs(**{k: v for k, v in cfg.items() if k in ModelArgs.__dataclass_fields__}))
+    n = sum(t.numel() for t in model.state_dict().values())
+    ap = active_params(cfg)
+    assert ap.total == n, f"counted {ap.total} params, model has {n}"
+    # per token: all but the unchosen routed experts and all but one embedding row
+    a = model.args
+    moe_layers = sum(a.for_layer(i).is_moe for i in range(a.num_hidden_layers))
+    unused = moe_layers * (a.n_routed_experts - a.num_experts_per_tok) * 3 * a.hidden_size * a.moe_intermediate_size
+    assert ap.per_token == n - unused - (a.vocab_size - 1) * a.hidden_size
+    assert ap.cache_elems_per_token == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim)
+
+
+def test_active_params_v3_nano_config():
+    ap = active_params(json.loads(NANO.read_text()))
+    assert ap.total == 8_808_680, ap  # 8,808,640 params + 40 router bias buffers
+    assert ap.cache_elems_per_token == 6 * (64 + 16)
+
+
+def test_decode_floor_arithmetic():
+    # 24 MB of weights + 1024 positions x 3840 B of cache at 30 GB/s
+    f = decode_floor_ms(24e6, 3840, 1024, 30.0)
+    assert f == pytest.approx((24e6 + 3840 * 1024) / 30e9 * 1e3)
+    assert floor_fraction(f, 2 * f) == pytest.approx(0.5)
+    assert floor_fraction(None, 1.0) is None and floor_fraction(1.0, None) is None
+
+
+def _rows():
+    rows = [{"model": "m", "variant": "ort-fp32", "size_mb": 40.0, "prefill_p50_ms": 20.0, "prefill_p95_ms": 25.0,
+             "decode_ms_ctx128": 4.0, "decode_ms_ctx1024": 5.0, "peak_rss_mb": 200.0, "accuracy": 0.6,
+             "decode_cached": True},
+            {"model": "m", "variant": "int8", "size_mb": 10.0, "prefill_p50_ms": 10.0, "prefill_p95_ms": 30.0,
+             "decode_ms_ctx128": 1.0, "decode_ms_ctx1024": None, "peak_rss_mb": 100.0, "accuracy": 0.59,
+             "decode_cached": False},
+            {"model": "m", "variant": "broken", "error": "build failed: boom"},
+            {"model": "other", "variant": "int8", "size_mb": 1.0}]  # no baseline for this model
+    return add_ratios(rows)
+
+
+def test_ratios_are_per_model_and_tolerate_gaps():
+    r = _rows()
+    assert r[0]["vs_ort_fp32"]["size_mb"] == 1.0
+    assert r[1]["vs_ort_fp32"]["size_mb"] == pytest.approx(0.25)
+    assert r[1]["vs_ort_fp32"]["prefill_p95_ms"] == pytest.approx(1.2)
+    assert r[1]["vs_ort_fp32"]["decode_ms_ctx1024"] is None
+    assert all(v is None for v in r[3]["vs_ort_fp32"].values())
+
+
+def test_add_floor_uses_artifact_bytes_per_param():
+    ap = ActiveParams(total=10_000_000, per_token=4_000_000, cache_elems_per_token=480)
+    row = add_floor({"size_mb": 40.0, "decode_ms_ctx128": 1.0, "decode_ms_ctx1024": 2.0}, ap, 20.0, 4)
+    fl = row["floor"]
+    assert fl["weight_mb_per_token"] == pytest.approx(16.0)      # 4 B/param x 4M active
+    want = (16e6 + 480 * 4 * 128) / 20e9 * 1e3
+    assert fl["floor_ms_ctx128"] == pytest.approx(want)
+    assert fl["fraction_ctx128"] == pytest.approx(want / 1.0)
+
+
+def test_markdown_table_shape_and_marks():
+    rows = _rows()
+    md = markdown(rows, {"cpu_model": "X", "arch": "x86_64", "cores": 2, "isa": ["avx2"], "onnxruntime": "1"},
+                  2, {"gbs_1t": 20.0, "gbs": 30.0}, note="note line")
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows), md
+    assert all(line.count("|") == table[0].count("|") for line in table), md
+    assert "10.0 (0.25×)" in md and "1.00 (0.25×)†" in md, md
+    assert "failed: build failed: boom" in md and "note line" in md and "30.0 GB/s" in md
