@@ -96,11 +96,13 @@ def ensure_built(cache: Path, log=print) -> dict:
         shutil.rmtree(cache / "site", ignore_errors=True)
         t0 = time.perf_counter()
         env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"}
-        _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(cache / "site"), str(sdist)],
+        # offline machines: `python -m benchmarks.llamacpp offline` put the build deps beside the sdist
+        local = ["--no-index", "--find-links", str(cache / "sdist")] if list((cache / "sdist").glob("*.whl")) else []
+        _run([sys.executable, "-m", "pip", "install", *local, "--no-deps", "--target", str(cache / "site"), str(sdist)],
              cache / "build.log", env=env)
         # llama_cpp imports diskcache at import time; its other deps (numpy, jinja2) are in our venv
-        _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(cache / "site"), "diskcache"],
-             cache / "deps.log")
+        _run([sys.executable, "-m", "pip", "install", *local, "--no-deps", "--target", str(cache / "site"),
+              "diskcache"], cache / "deps.log")
         info = {"rc": 0, "build_s": round(time.perf_counter() - t0, 1)}
         info_file.write_text(json.dumps(info))
     return {"site": str(cache / "site"), "src": str(src), "build_s": info.get("build_s"), "version": version}
@@ -161,3 +163,46 @@ class LlamaRunner:
             self.scorer.eval([int(t) for t in row])
             out.append(np.array(self.scorer.scores[: len(row)], dtype=np.float32))
         return np.stack(out)
+
+
+# Parts of the sdist neither the build nor the converter reads (git history, vocab test files, docs).
+TRIM = (".git", "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llama.cpp/media")
+
+
+def trim_sdist(cache: Path) -> Path:
+    """Rewrite cache/sdist/*.tar.gz without TRIM (77 MB -> small enough to carry to an offline
+    machine); the original is kept as *.tar.gz.full. Returns the new tarball."""
+    sdist = sorted((cache / "sdist").glob("llama_cpp_python-*.tar.gz"))[-1]
+    full = sdist.with_name(sdist.name + ".full")
+    if not full.exists():
+        os.replace(sdist, full)
+    top = sdist.name[: -len(".tar.gz")]
+    tmp = sdist.with_name(sdist.name + ".tmp")
+    with tarfile.open(full) as src, tarfile.open(tmp, "w:gz") as dst:
+        for m in src:
+            rel = m.name[len(top) + 1:]
+            if any(rel == t or rel.startswith(t + "/") for t in TRIM):
+                continue
+            dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    os.replace(tmp, sdist)
+    return sdist
+
+
+def prepare_offline(cache: Path) -> list[Path]:
+    """Everything an offline machine needs in cache/sdist (~13 MB): the trimmed sdist plus wheels of
+    its build backend (scikit-build-core; a system cmake >= 3.21 and a C++ compiler are assumed)
+    and of diskcache. Returns the files."""
+    if not list((cache / "sdist").glob("llama_cpp_python-*.tar.gz")):
+        ensure_built(cache)
+    trim_sdist(cache)
+    _run([sys.executable, "-m", "pip", "download", "scikit-build-core>=0.9.2", "diskcache", "-d",
+          str(cache / "sdist")], cache / "download.log")
+    return sorted(p for p in (cache / "sdist").iterdir() if not p.name.endswith(".full"))
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.llamacpp offline [CACHE]: make CACHE/sdist carryable to an offline machine
+    if sys.argv[1:2] == ["offline"]:
+        c = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / ".cache/bench/llama"
+        for p in prepare_offline(c):
+            print(f"{p}: {p.stat().st_size / 1e6:.1f} MB")

@@ -35,7 +35,7 @@ from benchmarks import measure, tables, variants  # noqa: E402
 
 VARIANTS = ("ort-fp32", "torch-fp32", "torch-int8", "ort-dynamic-int8", "nncf-int8", "llama-q8_0",
             "edgekit-cpu4")
-QUICK = dict(prefill_warmup=2, prefill_reps=10, decode_tokens=8, eval_windows=8, calib_rows=8,
+QUICK = dict(prefill_warmup=2, prefill_reps=10, decode_tokens=16, eval_windows=8, calib_rows=8,
              timeout_s=300)
 FULL = dict(prefill_warmup=3, prefill_reps=30, decode_tokens=32, eval_windows=None, calib_rows=32,
             timeout_s=1800)
@@ -119,7 +119,29 @@ def _guarded(v: str, model: str, fn) -> dict:
 
 
 def _edgekit_bundle(model: str, ckpt: Path, work: Path) -> dict:
-    raise NotImplementedError("pending: `edgekit compress --target cpu4` has not landed yet")
+    """``edgekit compress --target cpu4`` on the fp32 checkpoint (bundle cached in the work dir;
+    stage artifacts in $EDGEKIT_CACHE, default <work>/edgekit-cache). A failed gate still yields a
+    bundle (exit code 1): the row is measured and the note names the failed gates."""
+    try:
+        import edgekit.quantize  # noqa: F401  (compress imports it lazily; fail early and clearly)
+        from edgekit.pipeline import compress
+    except ImportError as e:
+        raise NotImplementedError(f"pending: edgekit compress not runnable yet ({e})") from None
+    out = work / model / "edgekit-cpu4"
+    summary = out / "bench-compress.json"
+    if not summary.exists():
+        t = time.perf_counter()
+        res = compress(model=str(ckpt), target="cpu4", out=out)
+        failed = [k for k, g in res.report["gates"].items() if g["status"] == "fail"]
+        summary.write_text(json.dumps({"exit_code": res.exit_code, "failed_gates": failed,
+                                       "seconds": round(time.perf_counter() - t, 1)}))
+    info = json.loads(summary.read_text())
+    spec = json.loads((out / "export.json").read_text())
+    cache = spec["cache"]
+    elem = cache["bytes_per_token"] // (spec["num_layers"] * cache["width"])
+    gates = f"; failed gates: {', '.join(info['failed_gates'])}" if info["failed_gates"] else "; all gates passed"
+    return {"artifact": str(out), "cache_elem_bytes": elem,
+            "note": f"edgekit compress --target cpu4 ({info['seconds']}s{gates})"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,8 +186,13 @@ def main(argv=None) -> int:
         sys.exit(f"unknown model/variant {bad[0]!r}; choose from {list(variants.MODELS)} / {list(VARIANTS)}")
     from edgekit.host import host_facts
     host = host_facts()
+    os.environ.setdefault("EDGEKIT_CACHE", str(a.work / "edgekit-cache"))
     out = a.out or ROOT / "benchmarks" / "results" / f"run_{host['cores']}c_t{a.threads}{'_quick' if a.quick else ''}"
     log(f"host: {host['cpu_model']}, {host['cores']} cores; threads {a.threads}; {'quick' if a.quick else 'full'} run")
+    load_start = os.getloadavg()[0]
+    if load_start > host["cores"] - a.threads + 0.5:
+        log(f"warning: load average {load_start:.1f} on {host['cores']} cores: other processes compete, timings "
+            "will be noisy (recorded in the JSON)")
 
     bw = {"gbs_1t": measure.memory_bandwidth_gbs(1), "gbs": measure.memory_bandwidth_gbs(a.threads)}
     log(f"copy bandwidth: {bw['gbs_1t']:.1f} GB/s (1 thread), {bw['gbs']:.1f} GB/s ({a.threads} threads)")
@@ -218,8 +245,10 @@ def main(argv=None) -> int:
             f"of 512 tokens of the v3-nano eval split; v3-50m is random-init (speed only).")
     if llama:
         note += f" llama-cpp-python build time: {llama['build_s']} s."
-    doc = {"host": host, "threads": a.threads, "bandwidth": bw, "settings": settings, "llama_cpp": llama,
-           "rows": rows}
+    load = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
+    note += f" 1-min load average {load['start']} at start, {load['end']} at end ({host['cores']} cores)."
+    doc = {"host": host, "threads": a.threads, "bandwidth": bw, "load_avg_1min": load, "settings": settings,
+           "llama_cpp": llama, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
     log(f"wrote {out}.json and {out}.md")
