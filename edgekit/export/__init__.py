@@ -13,8 +13,10 @@ session holds the weights once and avoids two sessions' idle threads spinning ag
 on small CPUs; decode with absorbed attention is what matters per token, and the same absorbed
 graph is used for prefill. Routed experts run sparsely on both MoE paths:
 ``moe="contrib"``: one ``com.microsoft::MoE`` node per layer (onnxruntime CPU kernels; faster);
-``moe="portable"``: plain ONNX (TopK/NonZero/Gather/ScatterElements/index_add), for runtimes without
-contrib ops (onnxruntime-web, minimal mobile builds).
+``moe="portable"``: standard opset-17 ops only, for runtimes without contrib ops (onnxruntime-web,
+minimal mobile builds): an ``If`` on the token count picks gathered per-token expert weights (decode)
+or a ``Loop`` over experts with NonZero/GatherND/ScatterND-add dispatch (prefill); see
+moe_portable.py.
 
 Invariants: onnxruntime fp32 logits match torch to <= 1e-4 (tests/test_export.py, ``verify``);
 each graph carries metadata_props ``edgekit.version``, ``edgekit.model_hash`` (sha256 of config and
@@ -91,12 +93,12 @@ def io_spec(args) -> dict:
     }
 
 
-def _trace(model, cfg: ExportConfig, path: Path) -> None:
+def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> None:
     import torch
 
     from .graph import LatentDecoder, dynamic_axes, io_names
     a = model.args
-    dec = LatentDecoder(model, cfg.moe).eval()
+    dec = LatentDecoder(model, cfg.moe, attention).eval()
     W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
     ids = torch.randint(0, a.vocab_size, (2, 3))            # batch/seq/past > 1 so nothing specialises
     past = [torch.zeros(2, 2, W) for _ in range(L)]
@@ -105,7 +107,7 @@ def _trace(model, cfg: ExportConfig, path: Path) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(dec, (ids, *past), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
-                          custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else None)
+                          custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else {"edgekit": 1})
 
 
 def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..model import MoE, Transformer
 from .moe_contrib import ContribMoE
+from .moe_portable import PortableMoE
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -54,9 +55,10 @@ class _Absorbed(nn.Module):
 
 
 class LatentDecoder(nn.Module):
-    def __init__(self, model: Transformer, moe: str = "portable"):
+    def __init__(self, model: Transformer, moe: str = "portable", attention: str = "absorb"):
         super().__init__()
         self.model, a = model, model.args
+        self.attend = self.attention if attention == "absorb" else self.attention_expanded
         self.absorbed, self.ffn = nn.ModuleList(), nn.ModuleList()
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
@@ -66,8 +68,9 @@ class LatentDecoder(nn.Module):
             w_uv[:, :kvl] = wkv[:, nope:].transpose(1, 2)                        # [H, W, v]
             self.absorbed.append(_Absorbed(wkv[:, :nope].contiguous(), w_uv))  # w_uk [H, nope, kvl]
             mlp = layer.mlp
-            self.ffn.append(ContribMoE(mlp, a, a.for_layer(i)) if moe == "contrib" and isinstance(mlp, MoE)
-                            else mlp)
+            if isinstance(mlp, MoE):
+                mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, a, a.for_layer(i))
+            self.ffn.append(mlp)
 
     def attention(self, attn, ab, x, cos, sin, past):
         """x [B, T, D], past [B, P, W] -> (out [B, T, D], new [B, T, W])."""
@@ -90,6 +93,15 @@ class LatentDecoder(nn.Module):
         o = o.transpose(1, 2).reshape(B, T, attn.n_heads * a.v_head_dim)
         return attn.o_proj(o), new
 
+    def attention_expanded(self, attn, ab, x, cos, sin, past):
+        """The model's own MLA (re-expands all P + T latent rows to per-head K/V through kv_b_proj).
+        Kept to measure the absorbed graph against (benchmarks/expert_scaling.py --design)."""
+        kvl, T, P = self.model.args.kv_lora_rank, x.shape[1], past.shape[1]
+        q_pos = torch.arange(T, device=x.device) + P
+        mask = torch.arange(P + T, device=x.device)[None, :] <= q_pos[:, None]   # [T, P+T]
+        out, c_kv, k_pe = attn(x, cos, sin, mask, past[..., :kvl], past[..., kvl:])
+        return out, torch.cat([c_kv[:, P:], k_pe[:, P:]], dim=-1)
+
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
         """input_ids [B, T]; past[i] [B, P, W] -> (logits [B, T, vocab], *new[i] [B, T, W])."""
         m = self.model
@@ -99,7 +111,7 @@ class LatentDecoder(nn.Module):
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):
-            h, new = self.attention(layer.self_attn, ab, layer.input_layernorm(x), cos, sin, past_i)
+            h, new = self.attend(layer.self_attn, ab, layer.input_layernorm(x), cos, sin, past_i)
             x = x + h
             x = x + ffn(layer.post_attention_layernorm(x))
             news.append(new)

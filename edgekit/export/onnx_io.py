@@ -14,6 +14,8 @@ import sys
 
 import onnx
 
+from .moe_portable import expand_sparse_experts
+
 
 def model_hash(model) -> str:
     """sha256 over the config (as written to config.json) and every tensor's name, dtype and bytes."""
@@ -64,6 +66,7 @@ def _moe_nodes(proto: onnx.ModelProto) -> list[dict]:
 
 def finish_graph(proto: onnx.ModelProto, simplify: bool, meta: dict[str, str]) -> list[dict]:
     """Simplify (optionally), name MoE nodes and set metadata in place; returns the MoE node list."""
+    expand_sparse_experts(proto)
     if simplify:
         proto.CopyFrom(_simplify(proto))
     nodes = _moe_nodes(proto)
