@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--llama-cpp", action="store_true",
                     help="build llama-cpp-python from its sdist (minutes, once) and add the Q8_0 row")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench", help="artifact cache directory")
+    ap.add_argument("--rebuild", action="store_true",
+                    help="delete cached checkpoints/exports/quantized graphs/bundles first (not the llama.cpp build)")
     return ap.parse_args(argv)
 
 
@@ -196,6 +199,9 @@ def main(argv=None) -> int:
 
     bw = {"gbs_1t": measure.memory_bandwidth_gbs(1), "gbs": measure.memory_bandwidth_gbs(a.threads)}
     log(f"copy bandwidth: {bw['gbs_1t']:.1f} GB/s (1 thread), {bw['gbs']:.1f} GB/s ({a.threads} threads)")
+    if a.rebuild:
+        shutil.rmtree(a.work / "work", ignore_errors=True)
+        shutil.rmtree(a.work / "edgekit-cache", ignore_errors=True)
     eval_ids, prompt_ids = prepare_tokens(a.work / "work")
     llama = None
     if a.llama_cpp and "llama-q8_0" in wanted:
