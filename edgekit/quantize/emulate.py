@@ -1,0 +1,172 @@
+"""Torch emulation of the int8 graph, for sensitivity ranking, the precision search and routing
+agreement without building an ONNX graph per trial.
+
+What: ``units(model)`` names the quantizable units (a ``Linear``, a layer's routed experts, the
+embedding); ``emulated(model, int8_units, ...)`` is a context manager under which the model
+computes what the rewritten ONNX graph computes (see rewrite.py):
+- ``Linear`` unit: activations symmetric int8 with one scale per call (``max|x| / 127``; or the
+  calibrated static scale), weights symmetric int8 per output channel;
+- routed experts (QMoE): weights int8 per row (weights only), or per block of K with int8
+  activations per token and block when ``moe_block`` > 0;
+- embedding: int8 per row.
+``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
+
+Why emulate: one forward pass per trial on the calibration tokens instead of an export + session;
+the final quantized graph is still scored on onnxruntime (``edgekit.quantize.quantize_``) and its
+top-1 agreement with this emulation is reported.
+
+Invariants: weights are restored and hooks removed on exit, even on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMAX = 127.0
+
+
+def fq(x: torch.Tensor, dim=None, scale: float | None = None) -> torch.Tensor:
+    """Symmetric int8 fake quantization: max-abs scale over ``dim`` (None: whole tensor) or fixed."""
+    if scale is not None:
+        s = torch.tensor(max(scale, 1e-12) / QMAX, dtype=x.dtype)
+    else:
+        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+        s = amax.clamp_min(1e-12) / QMAX
+    return torch.round(x / s).clamp(-QMAX, QMAX) * s
+
+
+def fq_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per block of ``block`` along the last dim (weights [N, K] or activations [.., K])."""
+    shp = x.shape
+    return fq(x.reshape(*shp[:-1], shp[-1] // block, block), dim=-1).reshape(shp)
+
+
+def units(model) -> dict[str, nn.Module]:
+    """Quantizable units by name: every Linear outside routed experts and routers, each MoE
+    layer's routed experts (``...mlp.experts``), the embedding, the routers (``...mlp.gate``)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.experts"):
+            out[name] = mod
+        elif isinstance(mod, nn.Linear) and ".experts." not in name:
+            out[name] = mod
+        elif type(mod).__name__ == "Gate":
+            out[name] = mod
+        elif isinstance(mod, nn.Embedding):
+            out[name] = mod
+    return out
+
+
+@contextlib.contextmanager
+def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
+             experts_as_linears: bool = False):
+    """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
+    ``experts_as_linears``: the portable export, where each expert Linear is an int8 matmul."""
+    static_scales = static_scales or {}
+    saved, hooks = [], []
+
+    def swap(p: nn.Parameter, new: torch.Tensor):
+        saved.append((p, p.data))
+        p.data = new
+
+    def act_hook(scale):
+        def pre(_m, args):
+            return (fq(args[0], None, scale),) + tuple(args[1:])
+        return pre
+
+    try:
+        with torch.no_grad():
+            for name, mod in units(model).items():
+                if name not in int8:
+                    continue
+                if name.endswith("mlp.experts") and experts_as_linears:
+                    for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
+                        swap(lin.weight, fq(lin.weight.data, dim=1))
+                        hooks.append(lin.register_forward_pre_hook(act_hook(None)))
+                elif name.endswith("mlp.experts"):
+                    for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
+                        if moe_block and lin.weight.shape[1] % moe_block == 0:
+                            swap(lin.weight, fq_blocks(lin.weight.data, moe_block))
+                            hooks.append(lin.register_forward_pre_hook(
+                                lambda _m, a, b=moe_block: (fq_blocks(a[0], b),)))
+                        else:
+                            swap(lin.weight, fq(lin.weight.data, dim=1))
+                elif isinstance(mod, nn.Embedding):
+                    swap(mod.weight, fq(mod.weight.data, dim=1))
+                elif isinstance(mod, nn.Linear) or hasattr(mod, "weight"):
+                    swap(mod.weight, fq(mod.weight.data, dim=1))
+                    hooks.append(mod.register_forward_pre_hook(act_hook(static_scales.get(name))))
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, data in reversed(saved):
+            p.data = data
+
+
+@torch.no_grad()
+def input_absmax(model, rows: np.ndarray, names: list[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Per unit: max |x| of its input per forward call [n_calls] (for static scales / auto)."""
+    mods = units(model)
+    seen: dict[str, list[float]] = {n: [] for n in names}
+    hooks = [mods[n].register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(float(a[0].abs().max())))
+             for n in names]
+    try:
+        for i in range(0, len(rows), batch_size):
+            model(torch.from_numpy(rows[i: i + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: np.asarray(v) for n, v in seen.items()}
+
+
+@torch.no_grad()
+def routing(model, rows: np.ndarray, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Per MoE layer index: sorted chosen expert ids [n_tokens, k] over ``rows``."""
+    got: dict[int, list] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and not isinstance(gate, nn.Linear):
+            hooks.append(gate.register_forward_hook(
+                lambda _m, _a, out, i=i: got.setdefault(i, []).append(out[1].sort(dim=-1)[0])))
+    try:
+        for j in range(0, len(rows), batch_size):
+            model(torch.from_numpy(rows[j: j + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}
+
+
+def agreement(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, float]:
+    """Fraction of tokens whose chosen expert SET is identical, per layer."""
+    return {i: float((a[i] == b[i]).all(dim=-1).float().mean()) for i in a}
+
+
+@torch.no_grad()
+def score(model, rows: np.ndarray, ref_logp: list | None = None, batch_size: int = 8):
+    """(accuracy vs next tokens, mean KL(ref || model) or None, per-batch log-probs)."""
+    correct = n = 0
+    kl, logps = 0.0, []
+    for j in range(0, len(rows), batch_size):
+        b = torch.from_numpy(rows[j: j + batch_size])
+        lp = F.log_softmax(model(b[:, :-1]).float(), dim=-1)
+        correct += int((lp.argmax(-1) == b[:, 1:]).sum())
+        n += b[:, 1:].numel()
+        if ref_logp is not None:
+            r = ref_logp[len(logps)]
+            kl += float((r.exp() * (r - lp)).sum())
+        logps.append(lp)
+    return correct / n, (kl / n if ref_logp is not None else None), logps
+
+
+def match(name: str, pattern: str) -> bool:
+    """torchao-style override keys: exact module name, or ``re:<regex>`` (fullmatch)."""
+    return bool(re.fullmatch(pattern[3:], name)) if pattern.startswith("re:") else name == pattern
