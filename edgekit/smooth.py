@@ -127,7 +127,7 @@ def collect_norm_outputs(model, tokens: np.ndarray, config: SmoothConfig, names:
     if tokens is None or len(tokens) < 2:
         raise EdgekitError("smoothing needs calibration tokens; pass a text file with a few thousand tokens")
     toks = np.asarray(tokens, dtype=np.int64)[: config.calib_max_tokens + 1]
-    rows = windows(toks, min(config.calib_seq_len, len(toks) - 1))
+    rows = windows(toks, min(config.calib_seq_len, model.args.max_position_embeddings, len(toks) - 1))
     stats: dict[str, list] = {}
     g = torch.Generator().manual_seed(0)
     norms = {n: m for n, m, _, _ in smooth_groups(model) if n in names}

@@ -166,6 +166,15 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
     return summary
 
 
+def _units_in_graph(export_dir, model) -> set[str]:
+    import onnx
+
+    spec = json.loads((Path(export_dir) / "export.json").read_text())
+    proto = onnx.load(str(Path(export_dir) / spec["graph"]))
+    found = set(unit_map(proto, model).values())
+    return found | {f"model.layers.{m['layer']}.mlp.experts" for m in spec.get("moe_nodes", [])}
+
+
 def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25) -> dict[str, float]:
     """Static scale (calibrated max) per unit: all units for "static"; for "auto" only where the
     calibrated max is within ``ratio`` of the median per-call max (a stable range, so a constant
@@ -215,7 +224,8 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     toks = np.asarray(calib_tokens, dtype=np.int64)[: cfg.calib_max_tokens + 1]
     if len(toks) < 2:
         raise EdgekitError("quantize needs calibration tokens; pass a text file with a few thousand tokens")
-    rows = windows(toks, min(cfg.seq_len, len(toks) - 1))
+    seq = min(cfg.seq_len, model.args.max_position_embeddings, len(toks) - 1)
+    rows = windows(toks, seq)
     model.eval()
     torch.manual_seed(0)
     ref = copy.deepcopy(model)
@@ -223,24 +233,26 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     ref_routes = routing(ref, rows)
     report = {"config": asdict(cfg)}
     if cfg.smooth:
-        scfg = SmoothConfig(search=cfg.alpha is None, alpha=cfg.alpha if cfg.alpha is not None else 0.5)
+        scfg = SmoothConfig(search=cfg.alpha is None, alpha=cfg.alpha if cfg.alpha is not None else 0.5,
+                            calib_seq_len=seq, calib_max_tokens=cfg.calib_max_tokens)
         report["smoothing"] = smooth_(model, toks, scfg)
     lin_units = [n for n, m in units(model).items() if hasattr(m, "in_features") or type(m).__name__ == "Gate"]
     static = _static_choice(input_absmax(model, rows, lin_units), cfg.mode)
     portable = cfg.export_moe == "portable"
     block = 0 if portable else _moe_block(cfg, model.args)
     kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable)
-    plan = plan_precision(model, rows, cfg.overrides, cfg.max_drop, rank_always=cfg.rank_always,
-                          ref_logp=ref_logp, log=log, **kw)
-    with emulated(model, plan.int8, **kw):
-        routes_q = routing(model, rows)
-        acc_emul = score(model, rows)[0]
     out = Path(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
     try:
         fp32_dir = Path(fp32_export_dir) if fp32_export_dir else work / "fp32"
         if not fp32_export_dir:
             export(model, fp32_dir, ExportConfig(moe=cfg.export_moe), tokenizer_from=tokenizer_from)
+        in_graph = _units_in_graph(fp32_dir, model)
+        plan = plan_precision(model, rows, cfg.overrides, cfg.max_drop, rank_always=cfg.rank_always,
+                              ref_logp=ref_logp, in_graph=in_graph, log=log, **kw)
+        with emulated(model, plan.int8, **kw):
+            routes_q = routing(model, rows)
+            acc_emul = score(model, rows)[0]
         ort_rows = rows[: max(1, min(len(rows), 16))]
         rounds = []
         for _ in range(cfg.max_ort_rounds + 1):

@@ -1,0 +1,137 @@
+"""Symmetric int8: weight quantizers, the u8-offset activation trick on onnxruntime, the graph rewrite
+end to end (same I/O, int8 close to fp32, emulation close to onnxruntime), overrides and the
+accuracy-aware precision plan."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekit.quantize import QuantConfig, quantize_
+from edgekit.quantize.emulate import emulated, fq, units
+from edgekit.quantize.mixed import plan_precision, resolve_overrides
+from edgekit.quantize.rewrite import quantize_blocks, quantize_sym, rewrite_linears
+from edgekit.runtime.session import OrtModel
+
+from .conftest import tiny_model
+
+
+def test_weight_quantizers_symmetric_and_accurate():
+    w = np.random.default_rng(0).standard_normal((64, 96)).astype(np.float32)
+    q, s = quantize_sym(w, axis=1)                                  # per output row
+    assert q.dtype == np.int8 and s.shape == (64,) and np.abs(q).max() <= 127
+    err = np.abs(q * s[:, None] - w)
+    assert (err <= s[:, None] / 2 + 1e-7).all(), f"rounding error over half a step: {err.max():.3e}"
+    sqnr = 10 * np.log10((w ** 2).sum() / ((q * s[:, None] - w) ** 2).sum())
+    assert sqnr > 35, f"per-channel int8 SQNR {sqnr:.1f} dB"
+    qb, sb = quantize_blocks(w, 32)
+    assert sb.shape == (64, 3)
+    assert np.abs(-w - quantize_sym(-w, 1)[0] * s[:, None]).max() == pytest.approx(err.max())  # zero point 0
+
+
+def _linear_graph(ws):
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]) for i in range(len(ws))]
+    outs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(ws))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 48])],
+                          outs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_rewrite_matches_symmetric_int8_reference(merge, static):
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((48, n)).astype(np.float32) * 0.1 for n in (40, 24)]
+    x = rng.standard_normal((2, 5, 48)).astype(np.float32)
+    x[..., 7] *= 20                                                  # an outlier channel
+    m = _linear_graph(ws)
+    units_ = {"w0": "a", "w1": "b"}
+    scales = {"a": float(np.abs(x).max()) * 1.1} if static else None
+    done = rewrite_linears(m, units_, {"a", "b"}, scales, merge=merge)
+    assert sorted(done) == ["a", "b"]
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == (1 if merge else 2) and ops.count("QuantizeLinear") == 1, ops
+    got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    xt = torch.from_numpy(x)
+    for w, y in zip(ws, got):
+        ref = (fq(xt, None, scales["a"] if static else None) @ fq(torch.from_numpy(w), dim=0)).numpy()
+        d = np.abs(y - ref)
+        assert d.max() < 1e-4, f"onnxruntime vs symmetric int8 reference: max {d.max():.2e} mean {d.mean():.2e}"
+
+
+def test_overrides_exact_regex_default():
+    names = ["lm_head", "model.layers.1.mlp.gate", "model.layers.0.self_attn.q_a_proj", "model.embed_tokens"]
+    got = resolve_overrides(names, {"re:.*mlp\\.gate": "fp32", "lm_head": "fp32", "re:model\\..*": "int8",
+                                    "_default": "fp32"})
+    assert got == {"lm_head": "fp32", "model.layers.1.mlp.gate": "fp32",
+                   "model.layers.0.self_attn.q_a_proj": "int8", "model.embed_tokens": "int8"}, got
+
+
+def test_plan_reverts_most_sensitive_first():
+    m = tiny_model()
+    rows = np.random.default_rng(0).integers(0, 128, (4, 65))
+    with torch.no_grad():                                           # make one unit fragile under int8
+        m.model.layers[2].self_attn.o_proj.weight[:, 0] *= 400
+    plan = plan_precision(m, rows, {"re:.*mlp\\.gate": "fp32"}, max_drop=0.0, rank_always=True, log=lambda *_: None)
+    assert plan.sensitivity, "no sensitivity measured"
+    top = max(plan.sensitivity, key=plan.sensitivity.get)
+    reverted = [s["reverted"] for s in plan.steps if "reverted" in s]
+    assert all(plan.sensitivity[a] >= plan.sensitivity[b] for a, b in zip(reverted, reverted[1:])), reverted
+    assert plan.drop <= 0.0 or not plan.int8, f"budget not met: drop {plan.drop}"
+    assert all("mlp.gate" in n for n, why in plan.fp32.items() if why == "override")
+    if reverted:
+        assert reverted[0] == top and top in plan.fp32
+
+
+@pytest.mark.parametrize("moe", ["row", "block"])
+def test_quantize_end_to_end(tmp_path, moe):
+    m = tiny_model()
+    calib = np.random.default_rng(0).integers(0, 128, 1100)
+    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=1024)
+    rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, fp32_export_dir=None, log=lambda *_: None)
+    from edgekit.export import export
+    fp32 = export(m, tmp_path / "fp32")                             # the smoothed model, fp32
+    spec8 = json.loads((tmp_path / "q8" / "export.json").read_text())
+    spec32 = json.loads((fp32 / "export.json").read_text())
+    assert spec8["inputs"] == spec32["inputs"] and spec8["outputs"] == spec32["outputs"]
+    g8 = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph
+    ops = {n.op_type for n in g8.node}
+    assert {"MatMulIntegerToFloat", "QMoE"} <= ops and "MoE" not in ops, ops
+    assert set(rep["routing_agreement"]) == {"1", "2"}, rep["routing_agreement"]
+    assert all(0.5 <= v <= 1 for v in rep["routing_agreement"].values()), rep["routing_agreement"]
+    assert any("mlp.gate" in n for n in rep["fp32_units"]), rep["fp32_units"]
+    ids = np.random.default_rng(1).integers(0, 128, (2, 24))
+    a, b = OrtModel(fp32).logits(ids), OrtModel(tmp_path / "q8").logits(ids)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.mean() > 0.98, f"int8 vs fp32 logits cosine {cos.mean():.4f} (min {cos.min():.4f})"
+    with emulated(m, {n for n in units(m) if n not in rep["fp32_units"]}, moe_block=rep["moe_block"]):
+        with torch.no_grad():
+            e = m(torch.from_numpy(ids)).numpy()
+    d = np.abs(e - b)
+    agree = (e.argmax(-1) == b.argmax(-1)).mean()
+    tol = 1e-3 if moe == "row" else 0.1 * np.abs(a).max()
+    assert d.max() < tol and agree >= 0.95, f"emulation vs onnxruntime: max {d.max():.2e} agree {agree:.3f}"
+    # decode through the cache still matches prefill on the int8 graph
+    om = OrtModel(tmp_path / "q8")
+    last, cache = om.prefill(ids[:1, :-1])
+    step = om.decode(ids[:1, -1], cache)
+    full = om.logits(ids[:1])[:, -1]
+    assert np.abs(step - full).max() < 0.05 * np.abs(full).max(), "int8 decode diverges from int8 prefill"
+    ratio = rep["size_bytes"] / sum(p.stat().st_size for p in fp32.glob("model.onnx*"))
+    assert ratio < 0.6, f"int8/fp32 size {ratio:.2f} (tiny model: fp32 RoPE tables and norms weigh in)"
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="mode"):
+        QuantConfig(mode="int4")
+    with pytest.raises(ValueError, match="int8' or 'fp32"):
+        QuantConfig(overrides={"lm_head": "fp16"})
+    with pytest.raises(ValueError, match="max_drop"):
+        QuantConfig(max_drop=-1)
