@@ -34,8 +34,8 @@ from .errors import EdgekitError
 @dataclass
 class DistillConfig:
     steps: int = 200                 # optimizer steps; 0 = no recovery
-    lr: float = 5e-4                 # peak AdamW learning rate
-    batch_size: int = 8              # windows per step
+    lr: float = 1e-3                 # peak AdamW learning rate
+    batch_size: int = 4              # windows per step
     seq_len: int = 256               # tokens per window
     temperature: float = 1.0         # softening of both distributions (KL is scaled by T^2)
     hidden_weight: float = 0.0       # weight of the final-hidden-state MSE term

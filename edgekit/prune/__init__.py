@@ -54,8 +54,8 @@ class PruneConfig:
     expert_criterion: str = "reap"   # reap | frequency | contribution (see importance.py)
     calib_seq_len: int = 256
     calib_max_tokens: int = 0        # 0: all calibration tokens
-    recover_lr: float = 5e-4
-    recover_batch_size: int = 8
+    recover_lr: float = 1e-3
+    recover_batch_size: int = 4
     recover_seq_len: int = 256
     recover_hidden_weight: float = 0.0
     recover_train_embeddings: bool = True
