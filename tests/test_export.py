@@ -108,7 +108,8 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
             assert inits[node["fc2"]] == [a.n_routed_experts, a.hidden_size, a.moe_intermediate_size]
     else:
         assert not any(dom for dom, _ in ops), f"portable graph uses non-standard ops: {ops}"
-        assert sum(n.op_type == "If" for n in proto.graph.node) == len(moe_layers)
+        ifs = {n.name for n in proto.graph.node if n.op_type == "If"}
+        assert ifs == {f"experts.{i}" for i in moe_layers} == {e["node"] for e in spec["sparse_experts"]}
         assert spec["moe_nodes"] == []
 
 

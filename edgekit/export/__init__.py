@@ -8,10 +8,13 @@ past_seq = 0. Beside it: ``export.json`` (the I/O spec, cache widths, max positi
 opset), ``config.json`` and, with ``tokenizer_from``, ``tokenizer.json``. Run it with
 ``edgekit.runtime.OrtModel`` (no torch).
 
-Why one graph (measured, benchmarks/expert_scaling.py and the module notes in graph.py): one
-session holds the weights once and avoids two sessions' idle threads spinning against each other
-on small CPUs; decode with absorbed attention is what matters per token, and the same absorbed
-graph is used for prefill. Routed experts run sparsely on both MoE paths:
+Why one graph (measured with ``benchmarks/expert_scaling.py --design`` on v3-nano's shape, 2
+shared, loaded cores, medians of 3 rounds): absorbed attention is what decode needs (ctx 1024:
+1.7 ms/token vs 11.6 ms re-expanding the cache per head) and costs prefill little or nothing
+(128 tokens: 38 vs 46 ms expanded; 512: 156 vs 149 ms), so one absorbed graph serves both. One
+session also holds the weights once, and a prefill + decode session pair in one process was
+slower (186 vs 124 ms for a mixed prompt/decode workload: idle sessions' threads spin).
+Routed experts run sparsely on both MoE paths:
 ``moe="contrib"``: one ``com.microsoft::MoE`` node per layer (onnxruntime CPU kernels; faster);
 ``moe="portable"``: standard opset-17 ops only, for runtimes without contrib ops (onnxruntime-web,
 minimal mobile builds): an ``If`` on the token count picks gathered per-token expert weights (decode)
@@ -135,7 +138,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
                   "saved with external data, onnxsim skipped", file=sys.stderr)
         digest = model_hash(model)
         spec = io_spec(a)
-        moe_nodes = finish_graph(proto, simplify=simplify, meta={
+        experts = finish_graph(proto, simplify=simplify, meta={
             "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
         shutil.rmtree(tmp / "raw")
         onnx.save_model(proto, str(tmp / GRAPH_FILE), save_as_external_data=large,
@@ -153,7 +156,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
                       "bytes_per_token": cache_bytes_per_token(a)},
             "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
                      "positions are past_seq + arange(seq) and must stay < max_position_embeddings",
-            **spec, "moe_nodes": moe_nodes, "config": asdict(cfg),
+            **spec, **experts, "config": asdict(cfg),
         }
         (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")

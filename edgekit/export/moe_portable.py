@@ -21,6 +21,8 @@ weights, so the result equals ``MoE.forward`` minus the shared experts.
 
 from __future__ import annotations
 
+import re
+
 import onnx
 import torch
 import torch.nn.functional as F
@@ -146,17 +148,20 @@ def _looped(p: str, x, w, idx, fc1, fc2, inter: int, experts: int) -> onnx.Graph
     return helper.make_graph(nodes, f"{p}_looped", [], [_vi(n("y"), TensorProto.FLOAT, None)])
 
 
-def expand_sparse_experts(proto: onnx.ModelProto) -> int:
-    """Replace every ``edgekit::SparseExperts`` placeholder in place; returns how many."""
+def expand_sparse_experts(proto: onnx.ModelProto) -> list[dict]:
+    """Replace every ``edgekit::SparseExperts`` placeholder in place by an ``If`` named
+    ``experts.{layer}``; returns one description per layer (for export.json ``sparse_experts``)."""
     shapes = {i.name: list(i.dims) for i in proto.graph.initializer}
-    out, count = [], 0
+    out, found = [], []
     for node in proto.graph.node:
         if node.domain != DOMAIN or node.op_type != OP:
             out.append(node)
             continue
         x, w, idx, fc1, fc2 = node.input
-        experts, _, two_i = shapes[fc1]
-        p = node.name or f"sparse_experts{count}"
+        experts, hidden, two_i = shapes[fc1]
+        m = re.match(r"ffn\.(\d+)\.fc1$", fc1)
+        layer = int(m.group(1)) if m else len(found)
+        p = f"experts.{layer}"
         out += [
             helper.make_node("Shape", [idx], [f"{p}/shape"]),
             helper.make_node("ReduceProd", [f"{p}/shape"], [f"{p}/routes"], keepdims=0),  # N * k
@@ -166,10 +171,13 @@ def expand_sparse_experts(proto: onnx.ModelProto) -> int:
                              then_branch=_gathered(p, x, w, idx, fc1, fc2, two_i // 2),
                              else_branch=_looped(p, x, w, idx, fc1, fc2, two_i // 2, experts)),
         ]
-        count += 1
+        found.append({"layer": layer, "node": p, "fc1": fc1, "fc2": fc2, "experts": experts,
+                      "hidden_size": hidden, "inter_size": two_i // 2,
+                      "layout": "fc1 [E, D, 2I] columns [gate | up]; fc2 [E, I, D]; "
+                                "then-branch Gathers [N, k] experts' weights, else-branch Loop Gathers one per trip"})
     del proto.graph.node[:]
     proto.graph.node.extend(out)
     keep = [o for o in proto.opset_import if o.domain != DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(keep)
-    return count
+    return found

@@ -64,12 +64,13 @@ def _moe_nodes(proto: onnx.ModelProto) -> list[dict]:
     return nodes
 
 
-def finish_graph(proto: onnx.ModelProto, simplify: bool, meta: dict[str, str]) -> list[dict]:
-    """Simplify (optionally), name MoE nodes and set metadata in place; returns the MoE node list."""
-    expand_sparse_experts(proto)
+def finish_graph(proto: onnx.ModelProto, simplify: bool, meta: dict[str, str]) -> dict[str, list[dict]]:
+    """Expand portable expert placeholders, simplify (optionally), name MoE nodes and set metadata,
+    in place; returns {"moe_nodes": [contrib MoE nodes], "sparse_experts": [portable If nodes]}."""
+    sparse = expand_sparse_experts(proto)
     if simplify:
         proto.CopyFrom(_simplify(proto))
-    nodes = _moe_nodes(proto)
+    nodes = {"moe_nodes": _moe_nodes(proto), "sparse_experts": sparse}
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=str(v))
