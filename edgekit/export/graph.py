@@ -23,6 +23,8 @@ Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); positions
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -43,6 +45,24 @@ def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:]})
     axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
     return axes
+
+
+class _Shared(NamedTuple):
+    """Computed once per call, used by every layer."""
+    B: int
+    T: int
+    P: int
+    cos: torch.Tensor       # [T, rope/2]
+    sin: torch.Tensor
+    cos4: torch.Tensor      # [1, T, 1, rope/2]
+    sin4: torch.Tensor
+    future: torch.Tensor    # [T, T] bool, True where a new token must not attend
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """``model.apply_rope`` with cos/sin already shaped [1, T, 1, rope/2] (shared by all layers)."""
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class _Absorbed(nn.Module):
@@ -72,31 +92,35 @@ class LatentDecoder(nn.Module):
                 mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, a, a.for_layer(i))
             self.ffn.append(mlp)
 
-    def attention(self, attn, ab, x, cos, sin, past):
-        """x [B, T, D], past [B, P, W] -> (out [B, T, D], new [B, T, W])."""
+    def attention(self, attn, ab, x, ctx, past):
+        """x [B, T, D], past [B, P, W] -> (out [B, T, D], new [B, T, W]). ``ctx`` holds what every
+        layer shares (B, T, P, RoPE tables, causal mask), computed once so that the graph's shape
+        plumbing is not repeated per layer (onnxruntime's per-node cost matters per token)."""
         a = self.model.args
-        B, T, _ = x.shape
-        q_nope, q_pe, c_kv, k_pe = attn.project(x, cos, sin)
-        new = torch.cat([c_kv, k_pe], dim=-1)                                   # [B, T, W]
-        q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                 # [B, H, T, kvl]
+        B, T, P, cos, sin, future = ctx.B, ctx.T, ctx.P, ctx.cos4, ctx.sin4, ctx.future
+        H = attn.n_heads
+        q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))) if a.q_lora_rank else attn.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        q_pe = _rope(q_pe, cos, sin, a.rope_interleave)                         # [B, T, H, rope]
+        k_pe = _rope(k_pe.unsqueeze(2), cos, sin, a.rope_interleave).squeeze(2)  # [B, T, rope]
+        new = torch.cat([attn.kv_a_layernorm(c_kv), k_pe], dim=-1)              # [B, T, W]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
         past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
         s_past = torch.matmul(q, past4.transpose(-1, -2))                       # [B, H, T, P]
         s_new = torch.matmul(q, new4.transpose(-1, -2))                         # [B, H, T, T]
-        idx = torch.arange(T, device=x.device)
-        causal = idx[None, :] <= idx[:, None]                                   # [T, T]
-        s_new = s_new.masked_fill(~causal, torch.finfo(s_new.dtype).min)
-        P = past.shape[1]
+        s_new = s_new.masked_fill(future, torch.finfo(s_new.dtype).min)
         p = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)                  # [B, H, T, P+T]
         o = torch.matmul(p[..., :P], past4) + torch.matmul(p[..., P:], new4)    # [B, H, T, W]
-        o = torch.matmul(o, ab.w_uv)                                          # [B, H, T, v]
-        o = o.transpose(1, 2).reshape(B, T, attn.n_heads * a.v_head_dim)
+        o = torch.matmul(o, ab.w_uv)                                            # [B, H, T, v]
+        o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
 
-    def attention_expanded(self, attn, ab, x, cos, sin, past):
+    def attention_expanded(self, attn, ab, x, ctx, past):
         """The model's own MLA (re-expands all P + T latent rows to per-head K/V through kv_b_proj).
         Kept to measure the absorbed graph against (benchmarks/expert_scaling.py --design)."""
-        kvl, T, P = self.model.args.kv_lora_rank, x.shape[1], past.shape[1]
+        kvl, T, P, cos, sin = self.model.args.kv_lora_rank, ctx.T, ctx.P, ctx.cos, ctx.sin
         q_pos = torch.arange(T, device=x.device) + P
         mask = torch.arange(P + T, device=x.device)[None, :] <= q_pos[:, None]   # [T, P+T]
         out, c_kv, k_pe = attn(x, cos, sin, mask, past[..., :kvl], past[..., kvl:])
@@ -105,13 +129,15 @@ class LatentDecoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
         """input_ids [B, T]; past[i] [B, P, W] -> (logits [B, T, vocab], *new[i] [B, T, W])."""
         m = self.model
-        T, P = input_ids.shape[1], past[0].shape[1]
-        pos = torch.arange(T, device=input_ids.device) + P                      # [T]
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]                             # [T, rope/2]
+        (B, T), P = input_ids.shape, past[0].shape[1]
+        idx = torch.arange(T, device=input_ids.device)
+        cos, sin = m.rope_cos[idx + P], m.rope_sin[idx + P]                     # [T, rope/2]
+        future = idx[None, :] > idx[:, None]                                    # [T, T] masked
+        ctx = _Shared(B, T, P, cos, sin, cos[None, :, None, :], sin[None, :, None, :], future)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):
-            h, new = self.attend(layer.self_attn, ab, layer.input_layernorm(x), cos, sin, past_i)
+            h, new = self.attend(layer.self_attn, ab, layer.input_layernorm(x), ctx, past_i)
             x = x + h
             x = x + ffn(layer.post_attention_layernorm(x))
             news.append(new)

@@ -69,12 +69,11 @@ class ContribMoE(nn.Module):
 
     def forward(self, x):
         """x [B, T, D] -> [B, T, D]."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                        # [N, D]
+        x3, x = x, x.reshape(-1, x.shape[-1])                               # [N, D] (D is static)
         weights, indices = self.gate(x)                                     # [N, k]
         probs = torch.full((x.shape[0], self.fc1.shape[0]), MASKED_LOGIT, dtype=x.dtype, device=x.device)
         probs = probs.scatter(1, indices, weights.log().clamp_min(MIN_LOGIT))  # [N, E]
         y = _MoEOp.apply(x, probs, self.fc1, self.fc2, self.k)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view_as(x3)

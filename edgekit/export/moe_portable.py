@@ -61,13 +61,12 @@ class PortableMoE(nn.Module):
 
     def forward(self, x):
         """x [B, T, D] -> [B, T, D]."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                        # [N, D]
+        x3, x = x, x.reshape(-1, x.shape[-1])                               # [N, D] (D is static)
         w, idx = self.gate(x)                                               # [N, k]
         y = _SparseExperts.apply(x, w, idx, self.fc1, self.fc2)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view_as(x3)
 
 
 # ---------------------------------------------------------------------------------------------
