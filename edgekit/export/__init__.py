@@ -9,11 +9,12 @@ opset), ``config.json`` and, with ``tokenizer_from``, ``tokenizer.json``. Run it
 ``edgekit.runtime.OrtModel`` (no torch).
 
 Why one graph (measured with ``benchmarks/expert_scaling.py --design`` on v3-nano's shape, 2
-shared, loaded cores, medians of 3 rounds): absorbed attention is what decode needs (ctx 1024:
-1.7 ms/token vs 11.6 ms re-expanding the cache per head) and costs prefill little or nothing
-(128 tokens: 38 vs 46 ms expanded; 512: 156 vs 149 ms), so one absorbed graph serves both. One
-session also holds the weights once, and a prefill + decode session pair in one process was
-slower (186 vs 124 ms for a mixed prompt/decode workload: idle sessions' threads spin).
+shared, heavily loaded cores; two runs, medians of 3 and 5 rounds): absorbed attention is what
+decode needs (ctx 1024: 1.7 ms/token vs 11.6-15.8 ms re-expanding the cache per head) and costs
+prefill nothing measurable (128 tokens: 38/58 ms vs 46/59 ms expanded; 512: 156/192 vs
+149/204 ms), so one absorbed graph serves both. One session also holds the weights once, and a
+prefill + decode session pair in one process was slower (186/250 vs 124/175 ms for a mixed
+prompt/decode workload: idle sessions' threads spin).
 Routed experts run sparsely on both MoE paths:
 ``moe="contrib"``: one ``com.microsoft::MoE`` node per layer (onnxruntime CPU kernels; faster);
 ``moe="portable"``: standard opset-17 ops only, for runtimes without contrib ops (onnxruntime-web,

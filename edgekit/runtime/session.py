@@ -12,6 +12,10 @@ Why it is shaped like this (per-token overhead decides decode speed at this mode
 and writes ``new_latent.i`` straight into the next rows, through IO binding on raw pointers, so no
 cache tensor is copied, concatenated or allocated per token (for B = 1; with B > 1 the row slices
 are strided and are copied). Capacity doubles on demand up to ``max_position_embeddings``.
+Measured (benchmarks/expert_scaling.py --design, v3-nano, loaded 2-core VM, 5 rounds): no
+difference from ``session.run`` + ``np.concatenate`` at this size (1.55 vs 1.46 ms/token at
+ctx 128, 1.84 vs 1.85 at ctx 1024; the concatenation copies only ~2 MB/token there). The copy
+grows with layers x width x context, so the zero-copy path is kept for larger models.
 
 Invariants: positions are the cache length; P + T <= max_position_embeddings is checked before
 every call, and exceeding it raises ``EdgekitError`` naming the limit (the graph's RoPE table ends
