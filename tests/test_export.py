@@ -55,6 +55,11 @@ def test_batch_prefill_then_decode(tiny_m, exported):
         diff = np.abs(a - b)
         assert diff.max() <= 1e-4, f"{moe} {name}: max {diff.max():.2e} mean {diff.mean():.2e}"
     assert cache.length == 11
+    feed = {"input_ids": ids.numpy(), **{n: np.zeros((3, 0, om.width), np.float32) for n in om._past}}
+    all_rows = om.session.run(["logits"], feed)[0]
+    last = om.session.run(["logits"], {**feed, "logits_keep": np.array(1, np.int64)})[0]
+    assert all_rows.shape == (3, 9, om.vocab_size) and last.shape == (3, 1, om.vocab_size)
+    assert np.abs(last[:, 0] - all_rows[:, -1]).max() <= 1e-5
 
 
 @pytest.mark.parametrize("moe", MOE_PATHS)

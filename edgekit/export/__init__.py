@@ -43,7 +43,9 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 
 from ..errors import EdgekitError
 from ..info import cache_bytes_per_token
@@ -91,8 +93,11 @@ def io_spec(args) -> dict:
     ins, outs = io_names(args.num_hidden_layers)
     return {
         "inputs": [{"name": ins[0], "dtype": "int64", "shape": ["batch", "seq"]}]
-        + [{"name": n, "dtype": "float32", "shape": ["batch", "past_seq", W]} for n in ins[1:]],
-        "outputs": [{"name": outs[0], "dtype": "float32", "shape": ["batch", "seq", args.vocab_size]}]
+        + [{"name": n, "dtype": "float32", "shape": ["batch", "past_seq", W]} for n in ins[1:-1]]
+        + [{"name": ins[-1], "dtype": "int64", "shape": [], "optional": True,
+            "default": args.max_position_embeddings,
+            "doc": "logits are returned for the last min(seq, logits_keep) positions (generation: 1)"}],
+        "outputs": [{"name": outs[0], "dtype": "float32", "shape": ["batch", "logits_seq", args.vocab_size]}]
         + [{"name": n, "dtype": "float32", "shape": ["batch", "seq", W]} for n in outs[1:]],
     }
 
@@ -106,10 +111,11 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> N
     W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
     ids = torch.randint(0, a.vocab_size, (2, 3))            # batch/seq/past > 1 so nothing specialises
     past = [torch.zeros(2, 2, W) for _ in range(L)]
+    keep = torch.tensor(2)                                   # < seq, so the row selection is traced
     ins, outs = io_names(L)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(dec, (ids, *past), str(path), dynamo=False, opset_version=cfg.opset,
+        torch.onnx.export(dec, (ids, *past, keep), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
                           custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else {"edgekit": 1})
 
@@ -141,6 +147,9 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         spec = io_spec(a)
         experts = finish_graph(proto, simplify=simplify, meta={
             "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
+        # logits_keep becomes optional: an initializer of the same name is its default (all rows)
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(
+            np.array(a.max_position_embeddings, np.int64), "logits_keep"))
         shutil.rmtree(tmp / "raw")
         onnx.save_model(proto, str(tmp / GRAPH_FILE), save_as_external_data=large,
                         all_tensors_to_one_file=True, location=GRAPH_FILE + ".data")
@@ -156,6 +165,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
                       "row": "[norm(c_kv) (kv_lora_rank) | rope(k_pe) (qk_rope_head_dim)]",
                       "bytes_per_token": cache_bytes_per_token(a)},
             "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
+                     "logits_keep=1 for generation (omitted: logits for every position); "
                      "positions are past_seq + arange(seq) and must stay < max_position_embeddings",
             **spec, **experts, "config": asdict(cfg),
         }

@@ -39,14 +39,14 @@ from .moe_portable import PortableMoE
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Graph input and output names, in order."""
-    return (["input_ids"] + [f"past_latent.{i}" for i in range(num_layers)],
+    return (["input_ids"] + [f"past_latent.{i}" for i in range(num_layers)] + ["logits_keep"],
             ["logits"] + [f"new_latent.{i}" for i in range(num_layers)])
 
 
 def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     ins, outs = io_names(num_layers)
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
-    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:]})
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logits_seq"}}
+    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:-1]})
     axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
     return axes
 
@@ -130,9 +130,12 @@ class LatentDecoder(nn.Module):
         out, c_kv, k_pe = attn(x, cos, sin, mask, past[..., :kvl], past[..., kvl:])
         return out, torch.cat([c_kv[:, P:], k_pe[:, P:]], dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor):
-        """input_ids [B, T]; past[i] [B, P, W] -> (logits [B, T, vocab], *new[i] [B, T, W])."""
+    def forward(self, input_ids: torch.Tensor, *past_and_keep: torch.Tensor):
+        """input_ids [B, T]; past[i] [B, P, W]; logits_keep [] int64 ->
+        (logits [B, min(T, logits_keep), vocab] of the last positions, *new[i] [B, T, W]).
+        Generation asks for 1 row (the lm_head over a whole prompt is wasted work and memory)."""
         m = self.model
+        past, keep = past_and_keep[:-1], past_and_keep[-1]
         (B, T), P = input_ids.shape, past[0].shape[1]
         idx = torch.arange(T, device=input_ids.device)
         cos, sin = m.rope_cos[idx + P], m.rope_sin[idx + P]                     # [T, rope/2]
@@ -145,4 +148,5 @@ class LatentDecoder(nn.Module):
             x = x + h
             x = x + ffn(layer.post_attention_layernorm(x))
             news.append(new)
-        return (m.lm_head(m.model.norm(x)), *news)
+        rows = torch.where(idx >= T - keep)[0]                                  # last `keep` positions
+        return (m.lm_head(m.model.norm(x).index_select(1, rows)), *news)

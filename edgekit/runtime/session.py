@@ -54,6 +54,7 @@ class OrtModel:
             raise EdgekitError(f"{d} has no export.json; pass a directory written by `edgekit export`")
         self.spec = spec = json.loads(spec_file.read_text())
         so = ort.SessionOptions()
+        so.log_severity_level = 3   # errors only: ORT warns on every load that logits_keep has a default
         if threads:
             so.intra_op_num_threads = threads
         if spinning is not None:
@@ -66,8 +67,10 @@ class OrtModel:
         self.num_layers, self.width = spec["num_layers"], spec["cache"]["width"]
         self.max_positions, self.vocab_size = spec["max_position_embeddings"], spec["vocab_size"]
         self.name = spec.get("model_name") or d.name
-        self._past = [i["name"] for i in spec["inputs"][1:]]
-        self._new = [o["name"] for o in spec["outputs"][1:]]
+        self._past = [i["name"] for i in spec["inputs"] if i["name"].startswith("past_latent.")]
+        self._new = [o["name"] for o in spec["outputs"] if o["name"].startswith("new_latent.")]
+        # exports since logits_keep: generation asks for the last row only (older graphs: all rows)
+        self._keep = np.array(1, np.int64) if any(i["name"] == "logits_keep" for i in spec["inputs"]) else None
 
     # -- full-sequence logits ------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -128,7 +131,8 @@ class OrtModel:
             cache.buffers[i] = nb
 
     def _step(self, ids: np.ndarray, cache: LatentCache) -> np.ndarray:
-        """Run ids [B, T] after the cache's rows; writes T new rows; returns logits [B, T, V]."""
+        """Run ids [B, T] after the cache's rows; writes T new rows; returns logits [B, 1, V] of the
+        last position (all T positions for exports without ``logits_keep``)."""
         B, T = ids.shape
         P = cache.length
         self._check_room(P, T)
@@ -148,7 +152,9 @@ class OrtModel:
             if tgt is not dst:
                 copies.append((dst, tgt))
             bind.bind_output(name, "cpu", 0, f32, tgt.shape, tgt.ctypes.data)
-        logits = np.empty((B, T, self.vocab_size), f32)
+        if self._keep is not None:
+            bind.bind_input("logits_keep", "cpu", 0, np.int64, (), self._keep.ctypes.data)
+        logits = np.empty((B, T if self._keep is None else 1, self.vocab_size), f32)
         bind.bind_output("logits", "cpu", 0, f32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(bind)
         for dst, tgt in copies:
