@@ -31,6 +31,15 @@ def _stats(samples: list[float]) -> dict:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. Linux: VmHWM (reset by exec; ru_maxrss is not, so a
+    worker forked from a large parent would report the parent's size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -49,6 +49,10 @@ class Stages:
     def __init__(self, console, total: int):
         self.console, self.total, self.i, self.rows = console, total, 0, []
 
+    def log(self, msg: str) -> None:
+        if self.console:
+            self.console.print(f"      {msg}")
+
     def run(self, name: str, fn, **row):
         self.i += 1
         if self.console:
@@ -72,15 +76,18 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, cache: StageCache, st: Stages) -> dict:
-    """Prune (+recover) -> smooth -> export -> quantize; returns the artifact dirs (cached)."""
+def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: np.ndarray, baseline: dict,
+                     cache: StageCache, st: Stages) -> dict:
+    """Prune (+recover) -> fp32 export of the pruned model -> smooth + export + int8 (cached).
+
+    The accuracy budget is shared: int8 may spend what pruning left of ``goals.accuracy_drop``
+    (measured on the eval tokens), minus a quarter of the budget as margin for the difference
+    between the calibration text quantize_ measures on and the eval text the gate uses."""
     from .export import export
     from .prune import prune_
-    from .quantize import quantize_dir
-    from .smooth import smooth_
+    from .quantize import quantize_
 
-    src_key = dir_digest(src)
-    key = [src_key, _tokens_hash(calib)]
+    key = [dir_digest(src), _tokens_hash(calib), dataclasses.asdict(recipe.prune)]
 
     def do_prune(tmp: Path):
         m = load(src)
@@ -89,23 +96,24 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, cache: StageC
         record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
         save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
 
-    key.append(dataclasses.asdict(recipe.prune))
     pruned = st.run("prune + recover", lambda: cache.get("prune", key, do_prune))
-
-    def do_export(tmp: Path):
-        m = load(pruned)
-        smooth_(m, calib, recipe.smooth)
-        export(m, tmp, recipe.export, tokenizer_from=pruned)
-
-    key.append([dataclasses.asdict(recipe.smooth), dataclasses.asdict(recipe.export)])
-    exported = st.run("scale + export + simplify", lambda: cache.get("export", key, do_export))
+    key.append(dataclasses.asdict(recipe.export))
+    exported = st.run("export + simplify (fp32)", lambda: cache.get(
+        "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
+    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, eval_tokens, recipe))
+    left = recipe.goals.accuracy_drop * 0.75 - (baseline["accuracy"] - pruned_acc)
+    qcfg = dataclasses.replace(recipe.quantize, export_moe=recipe.export.moe,
+                               max_drop=round(max(0.0, min(recipe.quantize.max_drop, left)), 5))
+    st.log(f"pruning cost {100 * (baseline['accuracy'] - pruned_acc):.2f} points; int8 budget "
+           f"{100 * qcfg.max_drop:.2f} points")
+    key.append(dataclasses.asdict(qcfg))
 
     def do_quantize(tmp: Path):
-        quantize_dir(exported, tmp, recipe.quantize, calib)
+        quantize_(load(pruned), tmp, qcfg, calib, tokenizer_from=pruned, log=st.log)
 
-    key.append(dataclasses.asdict(recipe.quantize))
-    quantized = st.run("quantize", lambda: cache.get("quantize", key, do_quantize))
-    return {"pruned": pruned, "exported": exported, "quantized": quantized}
+    quantized = st.run("scale + quantize int8", lambda: cache.get("quantize", key, do_quantize))
+    return {"pruned": pruned, "exported": exported, "quantized": quantized, "pruned_accuracy": pruned_acc,
+            "quant_config": qcfg}
 
 
 def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: StageCache, st: Stages) -> dict:
@@ -181,8 +189,11 @@ def features_of(recipe: Recipe) -> list[str]:
         f.append(f"structured-pruning:layers={p.layers}")
     if p.recover_steps:
         f.append(f"distillation-recovery:{p.recover_steps}-steps")
-    f.append(f"smoothquant-scaling:alpha={recipe.smooth.alpha}")
-    f.append(f"int8:{recipe.quantize.mode}")
+    q = recipe.quantize
+    if q.smooth:
+        f.append(f"smoothquant-scaling:alpha={'searched' if q.alpha is None else q.alpha}")
+    f.append(f"symmetric-int8:{q.mode}-activations")
+    f.append(f"mixed-precision:max_drop={q.max_drop}")
     f += [f"moe:{recipe.export.moe}", "mla-latent-kv-cache", "onnx"]
     return f
 
@@ -198,7 +209,7 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     eval_tokens = load_tokens(eval_data or "eval", tok, recipe.validate.eval_max_tokens or None)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     cache = StageCache() if use_cache else StageCache(Path(staging_dir(out.parent / ".edgekit-cache")))
-    st = Stages(console, total=6)
+    st = Stages(console, total=7)
     baseline = baseline_for(src, recipe, eval_tokens, cache, st)
     stages_rows = [{"name": "fp32", "params": baseline["params"], "accuracy": baseline["accuracy"],
                     "size_bytes": baseline["onnx_bytes"]}]
@@ -207,21 +218,21 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
 
         recipe, dirs, auto_info = search(src, recipe, calib_tokens, eval_tokens, baseline, cache, st)
     else:
-        dirs, auto_info = build_model_dirs(src, recipe, calib_tokens, cache, st), None
+        dirs, auto_info = build_model_dirs(src, recipe, calib_tokens, eval_tokens, baseline, cache, st), None
+    recipe = dataclasses.replace(recipe, quantize=dirs["quant_config"])  # as applied (effective int8 budget)
     report = st.run("validate", lambda: validate(dirs["quantized"], recipe, baseline, eval_tokens))
     pruned_params = _params(load(dirs["pruned"]))
     stages_rows += [
-        {"name": "pruned fp32", "params": pruned_params, "size_bytes": graph_bytes(dirs["exported"])},
+        {"name": "pruned fp32", "params": pruned_params, "size_bytes": graph_bytes(dirs["exported"]),
+         "accuracy": dirs["pruned_accuracy"]},
         {"name": "int8 bundle", "params": pruned_params, "accuracy": report["compressed"]["accuracy"],
          "size_bytes": report["compressed"]["size_bytes"]},
     ]
-    for row in stages_rows[1:2]:
-        row["accuracy"] = _cached_accuracy(dirs["exported"], eval_tokens, recipe)
     report["stages"] = stages_rows
     report["timings"] = st.rows
     report["stage_cache_hits"] = cache.hits
     report["model"] = str(src)
-    records = {"pruning": dirs["pruned"] / "prune.json", "quantization": dirs["quantized"] / "quant_report.json"}
+    records = {"pruning": dirs["pruned"] / "prune.json", "quantization": dirs["quantized"] / "quantize.json"}
     for key, f in records.items():
         if f.exists():
             report[key] = json.loads(f.read_text())

@@ -2,8 +2,9 @@
 
 What: ``load_recipe(name_or_path)`` reads ``export_recipes/<name>.toml`` (or any TOML path) into a
 ``Recipe``: ``[target]`` (the hardware and why), ``[goals]`` (the gates, as data), ``[validate]``
-(how to measure) and one table per pipeline stage (``[prune]``, ``[smooth]``, ``[export]``,
-``[quantize]``), each the config dataclass of the module that does that stage.
+(how to measure) and one table per pipeline stage (``[prune]``, ``[export]``, ``[quantize]``; the
+SmoothQuant scaling is part of ``[quantize]``: ``smooth``, ``alpha``), each the config dataclass of
+the module that does that stage.
 ``recipe_to_toml(recipe)`` writes the recipe as applied, for the bundle.
 
 Invariants: every key maps to a dataclass field; unknown keys and invalid values are rejected
@@ -93,9 +94,8 @@ def _stage_classes() -> dict[str, type]:
     from .export import ExportConfig
     from .prune import PruneConfig
     from .quantize import QuantConfig
-    from .smooth import SmoothConfig
 
-    return {"prune": PruneConfig, "smooth": SmoothConfig, "export": ExportConfig, "quantize": QuantConfig}
+    return {"prune": PruneConfig, "export": ExportConfig, "quantize": QuantConfig}
 
 
 @dataclass
@@ -104,7 +104,6 @@ class Recipe:
     goals: Goals = field(default_factory=Goals)
     validate: Validate = field(default_factory=Validate)
     prune: Any = None
-    smooth: Any = None
     export: Any = None
     quantize: Any = None
     source: str = ""
@@ -124,7 +123,7 @@ def build(cls: type, table: dict, where: str):
         raise EdgekitError(f"bad value in [{where}]: {e}") from None
 
 
-STAGES = ("prune", "smooth", "export", "quantize")
+STAGES = ("prune", "export", "quantize")
 
 
 def parse_recipe(data: dict, source: str = "", stages: bool = True) -> Recipe:
@@ -165,7 +164,7 @@ def load_recipe(name_or_path: str, stages: bool = True) -> Recipe:
 
 def recipe_dict(recipe: Recipe) -> dict:
     out = {}
-    for k in ("target", "goals", "validate", "prune", "smooth", "export", "quantize"):
+    for k in ("target", "goals", "validate", *STAGES):
         v = getattr(recipe, k)
         if v is not None:
             out[k] = {a: b for a, b in dataclasses.asdict(v).items() if b is not None}

@@ -35,7 +35,6 @@ to run; a non-finite loss stops training with an error naming the step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -101,7 +100,7 @@ def sample_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator) 
 # ---------------------------------------------------------------------------------------------
 def init_weights(model: Transformer, std: float = 0.02) -> None:
     """GPT-style init: N(0, std) for every matrix and embedding; norms keep weight 1."""
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=std)
 
