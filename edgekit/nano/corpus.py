@@ -121,7 +121,7 @@ def build_manifest(docs: list[Document], split_of: dict[str, str], excluded: dic
         "python_version": platform.python_version(),
         "source": "Python standard library *.py (site-packages excluded)",
         "separator": SEPARATOR,
-        "split_rule": "rank by sha256(relative path); files <= %d bytes fill eval to %d bytes, then "
+        "split_rule": "rank by sha256(relative path); files <= %d bytes fill eval to %d bytes, then "  # noqa: UP031
                       "calib to %d bytes; rest train" % (HELDOUT_MAX_FILE_BYTES, EVAL_TARGET_BYTES,
                                                            CALIB_TARGET_BYTES),
         "files": [{"path": d.path, "sha256": d.sha256, "split": split_of[d.path]} for d in docs],
