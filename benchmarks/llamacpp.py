@@ -125,7 +125,6 @@ class LlamaRunner:
     Latency instance: logits for the last position only (llama.cpp's default); accuracy: a second
     instance with logits_all=True, created lazily after the RSS snapshot."""
 
-    cached = True
 
     def __init__(self, gguf: Path, threads: int):
         import llama_cpp

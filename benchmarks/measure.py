@@ -125,15 +125,13 @@ def peak_rss_mb() -> float:
 # Latency loops over a Runner
 # ---------------------------------------------------------------------------------------------
 class Runner:
-    """What each variant implements (see benchmarks/variants.py).
+    """What each variant implements (see benchmarks/runners.py and llamacpp.py).
 
-    prefill(ids [1, T]) -> None: one forward over T tokens (the prompt), cache built if any.
-    start(ids [1, T]) -> state: prefill returning the decode state (cache or the ids so far).
+    prefill(ids [1, T]) -> None: one forward over T tokens (the prompt), building the cache.
+    start(ids [1, T]) -> state: prefill returning the decode state (the KV cache).
     step(state, token int) -> state: decode one token after ``state``.
     logits(ids [B, T]) -> np [B, T, V]: for accuracy (edgekit.evaluate).
     """
-
-    cached = True  # False: step() recomputes the whole context (no KV cache graph)
 
 
 def time_prefill(runner, ids: np.ndarray, warmup: int, reps: int) -> list[float]:

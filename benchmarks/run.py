@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import measure, tables, variants  # noqa: E402
 
 VARIANTS = ("ort-fp32", "torch-fp32", "torch-int8", "ort-dynamic-int8", "nncf-int8", "llama-q8_0",
-            "edgekit-cpu4")
+            "edgekit-fp32", "edgekit-cpu4")
 QUICK = dict(prefill_warmup=2, prefill_reps=10, decode_tokens=16, eval_windows=8, calib_rows=8,
              timeout_s=300)
 FULL = dict(prefill_warmup=3, prefill_reps=30, decode_tokens=32, eval_windows=None, calib_rows=32,
@@ -62,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--llama-cpp", action="store_true",
                     help="build llama-cpp-python from its sdist (minutes, once) and add the Q8_0 row")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench", help="artifact cache directory")
+    ap.add_argument("--bundle", action="append", default=[], metavar="MODEL=DIR",
+                    help="use this prebuilt edgekit bundle for MODEL's edgekit-cpu4 row (default: "
+                    "edgekit-out/<model>-cpu4 if present, else built by compress in a full run)")
     ap.add_argument("--rebuild", action="store_true",
                     help="delete cached checkpoints/exports/quantized graphs/bundles first (not the llama.cpp build)")
     return ap.parse_args(argv)
@@ -88,9 +91,8 @@ def build_artifacts(model: str, wanted: list[str], a, s: dict, llama: dict | Non
     if onnx_needed:
         t = time.perf_counter()
         fp32 = variants.export_fp32(ckpt, work / model)
-        kind = json.loads((fp32 / "bench.json").read_text())["kind"]
-        note = "edgekit.export graphs" if kind == "edgekit" else "cache-less export (decode recomputes context)"
-        log(f"{model}: fp32 ONNX ready, {kind} ({time.perf_counter() - t:.0f}s)")
+        note = "plain export of the model's forward_cached (latent cache I/O) + onnxsim"
+        log(f"{model}: fp32 ONNX ready ({time.perf_counter() - t:.0f}s)")
         out["ort-fp32"] = {"artifact": str(fp32), "cache_elem_bytes": 4, "note": note}
         for v, build in (("ort-dynamic-int8", lambda: variants.quantize_ort_dynamic(fp32)),
                          ("nncf-int8", lambda: variants.quantize_nncf(fp32, s["calib_rows"]))):
@@ -105,8 +107,12 @@ def build_artifacts(model: str, wanted: list[str], a, s: dict, llama: dict | Non
                 "artifact": str(llamacpp.convert(ckpt, work / model / "q8_0.gguf", llama)),
                 "env": {"PYTHONPATH": llama["site"]}, "cache_elem_bytes": 2,
                 "note": f"llama-cpp-python {llama['version']} (GGML_NATIVE), KV cache f16"})
+    if "edgekit-fp32" in wanted:
+        out["edgekit-fp32"] = _guarded("edgekit-fp32", model, lambda: {
+            "artifact": str(variants.export_edgekit(ckpt)), "cache_elem_bytes": 4,
+            "note": "edgekit.export defaults (absorbed MLA, com.microsoft MoE), fp32, no pruning"})
     if "edgekit-cpu4" in wanted:
-        out["edgekit-cpu4"] = _guarded("edgekit-cpu4", model, lambda: _edgekit_bundle(model, ckpt, work))
+        out["edgekit-cpu4"] = _guarded("edgekit-cpu4", model, lambda: _edgekit_bundle(model, ckpt, work, a))
     return out
 
 
@@ -121,30 +127,33 @@ def _guarded(v: str, model: str, fn) -> dict:
         return {"error": f"build failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
 
-def _edgekit_bundle(model: str, ckpt: Path, work: Path) -> dict:
-    """``edgekit compress --target cpu4`` on the fp32 checkpoint (bundle cached in the work dir;
-    stage artifacts in $EDGEKIT_CACHE, default <work>/edgekit-cache). A failed gate still yields a
-    bundle (exit code 1): the row is measured and the note names the failed gates."""
-    try:
-        import edgekit.quantize  # noqa: F401  (compress imports it lazily; fail early and clearly)
+def _edgekit_bundle(model: str, ckpt: Path, work: Path, a) -> dict:
+    """The edgekit-cpu4 row's bundle: ``--bundle MODEL=DIR``, else ``edgekit-out/<model>-cpu4`` (what
+    ``edgekit compress --target cpu4`` writes by default), else built here by ``compress`` (cached in
+    the work dir; stage artifacts in $EDGEKIT_CACHE). Building takes far longer than --quick allows
+    (measured ~28 min for v3-nano on a loaded 2-core VM), so --quick only uses prebuilt bundles."""
+    given = dict(b.split("=", 1) for b in a.bundle)
+    cand = ([Path(given[model])] if model in given
+            else [ROOT / "edgekit-out" / f"{model}-cpu4", work / model / "edgekit-cpu4"])
+    d = next((c for c in cand if (c / "manifest.json").exists()), None)
+    if d is None and model in given:
+        raise FileNotFoundError(f"--bundle {model}={given[model]} has no manifest.json; pass a compress output dir")
+    if d is None and a.quick:
+        raise NotImplementedError(f"skipped in --quick (compress takes tens of minutes): run `edgekit compress "
+                                  f"{ckpt if model != 'v3-nano' else 'v3-nano'} --target cpu4` first or pass --bundle")
+    if d is None:
         from edgekit.pipeline import compress
-    except ImportError as e:
-        raise NotImplementedError(f"pending: edgekit compress not runnable yet ({e})") from None
-    out = work / model / "edgekit-cpu4"
-    summary = out / "bench-compress.json"
-    if not summary.exists():
+        d = work / model / "edgekit-cpu4"
         t = time.perf_counter()
-        res = compress(model=str(ckpt), target="cpu4", out=out)
-        failed = [k for k, g in res.report["gates"].items() if g["status"] == "fail"]
-        summary.write_text(json.dumps({"exit_code": res.exit_code, "failed_gates": failed,
-                                       "seconds": round(time.perf_counter() - t, 1)}))
-    info = json.loads(summary.read_text())
-    spec = json.loads((out / "export.json").read_text())
+        res = compress(model=str(ckpt), target="cpu4", out=d)
+        (d / "bench-compress.json").write_text(json.dumps({"seconds": round(time.perf_counter() - t, 1),
+                                                           "exit_code": res.exit_code}))
+    spec = json.loads((d / "export.json").read_text())
     cache = spec["cache"]
-    elem = cache["bytes_per_token"] // (spec["num_layers"] * cache["width"])
-    gates = f"; failed gates: {', '.join(info['failed_gates'])}" if info["failed_gates"] else "; all gates passed"
-    return {"artifact": str(out), "cache_elem_bytes": elem,
-            "note": f"edgekit compress --target cpu4 ({info['seconds']}s{gates})"}
+    gates = json.loads((d / "report.json").read_text()).get("gates", {}) if (d / "report.json").exists() else {}
+    failed = [k for k, g in gates.items() if g.get("status") == "fail"]
+    return {"artifact": str(d), "cache_elem_bytes": cache["bytes_per_token"] // (spec["num_layers"] * cache["width"]),
+            "note": f"bundle {d}; " + (f"failed gates: {', '.join(failed)}" if failed else "no failed gates")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Runners: one small class per runtime, each implementing ``measure.Runner`` for the worker.
 
 What: ``TorchRunner`` (eager fp32, or ``torch.ao.quantization.quantize_dynamic`` int8 on nn.Linear,
-latent KV cache via ``forward_cached``), ``OrtNoCacheRunner`` (one logits graph; decode recomputes
-the whole context, marked ``cached = False``), ``OrtEdgekitRunner`` (the edgekit export with its
-KV-cache decode graph, through ``edgekit.runtime.session.OrtModel``).
+latent KV cache via ``forward_cached``), ``OrtEdgekitRunner`` (any graph with the export.json I/O
+of ``edgekit.export``: the baselines' plain export, their quantized copies and edgekit bundles,
+through ``edgekit.runtime.session.OrtModel``); llama.cpp's runner is in llamacpp.py.
 
 Why: the latency loops in measure.py time any runtime the same way.
 
@@ -19,7 +19,6 @@ import numpy as np
 
 
 class TorchRunner:
-    cached = True
 
     def __init__(self, ckpt: Path, threads: int, int8: bool = False):
         import torch
@@ -68,45 +67,17 @@ def ort_session(path: Path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-class OrtNoCacheRunner:
-    """A cache-less logits graph: decode time = a full forward over ctx + 1 tokens."""
-
-    cached = False
-
-    def __init__(self, d: Path, threads: int):
-        self.sess = ort_session(next(Path(d).glob("*.onnx")), threads)
-
-    def logits(self, ids):
-        return self.sess.run(None, {"input_ids": ids.astype(np.int64)})[0]
-
-    def prefill(self, ids):
-        self.logits(ids)
-
-    def start(self, ids):
-        self.logits(ids)
-        return ids
-
-    def step(self, state, tok):
-        ids = np.concatenate([state, np.array([[tok]], dtype=np.int64)], axis=1)
-        self.logits(ids)
-        return ids
-
-
 def make_runner(variant: str, artifact: Path, threads: int):
     """variant kind -> Runner (llama.cpp lives in benchmarks/llamacpp.py)."""
     if variant == "torch-fp32":
         return TorchRunner(artifact, threads)
     if variant == "torch-int8":
         return TorchRunner(artifact, threads, int8=True)
-    if variant.startswith("ort-") or variant == "nncf-int8":
-        import json
-        kind = json.loads((Path(artifact) / "bench.json").read_text())["kind"]
-        return OrtNoCacheRunner(artifact, threads) if kind == "nocache" else OrtEdgekitRunner(artifact, threads)
+    if variant.startswith(("ort-", "nncf-", "edgekit-")):
+        return OrtEdgekitRunner(artifact, threads)
     if variant == "llama-q8_0":
         from benchmarks.llamacpp import LlamaRunner
         return LlamaRunner(artifact, threads)
-    if variant == "edgekit-cpu4":
-        return OrtEdgekitRunner(artifact, threads)
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -114,7 +85,6 @@ class OrtEdgekitRunner:
     """An edgekit export or bundle (one graph with the MLA latent cache) through
     ``edgekit.runtime.session.OrtModel``: IO binding into preallocated cache buffers."""
 
-    cached = True
 
     def __init__(self, d: Path, threads: int):
         from edgekit.runtime.session import OrtModel

@@ -60,7 +60,7 @@ def _decode_cell(r: dict, ctx: int) -> str:
     frac = (r.get("floor") or {}).get(f"fraction_ctx{ctx}")
     if s != "–" and frac is not None:
         s += f" [{100 * frac:.0f}%]"
-    return s + ("†" if s != "–" and r.get("decode_cached") is False else "")
+    return s
 
 
 def markdown(rows: list[dict], host: dict, threads: int, bandwidth: dict, note: str = "") -> str:
@@ -85,8 +85,7 @@ def markdown(rows: list[dict], host: dict, threads: int, bandwidth: dict, note: 
               f"Copy bandwidth {bandwidth['gbs_1t']:.1f} GB/s (1 thread), {bandwidth['gbs']:.1f} GB/s "
               f"({threads} threads; the floor uses this).",
               "(x×) = ratio to ort-fp32 of the same model; [x%] = share of the decode floor reached "
-              "(floor = active weight bytes + latent cache bytes read per token ÷ bandwidth); "
-              "† = no KV-cache graph: each decoded token recomputes the whole context."]
+              "(floor = active weight bytes + latent cache bytes read per token ÷ bandwidth)."]
     if note:
         lines.append(note)
     return "\n".join(lines) + "\n"

@@ -91,52 +91,104 @@ def calib_ids(vocab: int, n: int, seq: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# fp32 ONNX export
+# fp32 ONNX export for the baseline rows
 # ---------------------------------------------------------------------------------------------
-def has_edgekit_export() -> bool:
-    try:
-        import edgekit.export  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def export_fp32(ckpt: Path, work: Path) -> Path:
-    """Directory of fp32 ONNX graph(s) + ``bench.json`` naming the kind: ``edgekit`` (edgekit.export,
-    ``moe="portable"``: one graph with the latent KV cache, plain-ONNX sparse MoE) or ``nocache``."""
+    """The plain fp32 ONNX graph every onnxruntime baseline row shares: the model's own
+    ``forward_cached`` traced as is (per-expert where/index_add dispatch, attention expanded
+    through kv_b_proj, the latent cache as I/O), then onnxsim. This is what a generic exporter
+    gives a user, and its expert weights are ordinary MatMul initializers that
+    ``quantize_dynamic`` and NNCF can quantize (edgekit's own export stacks experts behind
+    Gather/If/Loop or contrib ops, which those tools leave in fp32). Same I/O names and
+    ``export.json`` as ``edgekit.export``, so ``edgekit.runtime.OrtModel`` runs it."""
     from edgekit import checkpoint
 
     def build(tmp: Path):
         model = checkpoint.load(ckpt)
-        if has_edgekit_export():
-            from edgekit.export import ExportConfig, export
-            # plain ONNX MoE (no com.microsoft ops): what the baseline quantizers can see and quantize
-            export(model, tmp / "x", ExportConfig(moe="portable"), tokenizer_from=ckpt)
-            for p in (tmp / "x").iterdir():
-                os.replace(p, tmp / p.name)
-            (tmp / "x").rmdir()
-            kind = "edgekit"
-        else:
-            _export_nocache(model, tmp / "model.onnx")
-            kind = "nocache"
-        (tmp / "bench.json").write_text(json.dumps({"kind": kind}))
+        _export_plain_cached(model, tmp / "model.onnx")
+        _write_spec(model.args, tmp)
+        shutil.copy(ckpt / "config.json", tmp / "config.json")
+        (tmp / "bench.json").write_text(json.dumps({"kind": "plain-cached"}))
 
     return _atomic_dir(ckpt.parent / "onnx-fp32", build)
 
 
-def _export_nocache(model, path: Path) -> None:
-    """Fallback until edgekit.export lands: logits = f(input_ids), no KV cache (decode recomputes)."""
+def _export_plain_cached(model, path: Path) -> None:
     import onnx
     import onnxsim
     import torch
+    from onnx import numpy_helper
+    from torch import nn
 
-    ids = torch.randint(0, model.args.vocab_size, (1, 16))
-    torch.onnx.export(model, (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
-                      dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
-                      opset_version=17, dynamo=False)
-    simp, ok = onnxsim.simplify(onnx.load(str(path)))
-    if ok:
-        onnx.save(simp, str(path))
+    a, L = model.args, model.args.num_hidden_layers
+    r, W = a.kv_lora_rank, a.kv_lora_rank + a.qk_rope_head_dim
+
+    class PlainCached(nn.Module):
+        """Transformer.forward_cached's loop, plus edgekit's ``logits_keep`` input (generation asks for
+        the last row's logits only, as edgekit's graph and llama.cpp do; default: every row)."""
+
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids, *past_and_keep):
+            """ids [B, T]; past[i] [B, P, W] = [c_kv | k_pe]; keep [] ->
+            logits [B, min(T, keep), V], new rows [B, T, W]."""
+            m, past, keep = self.m, past_and_keep[:-1], past_and_keep[-1]
+            T, P = ids.shape[1], past[0].shape[1]
+            pos = torch.arange(T) + P                                              # [T]
+            cos, sin = m.rope_cos[pos], m.rope_sin[pos]
+            mask = torch.arange(P + T)[None, :] <= pos[:, None]                    # [T, P+T]
+            x, new = m.model.embed_tokens(ids), []
+            for layer, p in zip(m.model.layers, past):
+                x, kv, pe = layer(x, cos, sin, mask, p[..., :r], p[..., r:])
+                new.append(torch.cat([kv[:, -T:], pe[:, -T:]], dim=-1))
+            rows = torch.where(torch.arange(T) >= T - keep)[0]                     # last `keep` positions
+            return (m.lm_head(m.model.norm(x[:, rows])), *new)
+
+    ins = ["input_ids"] + [f"past_latent.{i}" for i in range(L)] + ["logits_keep"]
+    outs = ["logits"] + [f"new_latent.{i}" for i in range(L)]
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "kept"}}
+    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:-1]})
+    axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
+    ids = torch.randint(0, a.vocab_size, (2, 3))
+    past = [torch.zeros(2, 2, W) for _ in range(L)]
+    with torch.no_grad():
+        torch.onnx.export(PlainCached().eval(), (ids, *past, torch.tensor(2)), str(path), input_names=ins,
+                          output_names=outs, dynamic_axes=axes, opset_version=17, dynamo=False)
+    proto = onnx.load(str(path))
+    simp, ok = onnxsim.simplify(proto)
+    proto = simp if ok else proto
+    # an initializer named like an input is that input's default: logits for every position
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64),
+                                                           "logits_keep"))
+    onnx.save(proto, str(path))
+
+
+def _write_spec(args, d: Path) -> None:
+    """The export.json fields edgekit.runtime.OrtModel reads (same layout as edgekit.export's)."""
+    from edgekit.export import io_spec
+    W = args.kv_lora_rank + args.qk_rope_head_dim
+    spec = {"format": "edgekit-onnx/1", "graph": "model.onnx", "num_layers": args.num_hidden_layers,
+            "vocab_size": args.vocab_size, "max_position_embeddings": args.max_position_embeddings,
+            "cache": {"width": W, "bytes_per_token": 4 * W * args.num_hidden_layers},
+            "moe": "model's own per-expert dispatch", **io_spec(args)}
+    (d / "export.json").write_text(json.dumps(spec, indent=1))
+
+
+def export_edgekit(ckpt: Path) -> Path:
+    """edgekit.export with its defaults (fp32): what edgekit's graph alone gains, before compression."""
+    from edgekit import checkpoint
+    from edgekit.export import export
+
+    return _atomic_dir(ckpt.parent / "edgekit-fp32",
+                       lambda tmp: export(checkpoint.load(ckpt), tmp / "x", tokenizer_from=ckpt) and _flatten(tmp))
+
+
+def _flatten(tmp: Path) -> None:
+    for p in (tmp / "x").iterdir():
+        os.replace(p, tmp / p.name)
+    (tmp / "x").rmdir()
 
 
 def onnx_graphs(d: Path) -> list[Path]:

@@ -28,7 +28,6 @@ def run(spec: dict) -> dict:
     t0 = time.perf_counter()
     runner = make_runner(spec["variant"], Path(spec["artifact"]), spec["threads"])
     out["load_s"] = round(time.perf_counter() - t0, 3)
-    out["decode_cached"] = bool(runner.cached)
     prompt = np.load(spec["prompt"]).astype(np.int64)
 
     ids = prompt[None, : spec["prefill_tokens"]]

@@ -51,11 +51,9 @@ def test_decode_floor_arithmetic():
 
 def _rows():
     rows = [{"model": "m", "variant": "ort-fp32", "size_mb": 40.0, "prefill_p50_ms": 20.0, "prefill_p95_ms": 25.0,
-             "decode_ms_ctx128": 4.0, "decode_ms_ctx1024": 5.0, "peak_rss_mb": 200.0, "accuracy": 0.6,
-             "decode_cached": True},
+             "decode_ms_ctx128": 4.0, "decode_ms_ctx1024": 5.0, "peak_rss_mb": 200.0, "accuracy": 0.6},
             {"model": "m", "variant": "int8", "size_mb": 10.0, "prefill_p50_ms": 10.0, "prefill_p95_ms": 30.0,
-             "decode_ms_ctx128": 1.0, "decode_ms_ctx1024": None, "peak_rss_mb": 100.0, "accuracy": 0.59,
-             "decode_cached": False},
+             "decode_ms_ctx128": 1.0, "decode_ms_ctx1024": None, "peak_rss_mb": 100.0, "accuracy": 0.59},
             {"model": "m", "variant": "broken", "error": "build failed: boom"},
             {"model": "other", "variant": "int8", "size_mb": 1.0}]  # no baseline for this model
     return add_ratios(rows)
@@ -87,5 +85,5 @@ def test_markdown_table_shape_and_marks():
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(rows), md
     assert all(line.count("|") == table[0].count("|") for line in table), md
-    assert "10.0 (0.25×)" in md and "1.00 (0.25×)†" in md, md
+    assert "10.0 (0.25×)" in md and "1.00 (0.25×)" in md, md
     assert "failed: build failed: boom" in md and "note line" in md and "30.0 GB/s" in md
