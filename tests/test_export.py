@@ -147,6 +147,12 @@ def test_tokenizer_copied_and_dir_replaced(tmp_path, tiny_ckpt):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dir left behind"
 
 
+def test_contrib_v2_softmax_routing(tmp_path):
+    m = tiny_model(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False)
+    r = verify(m, export(m, tmp_path / "o", ExportConfig(moe="contrib", simplify=False)), prompt_lens=(9,), steps=6)
+    assert r["passed"], r
+
+
 def test_contrib_rejects_unnormalised_routing(tmp_path):
     m = tiny_model(norm_topk_prob=False)
     with pytest.raises(EdgekitError, match="moe='portable'"):

@@ -80,11 +80,13 @@ def _check(model, cfg: ExportConfig) -> None:
         raise EdgekitError(f"{bad[0]} is not float32; load the checkpoint with dtype=torch.float32 before export")
     a = model.args
     if cfg.moe == "contrib":
+        from .moe_contrib import contrib_routing
         for i in range(a.num_hidden_layers):
             la = a.for_layer(i)
-            if la.is_moe and not (a.norm_topk_prob and la.num_experts_per_tok > 1):
-                raise EdgekitError(f"layer {i}: the com.microsoft MoE op always normalises top-k weights "
-                                   "(needs norm_topk_prob and num_experts_per_tok > 1); export with moe='portable'")
+            if la.is_moe and contrib_routing(a, la) is None:
+                raise EdgekitError(f"layer {i}: the com.microsoft MoE op cannot express this routing (needs "
+                                   "norm_topk_prob with num_experts_per_tok > 1, or plain greedy softmax); "
+                                   "export with moe='portable'")
 
 
 def io_spec(args) -> dict:
@@ -109,7 +111,8 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> N
     a = model.args
     dec = LatentDecoder(model, cfg.moe, attention).eval()
     W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
-    ids = torch.randint(0, a.vocab_size, (2, 3))            # batch/seq/past > 1 so nothing specialises
+    gen = torch.Generator().manual_seed(0)                   # leave the caller's RNG alone
+    ids = torch.randint(0, a.vocab_size, (2, 3), generator=gen)   # batch/seq/past > 1: nothing specialises
     past = [torch.zeros(2, 2, W) for _ in range(L)]
     keep = torch.tensor(2)                                   # < seq, so the row selection is traced
     ins, outs = io_names(L)

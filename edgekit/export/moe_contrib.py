@@ -13,8 +13,11 @@ How DeepSeek routing maps onto the op (ORT 1.32 schema, checked by tests/test_ex
 - ``routed_scaling_factor`` is folded into the down projection (``fc2``);
 - SwiGLU: ``swiglu_fusion=1`` (the only CPU layout): fc1 rows interleave gate and up
   (g0, u0, g1, u1, ...); activation_alpha=1, activation_beta=0, no limit = silu(g) * u.
-This needs ``norm_topk_prob`` with k > 1 (softmax always normalises); other configs must use the
-portable path (``ExportConfig`` says so).
+This needs ``norm_topk_prob`` with k > 1 (softmax always normalises). Plain softmax routing with
+un-normalised weights (V2-style ``scoring_func="softmax"``, ``topk_method="greedy"``) maps directly:
+the router logits are ``router_probs`` with ``normalize_routing_weights=0`` (softmax over all
+experts, then top-k). Other configs must use the portable path (``contrib_routing`` returns None
+and ``ExportConfig`` says so).
 
 For int8 conversion (QMoE): per layer ``i`` the node is named ``moe.{i}`` and its initializers are
 ``ffn.{i}.fc1`` [E, 2I, D] and ``ffn.{i}.fc2`` [E, D, I] (export.json lists them). QMoE without
@@ -31,14 +34,23 @@ MASKED_LOGIT = -1e4   # router_probs of experts not chosen (never in the op's to
 MIN_LOGIT = -1e3      # floor of log(weight) of a chosen expert, so it stays above MASKED_LOGIT
 
 
+def contrib_routing(args, la) -> str | None:
+    """How a layer's routing maps onto the MoE op: "topk_softmax", "softmax_all" or None (cannot)."""
+    if args.norm_topk_prob and la.num_experts_per_tok > 1:
+        return "topk_softmax"
+    if args.scoring_func == "softmax" and args.topk_method == "greedy":
+        return "softmax_all"
+    return None
+
+
 class _MoEOp(torch.autograd.Function):
     """Torch reference (eager) + ONNX symbolic of ``com.microsoft::MoE`` with interleaved SwiGLU."""
 
     @staticmethod
-    def forward(ctx, x, router_probs, fc1, fc2, k: int):
+    def forward(ctx, x, router_probs, fc1, fc2, k: int, normalize: int):
         """x [N, D], router_probs [N, E], fc1 [E, 2I, D], fc2 [E, D, I] -> [N, D]."""
         top, idx = router_probs.topk(k, dim=-1)                             # [N, k]
-        w = top.softmax(dim=-1)
+        w = top.softmax(dim=-1) if normalize else router_probs.softmax(dim=-1).gather(1, idx)
         y = torch.zeros_like(x)
         for e in range(fc1.shape[0]):
             token, slot = torch.where(idx == e)
@@ -48,10 +60,10 @@ class _MoEOp(torch.autograd.Function):
         return y
 
     @staticmethod
-    def symbolic(g, x, router_probs, fc1, fc2, k: int):
+    def symbolic(g, x, router_probs, fc1, fc2, k: int, normalize: int):
         from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor as none
         out = g.op("com.microsoft::MoE", x, router_probs, fc1, none(g), fc2,
-                   k_i=k, activation_type_s="swiglu", swiglu_fusion_i=1, normalize_routing_weights_i=1,
+                   k_i=k, activation_type_s="swiglu", swiglu_fusion_i=1, normalize_routing_weights_i=normalize,
                    activation_alpha_f=1.0, activation_beta_f=0.0)
         out.setType(x.type())
         return out
@@ -61,6 +73,7 @@ class ContribMoE(nn.Module):
     def __init__(self, moe, args, la):
         super().__init__()
         self.gate, self.shared_experts, self.k = moe.gate, moe.shared_experts, la.num_experts_per_tok
+        self.routing = contrib_routing(args, la)
         ex = moe.experts
         gate_up = torch.stack([torch.stack([e.gate_proj.weight, e.up_proj.weight], dim=1) for e in ex])  # [E, I, 2, D]
         self.register_buffer("fc1", gate_up.flatten(1, 2).detach().clone())                              # [E, 2I, D]
@@ -70,10 +83,13 @@ class ContribMoE(nn.Module):
     def forward(self, x):
         """x [B, T, D] -> [B, T, D]."""
         x3, x = x, x.reshape(-1, x.shape[-1])                               # [N, D] (D is static)
-        weights, indices = self.gate(x)                                     # [N, k]
-        probs = torch.full((x.shape[0], self.fc1.shape[0]), MASKED_LOGIT, dtype=x.dtype, device=x.device)
-        probs = probs.scatter(1, indices, weights.log().clamp_min(MIN_LOGIT))  # [N, E]
-        y = _MoEOp.apply(x, probs, self.fc1, self.fc2, self.k)
+        if self.routing == "softmax_all":
+            probs = F.linear(x.float(), self.gate.weight.float()).to(x.dtype)   # [N, E] router logits
+        else:
+            weights, indices = self.gate(x)                                 # [N, k]
+            probs = torch.full((x.shape[0], self.fc1.shape[0]), MASKED_LOGIT, dtype=x.dtype, device=x.device)
+            probs = probs.scatter(1, indices, weights.log().clamp_min(MIN_LOGIT))  # [N, E]
+        y = _MoEOp.apply(x, probs, self.fc1, self.fc2, self.k, int(self.routing == "topk_softmax"))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view_as(x3)

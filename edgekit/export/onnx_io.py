@@ -60,6 +60,7 @@ def _moe_nodes(proto: onnx.ModelProto) -> list[dict]:
         nodes.append({"layer": layer, "node": n.name, "fc1": n.input[2], "fc2": n.input[4],
                       "experts": E, "inter_size": two_i // 2 if two_i else None, "hidden_size": D,
                       "k": attrs.get("k"), "swiglu_fusion": attrs.get("swiglu_fusion"),
+                      "normalize_routing_weights": attrs.get("normalize_routing_weights"),
                       "router_probs": n.input[1]})
     return nodes
 
