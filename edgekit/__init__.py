@@ -9,10 +9,14 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+# Eager (numpy only): the submodule shares the function's name, and a lazy lookup would be
+# shadowed by the submodule once anything imports ``edgekit.evaluate``.
+from .evaluate import evaluate  # noqa: E402
+
 _API = {
     "load": ".checkpoint", "save": ".checkpoint", "load_tokenizer": ".checkpoint",
     "ModelArgs": ".model", "Transformer": ".model",
-    "evaluate": ".evaluate", "EdgekitError": ".errors",
+    "EdgekitError": ".errors",
     "export": ".export", "prune_": ".prune", "quantize_": ".quantize",
     "compress": ".pipeline", "get_version_info": ".bundle",
 }
@@ -20,8 +24,10 @@ _API = {
 
 def __getattr__(name):
     if name in _API:
-        return getattr(import_module(_API[name], __name__), name)
+        value = getattr(import_module(_API[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'edgekit' has no attribute {name!r}")
 
 
-__all__ = sorted(_API) + ["__version__"]
+__all__ = sorted(_API) + ["__version__", "evaluate"]
