@@ -1,0 +1,231 @@
+"""Text in, text out from a bundle: ``Engine.from_bundle(dir).generate(prompt, ...)`` and ``.stream``.
+
+What: ``Engine`` wraps ``OrtModel`` (one ONNX graph, MLA latent cache) with the bundle's tokenizer,
+its target's thread settings and sampling. ``GenerationConfig`` holds the knobs (validated up
+front); ``sample`` picks one token from one logits row; ``TextStream`` turns token ids into text
+pieces incrementally and applies stop strings. The HTTP sample app reuses these pieces to step
+several requests in one batch (sample_apps/server).
+
+Why: the device has onnxruntime, numpy and tokenizers, not torch. This module imports only those
+plus the stdlib and torch-free edgekit modules (errors, bundle, runtime.session); the target's
+threads/spinning come from the bundle's ``recipe.toml`` through ``tomllib`` (``edgekit.recipes``
+pulls torch-dependent stage configs).
+
+Invariants:
+- the prompt is encoded without special tokens (as ``reference.json`` was recorded), so
+  ``generate(p, temperature=0)`` reproduces the bundle's recorded greedy tokens;
+- prompt tokens + ``max_new_tokens`` <= the graph's ``max_position_embeddings`` (RoPE table end);
+  ``truncate="left"`` drops the oldest prompt tokens to fit instead of raising;
+- streamed pieces concatenate to exactly the returned text: a piece never ends inside a UTF-8
+  character split across byte-level BPE tokens (held back until complete), and text that might be
+  the start of a stop string is held back until it is known not to be one.
+
+Failure modes: bad settings, empty or too-long prompts and tampered bundles raise ``EdgekitError``
+with one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .. import bundle as _bundle
+from ..errors import EdgekitError
+from .session import OrtModel
+
+TRUNCATE = ("error", "left")
+REPLACEMENT = "\ufffd"     # what a byte-level decoder yields for an incomplete UTF-8 sequence
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0      # 0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
+    top_k: int = 0                # keep the k most likely tokens before sampling; 0 = all
+    top_p: float = 1.0            # keep the smallest set whose probability reaches top_p (nucleus)
+    stop: tuple[str, ...] = ()    # end when the text contains one of these (it is not returned)
+    seed: int | None = None       # sampling RNG seed; None = fresh entropy
+    truncate: str = "error"       # prompt too long for the context: "error" or "left" (drop oldest tokens)
+    stop_at_eos: bool = True
+
+    def __post_init__(self):
+        def bad(msg):
+            raise EdgekitError(msg)
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens={self.max_new_tokens!r}: pass an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < float("inf"):
+            bad(f"temperature={self.temperature!r}: pass a number >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k={self.top_k!r}: pass an integer >= 0 (0 = no top-k filter)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            bad(f"top_p={self.top_p!r}: pass a number in (0, 1] (1 = no nucleus filter)")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad(f"stop={self.stop!r}: pass non-empty strings")
+        if self.truncate not in TRUNCATE:
+            bad(f"truncate={self.truncate!r}: use one of {TRUNCATE}")
+
+
+def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> int:
+    """One token from logits [V]: argmax at temperature 0, else top-k / top-p filtered sampling."""
+    if cfg.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / cfg.temperature
+    order = np.argsort(-z)                                     # [V] most likely first
+    if cfg.top_k:
+        order = order[:cfg.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if cfg.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(p), cfg.top_p)) + 1  # smallest prefix reaching top_p
+        p = p[:keep] / p[:keep].sum()
+        order = order[:keep]
+    return int(order[rng.choice(len(p), p=p)])
+
+
+class TextStream:
+    """Token ids -> text pieces. ``push(id)`` returns the newly safe text ('' while waiting);
+    ``stopped`` turns True once a stop string appears; ``flush()`` returns what was held back."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tok, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""          # decoded text of all ids (complete characters only)
+        self.sent = 0           # chars of self.text already returned
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith(REPLACEMENT):          # a multi-byte character is still incomplete
+            return ""
+        self.text = text
+        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            self.stopped, self.text = True, text[:cut]
+            return self._emit(len(self.text))
+        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        return self._emit(len(text) - hold)
+
+    def flush(self) -> str:
+        if not self.stopped:
+            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece
+
+
+@dataclass
+class Engine:
+    model: OrtModel
+    tokenizer: object
+    manifest: dict = field(default_factory=dict)
+    bundle_dir: Path | None = None
+    threads: int | None = None
+    spinning: bool | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle_dir, threads: int | None = None, spinning: bool | None = None,
+                    verify: bool = True) -> "Engine":
+        """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
+        from tokenizers import Tokenizer
+
+        d = Path(bundle_dir)
+        manifest = _bundle.verify(d) if verify else _bundle.read_manifest(d)
+        target = {}
+        if (d / "recipe.toml").exists():
+            target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+        threads = threads or target.get("threads") or manifest.get("threads")
+        spinning = spinning if spinning is not None else target.get("spinning", manifest.get("spinning"))
+        if not (d / "tokenizer.json").exists():
+            raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
+        return cls(OrtModel(d, threads=threads, spinning=spinning), Tokenizer.from_file(str(d / "tokenizer.json")),
+                   manifest, d, threads, spinning)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def max_positions(self) -> int:
+        return self.model.max_positions
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.model.spec.get("eos_token_id")
+
+    def get_version_info(self) -> dict:
+        """Version, features and recommended hardware of the loaded bundle."""
+        if self.bundle_dir is None:
+            raise EdgekitError("this engine was not loaded from a bundle; use Engine.from_bundle(dir)")
+        return _bundle.get_version_info(self.bundle_dir)
+
+    # -- prompt handling ------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise EdgekitError(f"prompt is a {type(prompt).__name__}; pass a str")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        if not prompt or not ids:
+            raise EdgekitError("the prompt is empty; pass at least one character of text")
+        return ids
+
+    def fit(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
+        """Check prompt + new tokens against the context; truncate left if the config says so."""
+        room = self.max_positions - cfg.max_new_tokens
+        if room < 1:
+            raise EdgekitError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the "
+                               f"{self.max_positions}-token context; lower max_new_tokens")
+        if len(ids) > room:
+            if cfg.truncate == "left":
+                return ids[-room:]
+            raise EdgekitError(f"the prompt has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} "
+                               f"at most {room} fit the {self.max_positions}-token context: shorten it, lower "
+                               "max_new_tokens or pass truncate='left'")
+        return ids
+
+    def config(self, cfg: GenerationConfig | None = None, **settings) -> GenerationConfig:
+        return replace(cfg or GenerationConfig(), **settings) if settings else (cfg or GenerationConfig())
+
+    # -- generation ----------------------------------------------------------------------------
+    def stream_ids(self, ids: list[int], cfg: GenerationConfig) -> Iterator[int]:
+        """Token ids after the prompt ids (already fitted), one at a time; ends at EOS or the limit."""
+        rng = np.random.default_rng(cfg.seed)
+        logits, cache = self.model.prefill(np.asarray([ids], np.int64), capacity=len(ids) + cfg.max_new_tokens)
+        for i in range(cfg.max_new_tokens):
+            tok = sample(logits[0], cfg, rng)
+            if cfg.stop_at_eos and tok == self.eos_token_id:
+                return
+            yield tok
+            if i + 1 < cfg.max_new_tokens:
+                logits = self.model.decode(np.asarray([tok], np.int64), cache)
+
+    def stream(self, prompt: str, cfg: GenerationConfig | None = None, **settings) -> Iterator[str]:
+        """Text pieces of the continuation as they are generated (settings: GenerationConfig fields)."""
+        cfg = self.config(cfg, **settings)
+        ids = self.fit(self.encode(prompt), cfg)
+        ts = TextStream(self.tokenizer, cfg.stop)
+        for tok in self.stream_ids(ids, cfg):
+            piece = ts.push(tok)
+            if piece:
+                yield piece
+            if ts.stopped:
+                return
+        tail = ts.flush()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str, cfg: GenerationConfig | None = None, **settings) -> str:
+        """The continuation of ``prompt`` as one string (settings: GenerationConfig fields)."""
+        return "".join(self.stream(prompt, cfg, **settings))
+
+
+def get_version_info(bundle_dir) -> dict:
+    """Version, features and recommended hardware of a bundle, without loading the graph."""
+    return _bundle.get_version_info(bundle_dir)
