@@ -22,12 +22,12 @@ PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Config:\n 
 
 def build_tiny_bundle(out: Path, max_positions: int = 96, n: int = 8) -> Path:
     """A bundle as ``edgekit compress`` lays it out, from a tiny random model (fp32, contrib MoE)."""
+    from tokenizers import Tokenizer
+
     from edgekit.bundle import write_manifest
     from edgekit.export import ExportConfig, export
     from edgekit.runtime.session import OrtModel
     from tests.conftest import tiny_model
-
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER_SRC / "tokenizer.json"))
     model = tiny_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=max_positions)
@@ -130,6 +130,7 @@ def test_empty_and_too_long_prompts(engine):
 
 def test_tampered_bundle_is_refused(bundle, tmp_path):
     import shutil
+
     from edgekit.runtime import Engine
 
     bad = tmp_path / "bad"

@@ -26,12 +26,12 @@ with one line naming the fix.
 
 from __future__ import annotations
 
-import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+import tomllib
 
 from .. import bundle as _bundle
 from ..errors import EdgekitError
@@ -136,7 +136,7 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, bundle_dir, threads: int | None = None, spinning: bool | None = None,
-                    verify: bool = True) -> "Engine":
+                    verify: bool = True) -> Engine:
         """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
         from tokenizers import Tokenizer
 
