@@ -157,6 +157,43 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
 
 
 @cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--out", required=True, help="Output directory (an int8 ONNX export).")
+@click.option("--mode", type=click.Choice(["dynamic", "static", "auto"]), default="dynamic", show_default=True,
+              help="Activation scales: per call at run time, calibrated constants, or chosen per op.")
+@click.option("--alpha", type=float, default=None, help="SmoothQuant strength (default: searched per norm).")
+@click.option("--no-smooth", is_flag=True, help="Skip SmoothQuant scaling.")
+@click.option("--max-drop", type=float, default=0.008, show_default=True,
+              help="Accuracy budget vs fp32 as a fraction (0.008 = 0.8 points); over it, units revert to fp32.")
+@click.option("--moe", type=click.Choice(["block", "row"]), default="block", show_default=True,
+              help="QMoE expert weights: per block (int8 activations, fastest) or per row (weights only).")
+@click.option("--keep-fp32", multiple=True, help="Unit name or re:pattern to keep in fp32 (repeatable).")
+@click.option("--int8", "force_int8", multiple=True, help="Unit name or re:pattern to force to int8 (repeatable).")
+@click.option("--export-moe", type=click.Choice(["contrib", "portable"]), default="contrib", show_default=True)
+@click.option("--calib", default="calib", show_default=True, help="Calibration text (file or split).")
+def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force_int8, export_moe, calib):
+    """Symmetric int8 (SmoothQuant-scaled, accuracy-aware mixed precision) ONNX export of MODEL.
+
+    \b
+    Example:
+        edgekit quantize --max-drop 0.005 -o edgekit-out/nano-int8
+        edgekit eval edgekit-out/nano-int8
+    """
+    from .checkpoint import load, resolve
+    from .quantize import DEFAULT_OVERRIDES, QuantConfig, quantize_
+    from .recipes import build
+
+    overrides = {**DEFAULT_OVERRIDES, **{p: "fp32" for p in keep_fp32}, **{p: "int8" for p in force_int8}}
+    cfg = build(QuantConfig, dict(mode=mode, alpha=alpha, smooth=not no_smooth, max_drop=max_drop, moe=moe,
+                                  overrides=overrides, export_moe=export_moe, calib=calib), "quantize")
+    r = quantize_(load(model), out, cfg, tokenizer_from=resolve(model), log=lambda m: click.echo(m, err=True))
+    ort = r["accuracy"]["ort"][-1] if r["accuracy"]["ort"] else {}
+    click.echo(f"wrote {out}: {r['size_bytes'] / 1e6:.2f} MB; kept fp32: {len(r['fp32_units'])} units; "
+               f"calib accuracy fp32 {ort.get('fp32', float('nan')):.4f} int8 {ort.get('int8', float('nan')):.4f}")
+    click.echo("routing agreement per layer: " + ", ".join(f"{k}: {v:.3f}" for k, v in r["routing_agreement"].items()))
+
+
+@cli.command()
 def targets():
     """List deployment targets (export_recipes/*.toml) with their budgets."""
     from .recipes import load_recipe, target_names
