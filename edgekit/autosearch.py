@@ -40,13 +40,13 @@ def pick(cands: list[dict]) -> dict:
     return min(passing, key=lambda c: c["size_ratio"]) if passing else min(cands, key=lambda c: c["accuracy_drop"])
 
 
-def search(src, recipe, calib, eval_tokens, baseline, cache, st):
+def search(src, recipe, calib, eval_tokens, baseline, cache, st, recover=None):
     from .pipeline import build_model_dirs
 
     cands, built = [], {}
     for name, over in CANDIDATES.items():
         r = with_overrides(recipe, **over)
-        dirs = build_model_dirs(src, r, calib, eval_tokens, baseline, cache, st)
+        dirs = build_model_dirs(src, r, calib, eval_tokens, baseline, cache, st, recover)
         acc = score(dirs["quantized"], eval_tokens, recipe.validate.seq_len)["accuracy"]
         c = {"name": name, "overrides": over, "accuracy": acc, "accuracy_drop": baseline["accuracy"] - acc,
              "size_ratio": graph_bytes(dirs["quantized"]) / baseline["onnx_bytes"]}

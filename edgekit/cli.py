@@ -207,11 +207,13 @@ def targets():
 @click.option("--target", default="cpu4", show_default=True, help="Target name or a recipe .toml path.")
 @click.option("--calib", default=None, help="Calibration text file (default: shipped calib split).")
 @click.option("--eval", "eval_data", default=None, help="Evaluation text file (default: shipped eval split).")
+@click.option("--recover", default=None,
+              help="Distillation text after pruning (default: v3-nano's shipped training sample, else --calib).")
 @click.option("-o", "--out", default=None, help="Bundle directory (default: edgekit-out/<model>-<target>).")
 @click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
 @click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse cached stage artifacts.")
-def compress(model, target, calib, eval_data, out, auto, strict, no_cache):
+def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache):
     """Compress MODEL for a target and validate it: the main job.
 
     load -> prune (+recover) -> scale -> export -> simplify -> quantize -> validate -> bundle.
@@ -229,7 +231,7 @@ def compress(model, target, calib, eval_data, out, auto, strict, no_cache):
     from .report_text import render_report
 
     con = Console(stderr=True)
-    res = run(model, target, calib=calib, eval_data=eval_data, out=out, strict=strict, auto=auto,
+    res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict, auto=auto,
               use_cache=not no_cache, console=con)
     render_report(res.report, res.bundle)
     sys.exit(res.exit_code)

@@ -1,7 +1,8 @@
 """Text data for evaluation, calibration and recovery: the shipped splits or any user text file.
 
 What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named split
-(``"eval"``, ``"calib"``) shipped in ``edgekit/data/splits`` or a path to a UTF-8 text file;
+(``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
+shipped in ``edgekit/data/splits``, or a path to a UTF-8 text file;
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
 the next-token target).
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import EdgekitError
 
-SPLITS = ("eval", "calib")
+SPLITS = ("eval", "calib", "recover")
 
 
 def split_path(name: str) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import finalize, staging_dir, write_manifest
-from .checkpoint import load, load_tokenizer, resolve, save
+from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
 from .data import load_tokens
 from .evaluate import evaluate
 from .recipes import Recipe, load_recipe, recipe_to_toml
@@ -77,7 +77,7 @@ def _params(model) -> int:
 
 
 def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: np.ndarray, baseline: dict,
-                     cache: StageCache, st: Stages) -> dict:
+                     cache: StageCache, st: Stages, recover: np.ndarray | None = None) -> dict:
     """Prune (+recover) -> fp32 export of the pruned model -> smooth + export + int8 (cached).
 
     The accuracy budget is shared: int8 may spend what pruning left of ``goals.accuracy_drop``
@@ -87,12 +87,13 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     from .prune import prune_
     from .quantize import quantize_
 
-    key = [dir_digest(src), _tokens_hash(calib), dataclasses.asdict(recipe.prune)]
+    recover = calib if recover is None else recover
+    key = [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
 
     def do_prune(tmp: Path):
         m = load(src)
         before = _params(m)
-        prune_(m, recipe.prune, calib)
+        prune_(m, recipe.prune, calib, recover_tokens=recover)
         record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
         save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
 
@@ -199,7 +200,7 @@ def features_of(recipe: Recipe) -> list[str]:
 
 
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
-             out: str | Path | None = None, strict: bool = False, auto: bool = False,
+             recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
              use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult:
     src = resolve(model)
     recipe = recipe or load_recipe(target)
@@ -207,6 +208,9 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     tok = load_tokenizer(src)
     calib_tokens = load_tokens(calib or "calib", tok)
     eval_tokens = load_tokens(eval_data or "eval", tok, recipe.validate.eval_max_tokens or None)
+    # distillation text: the shipped sample of v3-nano's training text for v3-nano, else calibration text
+    shipped = src.resolve() == reference_model_dir().resolve()
+    recover_tokens = load_tokens(recover or ("recover" if shipped else calib or "calib"), tok)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     cache = StageCache() if use_cache else StageCache(Path(staging_dir(out.parent / ".edgekit-cache")))
     st = Stages(console, total=7)
@@ -216,9 +220,10 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     if auto:
         from .autosearch import search
 
-        recipe, dirs, auto_info = search(src, recipe, calib_tokens, eval_tokens, baseline, cache, st)
+        recipe, dirs, auto_info = search(src, recipe, calib_tokens, eval_tokens, baseline, cache, st, recover_tokens)
     else:
-        dirs, auto_info = build_model_dirs(src, recipe, calib_tokens, eval_tokens, baseline, cache, st), None
+        dirs = build_model_dirs(src, recipe, calib_tokens, eval_tokens, baseline, cache, st, recover_tokens)
+        auto_info = None
     recipe = dataclasses.replace(recipe, quantize=dirs["quant_config"])  # as applied (effective int8 budget)
     report = st.run("validate", lambda: validate(dirs["quantized"], recipe, baseline, eval_tokens))
     pruned_params = _params(load(dirs["pruned"]))

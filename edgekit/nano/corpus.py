@@ -45,6 +45,8 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")
 SPLITS = ("eval", "calib", "train")
 EVAL_TARGET_BYTES = 560_000
 CALIB_TARGET_BYTES = 115_000
+RECOVER_TARGET_BYTES = 2_500_000  # shipped sample of train text for pruning recovery (distillation)
+RECOVER_EVERY = 6                 # every 6th train document in path order, so it spans the library
 HELDOUT_MAX_FILE_BYTES = 40_000
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -158,6 +160,21 @@ def split_texts(docs: list[Document], split_of: dict[str, str]) -> dict[str, str
     return {s: "".join(p) for s, p in parts.items()}
 
 
+def recover_sample(docs: list[Document], split_of: dict[str, str]) -> str:
+    """A shipped sample of the TRAIN split (never eval/calib) for distillation after pruning: every
+    RECOVER_EVERY-th train document in path order, up to RECOVER_TARGET_BYTES."""
+    out, size = [], 0
+    train = [d for d in docs if split_of.get(d.path) == "train"]
+    for d in train[::RECOVER_EVERY]:
+        piece = d.text + SEPARATOR
+        n = len(piece.encode("utf-8"))
+        if size + n > RECOVER_TARGET_BYTES:
+            continue
+        out.append(piece)
+        size += n
+    return "".join(out)
+
+
 def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(text.encode("utf-8"))
@@ -176,7 +193,9 @@ def build(root: Path, rewrite_manifest: bool = False) -> dict[str, Path]:
         split_of = assign_splits(docs)
         MANIFEST_PATH.write_text(json.dumps(build_manifest(docs, split_of, excluded), indent=1) + "\n")
     texts = split_texts(docs, split_of)
-    paths = {"eval": SPLITS_DIR / "eval.txt", "calib": SPLITS_DIR / "calib.txt", "train": TRAIN_PATH}
+    texts["recover"] = recover_sample(docs, split_of)
+    paths = {"eval": SPLITS_DIR / "eval.txt", "calib": SPLITS_DIR / "calib.txt", "train": TRAIN_PATH,
+             "recover": SPLITS_DIR / "recover.txt"}
     for split, path in paths.items():
         write_text(path, texts[split])
     return paths
