@@ -197,3 +197,13 @@ def test_prune_checkpoint_writes_a_smaller_reloadable_checkpoint(tmp_path):
     small, big = load(out), load(None)
     assert param_count(small) < 0.75 * param_count(big), (param_count(small), param_count(big))
     assert (out / "tokenizer.json").exists() and (out / "prune.json").exists()
+
+
+def test_pruned_model_exports_to_onnx_matching_torch(tmp_path, moe="contrib"):
+    from edgekit.export import ExportConfig, export, verify
+
+    m = tiny_model()
+    prune_(m, PruneConfig(heads=0.25, ffn=0.25, per_layer={"2": {"experts": 0.5}}), CALIB, progress=False)
+    assert m.args.layer_overrides == {"2": {"n_routed_experts": 4}}, m.args.layer_overrides
+    r = verify(m, export(m, tmp_path / "onnx", ExportConfig(moe=moe, simplify=False)), prompt_lens=(1, 9), steps=8)
+    assert r["passed"], f"ORT vs torch after pruning ({moe}): {r}"
