@@ -160,3 +160,13 @@ def test_engine_generates_without_torch(engine, bundle):
     assert p.returncode == 0, p.stderr[-2000:]
     want = engine.generate(PROMPTS[0], max_new_tokens=8, stop_at_eos=False)
     assert p.stdout.strip().splitlines()[-1] == repr(want), (p.stdout, want)
+
+
+def test_runtime_tests_suite_passes_on_a_bundle(bundle):
+    """runtime_tests/ standalone on the tiny bundle (1 thread: latency is checked, not skipped)."""
+    cmd = [sys.executable, "-m", "pytest", "runtime_tests", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider"]
+    p = subprocess.run(cmd + ["--bundle", str(bundle), "--max-rss-mb", "4096"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and "5 passed" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+    bare = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bare.returncode == 0 and "5 skipped" in bare.stdout, bare.stdout[-2000:]
