@@ -100,7 +100,10 @@ def run_mode(args, max_batch: int) -> dict:
     ok = [r for r in results if "error" not in r]
     lat = np.array([r["latency_s"] for r in ok]) * 1e3
     ttft = np.array([r["ttft_s"] for r in ok]) * 1e3
-    pct = (lambda a, q: round(float(np.percentile(a, q)), 1) if len(a) else None)
+
+    def pct(a, q):
+        return round(float(np.percentile(a, q)), 1) if len(a) else None
+
     return {"max_batch": max_batch, "sent": len(results), "completed": len(ok), "errors": len(results) - len(ok),
             "error_examples": [r["error"] for r in results if "error" in r][:3], "wall_s": round(wall, 2),
             "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
@@ -143,14 +146,16 @@ def main(argv=None):
            "concurrency": a.concurrency, "max_tokens": a.max_tokens, "batch_wait_ms": a.batch_wait_ms,
            "prompt_token_lengths": list(lengths.values()), "modes": modes,
            "batching_throughput_gain": round(batched["tokens_per_s"] / max(base["tokens_per_s"], 1e-9), 2),
-           "batching_p95_latency_ratio": round((batched["latency_ms"]["p95"] or 0) / max(base["latency_ms"]["p95"] or 1, 1e-9), 2)}
+           "batching_p95_latency_ratio": round((batched["latency_ms"]["p95"] or 0)
+                                               / max(base["latency_ms"]["p95"] or 1, 1e-9), 2)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     rows = ["| max batch | sent | errors | p50 ms | p95 ms | TTFT p50 | TTFT p95 | req/s | tok/s | rows/decode call |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in modes:
-        rows.append(f"| {m['max_batch']} | {m['sent']} | {m['errors']} | {m['latency_ms']['p50']} | {m['latency_ms']['p95']} "
+        rows.append(f"| {m['max_batch']} | {m['sent']} | {m['errors']} "
+                    f"| {m['latency_ms']['p50']} | {m['latency_ms']['p95']} "
                     f"| {m['ttft_ms']['p50']} | {m['ttft_ms']['p95']} | {m['requests_per_s']} | {m['tokens_per_s']} "
                     f"| {m['mean_rows_per_decode_call']} |")
     md = (f"# Load test: sample_apps/server on loopback\n\nBundle `{a.bundle}`; host {facts['cpu_model']}, "
