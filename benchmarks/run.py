@@ -122,6 +122,9 @@ def _guarded(v: str, model: str, fn) -> dict:
         r = fn()
         log(f"{model}: {v} artifact ready ({time.perf_counter() - t:.0f}s)")
         return r
+    except NotImplementedError as e:  # a row this run does not build (see the message)
+        log(f"{model}: {v} skipped: {e}")
+        return {"error": f"skipped: {e}"[:300]}
     except Exception as e:
         log(f"{model}: {v} build FAILED: {e}")
         return {"error": f"build failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
@@ -139,7 +142,7 @@ def _edgekit_bundle(model: str, ckpt: Path, work: Path, a) -> dict:
     if d is None and model in given:
         raise FileNotFoundError(f"--bundle {model}={given[model]} has no manifest.json; pass a compress output dir")
     if d is None and a.quick:
-        raise NotImplementedError(f"skipped in --quick (compress takes tens of minutes): run `edgekit compress "
+        raise NotImplementedError(f"not built in --quick (compress takes tens of minutes): run `edgekit compress "
                                   f"{ckpt if model != 'v3-nano' else 'v3-nano'} --target cpu4` first or pass --bundle")
     if d is None:
         from edgekit.pipeline import compress
@@ -150,9 +153,11 @@ def _edgekit_bundle(model: str, ckpt: Path, work: Path, a) -> dict:
                                                            "exit_code": res.exit_code}))
     spec = json.loads((d / "export.json").read_text())
     cache = spec["cache"]
+    per_token = cache["bytes_per_token"]  # an int, or {"latent": .., "per_head_kv": ..} in newer exports
+    per_token = per_token["latent"] if isinstance(per_token, dict) else per_token
     gates = json.loads((d / "report.json").read_text()).get("gates", {}) if (d / "report.json").exists() else {}
     failed = [k for k, g in gates.items() if g.get("status") == "fail"]
-    return {"artifact": str(d), "cache_elem_bytes": cache["bytes_per_token"] // (spec["num_layers"] * cache["width"]),
+    return {"artifact": str(d), "cache_elem_bytes": per_token // (spec["num_layers"] * cache["width"]),
             "note": f"bundle {d}; " + (f"failed gates: {', '.join(failed)}" if failed else "no failed gates")}
 
 
@@ -259,11 +264,11 @@ def main(argv=None) -> int:
     note = (f"Accuracy: next-token top-1 on {'8 evenly spaced windows (4096 tokens)' if a.quick else 'all windows'} "
             f"of 512 tokens of the v3-nano eval split; v3-50m is random-init (speed only).")
     if llama:
-        note += f" llama-cpp-python build time: {llama['build_s']} s."
+        note += f" llama-cpp-python {llama['version']} build time: {llama['build_s']:.0f} s."
     load = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
     note += f" 1-min load average {load['start']} at start, {load['end']} at end ({host['cores']} cores)."
     doc = {"host": host, "threads": a.threads, "bandwidth": bw, "load_avg_1min": load, "settings": settings,
-           "llama_cpp": llama, "rows": rows}
+           "llama_cpp": llama, "note": note, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
     log(f"wrote {out}.json and {out}.md")

@@ -72,7 +72,8 @@ def markdown(rows: list[dict], host: dict, threads: int, bandwidth: dict, note: 
     for r in rows:
         fl = r.get("floor") or {}
         if r.get("error"):
-            cells = [r["model"], r["variant"], f"failed: {r['error'][:80]}"] + [""] * (len(head) - 3)
+            err = r["error"] if r["error"].startswith("skipped") else f"failed: {r['error'][:100]}"
+            cells = [r["model"], r["variant"], err] + [""] * (len(head) - 3)
         else:
             cells = [r["model"], r["variant"], _cell(r, "size_mb"), _cell(r, "prefill_p50_ms"),
                      _cell(r, "prefill_p95_ms"), _decode_cell(r, 128), _decode_cell(r, 1024),
@@ -89,3 +90,12 @@ def markdown(rows: list[dict], host: dict, threads: int, bandwidth: dict, note: 
     if note:
         lines.append(note)
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    # python -m benchmarks.tables RESULTS.json: re-render a results file's markdown table
+    import json
+    import sys
+
+    doc = json.loads(open(sys.argv[1]).read())
+    print(markdown(doc["rows"], doc["host"], doc["threads"], doc["bandwidth"], doc.get("note", "")), end="")
