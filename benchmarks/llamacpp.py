@@ -169,10 +169,10 @@ TRIM = (".git", "vendor/llama.cpp/models", "vendor/llama.cpp/docs", "vendor/llam
 
 
 def trim_sdist(cache: Path) -> Path:
-    """Rewrite cache/sdist/*.tar.gz without TRIM (77 MB -> small enough to carry to an offline
-    machine); the original is kept as *.tar.gz.full. Returns the new tarball."""
+    """Rewrite cache/sdist/*.tar.gz without TRIM (77 MB -> 12 MB, small enough to carry to an
+    offline machine); the original is kept as cache/<name>.full. Returns the new tarball."""
     sdist = sorted((cache / "sdist").glob("llama_cpp_python-*.tar.gz"))[-1]
-    full = sdist.with_name(sdist.name + ".full")
+    full = cache / (sdist.name + ".full")
     if not full.exists():
         os.replace(sdist, full)
     top = sdist.name[: -len(".tar.gz")]
@@ -196,7 +196,7 @@ def prepare_offline(cache: Path) -> list[Path]:
     trim_sdist(cache)
     _run([sys.executable, "-m", "pip", "download", "scikit-build-core>=0.9.2", "diskcache", "-d",
           str(cache / "sdist")], cache / "download.log")
-    return sorted(p for p in (cache / "sdist").iterdir() if not p.name.endswith(".full"))
+    return sorted((cache / "sdist").iterdir())
 
 
 if __name__ == "__main__":
