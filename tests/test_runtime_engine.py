@@ -20,8 +20,8 @@ RECIPE = '[target]\nname = "tiny"\nthreads = 1\nspinning = false\n\n[goals]\nlat
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self"]
 
 
-def build_tiny_bundle(out: Path, max_positions: int = 96, n: int = 8) -> Path:
-    """A bundle as ``edgekit compress`` lays it out, from a tiny random model (fp32, contrib MoE)."""
+def build_tiny_bundle(out: Path, max_positions: int = 96, n: int = 8, moe: str = "contrib") -> Path:
+    """A bundle as ``edgekit compress`` lays it out, from a tiny random model (fp32)."""
     from tokenizers import Tokenizer
 
     from edgekit.bundle import write_manifest
@@ -31,7 +31,7 @@ def build_tiny_bundle(out: Path, max_positions: int = 96, n: int = 8) -> Path:
 
     tok = Tokenizer.from_file(str(TOKENIZER_SRC / "tokenizer.json"))
     model = tiny_model(vocab_size=tok.get_vocab_size(), max_position_embeddings=max_positions)
-    export(model, out, ExportConfig(moe="contrib"), tokenizer_from=TOKENIZER_SRC)
+    export(model, out, ExportConfig(moe=moe), tokenizer_from=TOKENIZER_SRC)
     (out / "recipe.toml").write_text(RECIPE)
     m, cases = OrtModel(out), []
     for p in PROMPTS:

@@ -5,6 +5,8 @@ headless Chromium (skipped with the reason when chromium or sample_apps/web/node
 import http.client
 import importlib.util
 import json
+import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -147,3 +149,40 @@ def test_full_queue_answers_503(engine):
         httpd.shutdown()
         httpd.server_close()
         batcher.stop()
+
+
+# -- web (headless Chromium + onnxruntime-web) -----------------------------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ORT_WEB = APPS / "web" / "node_modules" / "onnxruntime-web" / "dist"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install -y chromium)")
+@pytest.mark.skipif(not ORT_WEB.is_dir(), reason="onnxruntime-web missing: run `npm ci` in sample_apps/web")
+@pytest.mark.parametrize("moe", ["portable", "contrib"])
+def test_web_page_greedy_matches_reference_in_headless_chromium(tmp_path, moe):
+    b = build_tiny_bundle(tmp_path / f"web-{moe}", moe=moe)
+    ref = json.loads((b / "reference.json").read_text())
+    serve = _load("edgekit_sample_web", APPS / "web" / "serve.py")
+    results: queue.Queue = queue.Queue()
+    httpd = serve.make_server(b, on_result=results.put)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/index.html?case=0&report=/result"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    browser = subprocess.Popen([CHROMIUM, *flags, url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        r = results.get(timeout=120)
+    except queue.Empty:
+        browser.kill()
+        pytest.fail(f"the page reported nothing in 120 s; chromium stderr: {browser.communicate()[1][-2000:]}")
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+        httpd.shutdown()
+        httpd.server_close()
+    assert r["ok"], r.get("error")
+    want = ref["cases"][0]["greedy_ids"]
+    assert r["greedy_ids"] == want, f"browser {r['greedy_ids']} vs reference {want}"
+    from edgekit.runtime import Engine
+    assert r["text"] == Engine.from_bundle(b).tokenizer.decode(want), r["text"]

@@ -1,0 +1,73 @@
+"""Serve the web sample: the page, onnxruntime-web from node_modules, and a bundle, on loopback.
+
+    python sample_apps/web/serve.py --bundle WEB_BUNDLE [--port 8080]   # then open the printed URL
+
+Routes: ``/`` the page, ``/ort/*`` node_modules/onnxruntime-web/dist, ``/bundle/*`` the bundle's
+files, ``POST /result`` (the page reports its result there when the URL has ``report=/result``;
+``make_server(..., on_result=fn)`` receives it: the test uses this instead of a DevTools client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORT_DIST = HERE / "node_modules" / "onnxruntime-web" / "dist"
+TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+         ".onnx": "application/octet-stream"}
+
+
+class Handler(SimpleHTTPRequestHandler):
+    def __init__(self, *a, bundle: Path, on_result=None, **kw):
+        self.bundle, self.on_result = bundle, on_result
+        super().__init__(*a, directory=str(HERE), **kw)
+
+    def log_message(self, *a):
+        pass
+
+    def guess_type(self, path):
+        return TYPES.get(Path(str(path)).suffix, None) or super().guess_type(path)
+
+    def translate_path(self, path):
+        path = path.split("?", 1)[0]
+        for prefix, root in (("/ort/", ORT_DIST), ("/bundle/", self.bundle)):
+            if path.startswith(prefix):
+                p = (root / path[len(prefix):]).resolve()
+                return str(p) if p.is_relative_to(root.resolve()) else str(root / "missing")
+        return super().translate_path(path)
+
+    def do_POST(self):
+        if self.path != "/result":
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.on_result:
+            self.on_result(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+
+def make_server(bundle, host: str = "127.0.0.1", port: int = 0, on_result=None) -> ThreadingHTTPServer:
+    httpd = ThreadingHTTPServer((host, port), partial(Handler, bundle=Path(bundle), on_result=on_result))
+    httpd.daemon_threads = True
+    return httpd
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--port", type=int, default=8080)
+    a = ap.parse_args(argv)
+    if not ORT_DIST.is_dir():
+        raise SystemExit("onnxruntime-web is not installed: run `npm install` in sample_apps/web")
+    httpd = make_server(a.bundle, port=a.port)
+    print(f"open http://127.0.0.1:{httpd.server_address[1]}/index.html?case=0", flush=True)
+    httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
