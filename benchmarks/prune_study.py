@@ -44,7 +44,6 @@ PLAN = [
     ("ffn 25%", dict(ffn=0.25)),
     ("layers 1", dict(layers=1)),
     ("experts 50% + ffn 30%", dict(experts=0.5, ffn=0.3)),
-    ("layers 2", dict(layers=2)),
 ]
 QUICK = ["experts 50%", "heads 25%", "ffn 25%", "layers 1"]
 
@@ -55,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=32768, help="eval-split prefix scored (0: all)")
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--recover-data", default="calib", help="split name or text file for KD")
-    ap.add_argument("--recover-lr", type=float, default=1e-3)
+    ap.add_argument("--recover-lr", type=float, default=2e-4)
     ap.add_argument("--recover-batch-size", type=int, default=4)
     ap.add_argument("--only", default="", help="comma-separated row labels to run")
     ap.add_argument("--quick", action="store_true")

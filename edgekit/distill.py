@@ -34,7 +34,7 @@ from .errors import EdgekitError
 @dataclass
 class DistillConfig:
     steps: int = 200                 # optimizer steps; 0 = no recovery
-    lr: float = 1e-3                 # peak AdamW learning rate
+    lr: float = 2e-4                 # peak AdamW learning rate (1e-3 made small prunes worse)
     batch_size: int = 4              # windows per step
     seq_len: int = 256               # tokens per window
     temperature: float = 1.0         # softening of both distributions (KL is scaled by T^2)

@@ -54,7 +54,7 @@ class PruneConfig:
     expert_criterion: str = "reap"   # reap | frequency | contribution (see importance.py)
     calib_seq_len: int = 256
     calib_max_tokens: int = 0        # 0: all calibration tokens
-    recover_lr: float = 1e-3
+    recover_lr: float = 2e-4
     recover_batch_size: int = 4
     recover_seq_len: int = 256
     recover_hidden_weight: float = 0.0
