@@ -127,15 +127,19 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
         m = load(src)
         res = evaluate(m, eval_tokens, seq_len=recipe.validate.seq_len, progress=True)
         export(m, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=recipe.export.simplify))
+        from .host import usable_cores
+
         t, v = recipe.target, recipe.validate
-        lat = measure(tmp / "onnx", threads=t.threads, spinning=t.spinning, prefill_tokens=recipe.goals.prefill_tokens,
+        lat = measure(tmp / "onnx", threads=min(t.threads, usable_cores()), spinning=t.spinning,
+                      prefill_tokens=recipe.goals.prefill_tokens,
                       decode_tokens=v.decode_tokens, runs=max(5, v.runs // 2), warmup=v.warmup)
         meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": _params(m), "latency": lat,
                 "note": "fp32 torch accuracy; size and latency of the unpruned fp32 ONNX export"}
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe]
+    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
+           recipe.target.threads, recipe.goals.prefill_tokens]
     d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do))
     return json.loads((d / "meta.json").read_text())
 

@@ -1,0 +1,113 @@
+"""End to end: `edgekit compress` on a tiny V3 checkpoint with a user recipe -> bundle, report, exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgekit.bundle import get_version_info, verify
+from edgekit.checkpoint import reference_model_dir, save
+from edgekit.pipeline import compress
+
+from .conftest import tiny_model
+
+RECIPE = """
+[target]
+name = "tiny-{threads}"
+threads = {threads}
+hardware_recommendation = "anything"
+
+[goals]
+accuracy_drop = 0.99
+latency_prefill_p95_ms = {prefill}
+latency_decode_p95_ms = 1000.0
+size_ratio = 0.9
+prefill_tokens = 16
+
+[validate]
+warmup = 1
+runs = 2
+decode_tokens = 4
+eval_max_tokens = 600
+seq_len = 64
+
+[prune]
+experts = 0.25
+recover_steps = 2
+recover_seq_len = 32
+calib_seq_len = 64
+
+[export]
+moe = "contrib"
+
+[quantize]
+calib_max_tokens = 512
+seq_len = 64
+max_ort_rounds = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    return save(tiny_model(vocab_size=4096, max_position_embeddings=128), d / "tiny",
+                tokenizer_from=reference_model_dir())
+
+
+def _recipe(tmp_path, threads=1, prefill=1000.0):
+    f = tmp_path / f"r{threads}_{prefill}.toml"
+    f.write_text(RECIPE.format(threads=threads, prefill=prefill))
+    return str(f)
+
+
+def test_compress_writes_a_valid_bundle(ckpt, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    res = compress(ckpt, _recipe(tmp_path), out=tmp_path / "bundle")
+    b = res.bundle
+    names = {p.name for p in b.iterdir()}
+    assert {"model.onnx", "tokenizer.json", "recipe.toml", "manifest.json", "report.json", "report.html",
+            "reference.json", "export.json"} <= names
+    verify(b)
+    r = json.loads((b / "report.json").read_text())
+    assert set(r["gates"]) == {"accuracy_drop", "latency_prefill_p95_ms", "latency_decode_p95_ms", "size_ratio"}
+    assert r["gates"]["size_ratio"]["value"] < 0.5, "int8 + pruning must shrink the graph"
+    assert r["stages"][1]["params"] < r["stages"][0]["params"], "pruning must remove parameters"
+    assert res.exit_code == 0 and r["status"] == "pass", r["gates"]
+    info = get_version_info(b)
+    assert info["hardware_recommendation"] == "anything" and any("int8" in f for f in info["features"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "no temp dirs left behind"
+    # a re-run resumes from the stage cache
+    again = compress(ckpt, _recipe(tmp_path), out=tmp_path / "bundle")
+    assert {"prune", "export", "quantize"} <= set(again.report["stage_cache_hits"])
+
+
+def test_budget_that_cannot_be_met_exits_1_naming_the_gate(ckpt, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    res = compress(ckpt, _recipe(tmp_path, prefill=0.001), out=tmp_path / "b")
+    assert res.exit_code == 1
+    assert res.report["gates"]["latency_prefill_p95_ms"]["status"] == "fail"
+    assert (res.bundle / "report.json").exists(), "the bundle is still written when a gate fails"
+
+
+def test_latency_unverified_on_too_few_cores_never_pass(ckpt, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    res = compress(ckpt, _recipe(tmp_path, threads=512), out=tmp_path / "b")
+    g = res.report["gates"]
+    assert g["latency_prefill_p95_ms"]["status"] == g["latency_decode_p95_ms"]["status"] == "unverified"
+    assert res.exit_code == 0
+    strict = compress(ckpt, _recipe(tmp_path, threads=512), out=tmp_path / "b", strict=True)
+    assert strict.exit_code == 1
+
+
+def test_cli_bad_recipe_key_exits_2(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[target]\nname = "x"\n[prune]\nexpert = 0.5\n')
+    p = subprocess.run([sys.executable, "-m", "edgekit.cli", "compress", "--target", str(f)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown key prune.expert" in p.stderr and "Traceback" not in p.stderr
