@@ -84,7 +84,7 @@ def markdown(rows: list[dict], host: dict, threads: int, bandwidth: dict, note: 
     lines += ["", f"Machine: {host.get('cpu_model')} ({host.get('arch')}), {host.get('cores')} usable cores, "
               f"ISA {isa}; onnxruntime {host.get('onnxruntime')}; {threads} threads for every row. "
               f"Copy bandwidth {bandwidth['gbs_1t']:.1f} GB/s (1 thread), {bandwidth['gbs']:.1f} GB/s "
-              f"({threads} threads; the floor uses this).",
+              f"({threads} thread{'s' if threads > 1 else ''}; the floor uses this).",
               "(x×) = ratio to ort-fp32 of the same model; [x%] = share of the decode floor reached "
               "(floor = active weight bytes + latent cache bytes read per token ÷ bandwidth)."]
     if note:
