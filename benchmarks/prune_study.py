@@ -3,7 +3,9 @@ pruning, before and after distillation recovery.
 
 Run:  python benchmarks/prune_study.py                 (default plan, ~20-40 min on 2 cores)
       python benchmarks/prune_study.py --quick         (fewer rows, smaller eval subset)
-      python benchmarks/prune_study.py --recover-data .corpus/train.txt   (KD on the training text)
+      python benchmarks/prune_study.py --only "experts 75%" --recover-data .corpus/train.txt \
+          --recover-steps 400 --recover-lr 5e-4 --out benchmarks/results/prune_study_train400
+          (KD on the training text, git-ignored: ``python -m edgekit.nano.corpus`` builds it)
 
 Writes benchmarks/results/prune_study.{md,json} and prints the table. Every row is pruned from the
 same unpruned model with importance measured on the calibration split; recovery is KD from the
