@@ -172,8 +172,8 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [max_position_embeddings, qk_rope_head_dim // 2] (YaRN-corrected if configured)."""
+def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """inv_freq [qk_rope_head_dim // 2] and the cos/sin scale (YaRN-corrected if configured)."""
     dim, base = args.qk_rope_head_dim, args.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     attn_factor = 1.0
@@ -197,6 +197,12 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
         attn_factor = rs.get("attention_factor") or (
             _yarn_mscale(factor, rs.get("mscale") or 1) / _yarn_mscale(factor, rs.get("mscale_all_dim") or 1)
             if rs.get("mscale") and rs.get("mscale_all_dim") else _yarn_mscale(factor))
+    return inv_freq, float(attn_factor)
+
+
+def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_position_embeddings, qk_rope_head_dim // 2]."""
+    inv_freq, attn_factor = rope_frequencies(args)
     t = torch.arange(args.max_position_embeddings, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
     return freqs.cos() * attn_factor, freqs.sin() * attn_factor

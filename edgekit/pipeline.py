@@ -82,7 +82,8 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
 
     The accuracy budget is shared: int8 may spend what pruning left of ``goals.accuracy_drop``
     (measured on the eval tokens), minus a quarter of the budget as margin for the difference
-    between the calibration text quantize_ measures on and the eval text the gate uses."""
+    between the calibration text quantize_ measures on and the eval text the gate uses, but never
+    less than a quarter of the goal."""
     from .export import export
     from .prune import prune_
     from .quantize import quantize_
@@ -103,8 +104,11 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
         "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
     pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, eval_tokens, recipe))
     left = recipe.goals.accuracy_drop * 0.75 - (baseline["accuracy"] - pruned_acc)
+    # at least a quarter of the goal: int8 is what makes the bundle small, and reverting layers to
+    # fp32 cannot rescue a pruning that already spent the budget (the accuracy gate reports that)
+    floor = recipe.goals.accuracy_drop / 4
     qcfg = dataclasses.replace(recipe.quantize, export_moe=recipe.export.moe,
-                               max_drop=round(max(0.0, min(recipe.quantize.max_drop, left)), 5))
+                               max_drop=round(min(recipe.quantize.max_drop, max(floor, left)), 5))
     st.log(f"pruning cost {100 * (baseline['accuracy'] - pruned_acc):.2f} points; int8 budget "
            f"{100 * qcfg.max_drop:.2f} points")
     key.append(dataclasses.asdict(qcfg))

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..model import MoE, Transformer
+from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
 from .moe_portable import PortableMoE
 
@@ -84,6 +84,10 @@ class LatentDecoder(nn.Module):
         self.model, a = model, model.args
         self.attend = self.attention if attention == "absorb" else self.attention_expanded
         self.absorbed, self.ffn = nn.ModuleList(), nn.ModuleList()
+        # RoPE angles are computed per call from inv_freq (rope/2 floats) instead of gathering from
+        # [max_positions, rope/2] cos/sin tables: the same values, and no tables in the graph
+        inv_freq, self.rope_scale = rope_frequencies(a)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             H, nope, v, kvl = attn.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
@@ -138,7 +142,8 @@ class LatentDecoder(nn.Module):
         past, keep = past_and_keep[:-1], past_and_keep[-1]
         (B, T), P = input_ids.shape, past[0].shape[1]
         idx = torch.arange(T, device=input_ids.device)
-        cos, sin = m.rope_cos[idx + P], m.rope_sin[idx + P]                     # [T, rope/2]
+        freqs = (idx + P).float()[:, None] * self.inv_freq[None, :]             # [T, rope/2]
+        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
         future = idx[None, :] > idx[:, None]                                    # [T, T] masked
         ctx = _Shared(B, T, P, cos, sin, cos[None, :, None, :], sin[None, :, None, :], future)
         x = m.model.embed_tokens(input_ids)
