@@ -3,8 +3,8 @@ cache entries out, with weight-absorbed MLA attention.
 
 What: ``LatentDecoder(model, moe)`` wraps a ``Transformer`` (sharing its weights) and adds, per
 layer, two derived constants: ``w_uk`` [H, nope, kv_lora] (kv_b_proj's K rows) and ``w_uv``
-[H, W, v] (kv_b_proj's V rows, zero-padded over the rotary columns), W = kv_lora_rank +
-qk_rope_head_dim. ``forward(input_ids, *past)`` is the whole graph.
+[H, kv_lora, v] (kv_b_proj's V rows, applied to the latent part of the attention output),
+W = kv_lora_rank + qk_rope_head_dim. ``forward(input_ids, *past)`` is the whole graph.
 
 Why absorbed, and why past and new entries are kept apart:
 - the cache row of a token is ``[norm(c_kv) | rope(k_pe)]`` (W values), shared by all heads. The
@@ -75,7 +75,7 @@ class _Absorbed(nn.Module):
     def __init__(self, w_uk: torch.Tensor, w_uv: torch.Tensor):
         super().__init__()
         self.register_buffer("w_uk", w_uk)   # [H, nope, kv_lora]
-        self.register_buffer("w_uv", w_uv)   # [H, W, v]
+        self.register_buffer("w_uv", w_uv)   # [H, kv_lora, v]
 
 
 class LatentDecoder(nn.Module):
@@ -92,8 +92,7 @@ class LatentDecoder(nn.Module):
             attn = layer.self_attn
             H, nope, v, kvl = attn.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
             wkv = attn.kv_b_proj.weight.detach().view(H, nope + v, kvl)          # [H, nope+v, kvl]
-            w_uv = torch.zeros(H, kvl + a.qk_rope_head_dim, v, dtype=wkv.dtype)
-            w_uv[:, :kvl] = wkv[:, nope:].transpose(1, 2)                        # [H, W, v]
+            w_uv = wkv[:, nope:].transpose(1, 2).contiguous()                    # [H, kvl, v]
             self.absorbed.append(_Absorbed(wkv[:, :nope].contiguous(), w_uv))  # w_uk [H, nope, kvl]
             mlp = layer.mlp
             if isinstance(mlp, MoE):
@@ -121,7 +120,7 @@ class LatentDecoder(nn.Module):
         s_new = s_new.masked_fill(future, torch.finfo(s_new.dtype).min)
         p = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)                  # [B, H, T, P+T]
         o = torch.matmul(p[..., :P], past4) + torch.matmul(p[..., P:], new4)    # [B, H, T, W]
-        o = torch.matmul(o, ab.w_uv)                                            # [B, H, T, v]
+        o = torch.matmul(o[..., :a.kv_lora_rank], ab.w_uv)                      # [B, H, T, v]
         o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
 
