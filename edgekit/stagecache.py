@@ -2,7 +2,7 @@
 
 What: ``StageCache(root).get(stage, key_parts, build)`` returns ``root/<stage>/<hash>/``, calling
 ``build(tmp_dir)`` only when that directory does not exist yet. The hash covers everything the
-artifact depends on (input artifact hash, stage config, data hash, edgekit version).
+artifact depends on (input artifact hash, stage config, data hash, edgekit's source code).
 
 Invariants: an entry appears complete or not at all (built in a temp dir, renamed into place);
 ``build`` may write a ``meta.json`` that the pipeline reads back on a cache hit.
@@ -26,8 +26,16 @@ def default_root() -> Path:
     return Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit"))
 
 
-def digest(*parts) -> str:
+def code_fingerprint() -> str:
+    """Hash of edgekit's own source: a code change invalidates cached artifacts, not only a version bump."""
     h = hashlib.sha256(__version__.encode())
+    for p in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def digest(*parts) -> str:
+    h = hashlib.sha256(code_fingerprint().encode())
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
