@@ -17,7 +17,7 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or "", set()
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -29,7 +29,7 @@ def _cpuinfo() -> tuple[str, set[str]]:
                     flags = set(val.split())
     except OSError:
         pass
-    return model or platform.machine(), flags
+    return model or platform.processor() or platform.machine(), flags
 
 
 def usable_cores() -> int:
