@@ -111,3 +111,14 @@ def test_cli_bad_recipe_key_exits_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgekit.cli", "compress", "--target", str(f)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "unknown key prune.expert" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_auto_search_records_candidates_and_pareto_front(ckpt, tmp_path, monkeypatch, cache_dir):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    res = compress(ckpt, _recipe(tmp_path), out=tmp_path / "auto", auto=True)
+    auto = res.report["auto"]
+    assert len(auto["candidates"]) >= 4 and auto["pareto"], auto
+    chosen = next(c for c in auto["candidates"] if c["name"] == auto["chosen"])
+    passing = [c for c in auto["candidates"] if c["passed"]]
+    assert chosen["size_ratio"] == min(c["size_ratio"] for c in passing), "smallest passing candidate wins"
+    assert "Pareto" in (res.bundle / "report.html").read_text()
