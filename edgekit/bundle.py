@@ -12,8 +12,8 @@ Layout::
       report.json, report.html  validation results (see edgekit/report.py for the schema)
       manifest.json             version, model, target, features, hardware_recommendation, I/O, hashes
 
-Invariants: a bundle directory appears complete or not at all: ``finalize`` renames a fully
-written temp dir into place. ``manifest.json`` hashes every other file except the reports (which
+Invariants: a bundle directory appears complete or not at all (``edgekit.atomic``: a fully
+written temp dir is renamed into place). ``manifest.json`` hashes every other file except the reports (which
 ``edgekit validate`` rewrites on each device); ``verify`` re-checks them.
 
 Failure modes: a missing or tampered bundle raises ``EdgekitError`` naming the fix.
@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from . import __version__
@@ -40,25 +38,6 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def staging_dir(out: Path) -> Path:
-    """A temp dir beside ``out`` (same filesystem, so the final rename is atomic)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def finalize(tmp: Path, out: Path) -> Path:
-    """Replace ``out`` with the complete ``tmp`` (old bundle removed only once the new one is whole)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
 
 
 def write_manifest(d: Path, *, model_name: str, target: str, features: list[str],

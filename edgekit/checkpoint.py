@@ -23,13 +23,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_dir
 from .errors import EdgekitError
 from .model import ModelArgs, Transformer
 
@@ -196,9 +196,7 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_from: str | os.P
          dtype: torch.dtype | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write config.json + model.safetensors (+ tokenizer.json) atomically."""
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         if model.args.tie_word_embeddings:
             sd.pop("lm_head.weight")
@@ -210,10 +208,4 @@ def save(model: Transformer, path: str | os.PathLike, tokenizer_from: str | os.P
             shutil.copy(resolve(tokenizer_from) / "tokenizer.json", tmp / "tokenizer.json")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import finalize, staging_dir, write_manifest
+from .atomic import finalize, staging_dir
+from .bundle import write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
 from .data import load_tokens
 from .evaluate import evaluate

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from edgekit.bundle import finalize, get_version_info, staging_dir, verify, write_manifest
+from edgekit.atomic import finalize, staging_dir
+from edgekit.bundle import get_version_info, verify, write_manifest
 from edgekit.devices import collect, matrix, to_markdown
 from edgekit.errors import EdgekitError
 from edgekit.host import latency_unverified_reason

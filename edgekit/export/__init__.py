@@ -37,7 +37,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import types
 import warnings
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from ..atomic import atomic_dir
 from ..errors import EdgekitError
 from ..info import cache_bytes_per_token
 from .onnx_io import finish_graph, model_hash
@@ -134,8 +134,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
     a = model.args
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         unique = {t.data_ptr(): t for t in model.state_dict().values()}.values()   # tied weights once
         weight_bytes = sum(t.numel() * t.element_size() for t in unique)
         large = weight_bytes > cfg.external_data_threshold
@@ -179,15 +178,6 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
             if not src.exists():
                 raise EdgekitError(f"{src} not found; pass tokenizer_from= a checkpoint dir with tokenizer.json")
             shutil.copy(src, tmp / "tokenizer.json")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)         # mkdtemp makes it private
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

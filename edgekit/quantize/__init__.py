@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_dir
 from ..errors import EdgekitError
 
 MODES = ("dynamic", "static", "auto")
@@ -143,8 +143,7 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for p in src.iterdir():
             if p.is_file() and p.name != spec["graph"] and not p.name.endswith(".data"):
                 shutil.copy(p, tmp / p.name)
@@ -156,13 +155,6 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
                    "static_units": sorted(static_scales or {}), "merged_siblings": merge}
         spec.update(dtype="int8", external_data=large, quantization=summary)
         (tmp / "export.json").write_text(json.dumps(spec, indent=2) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
