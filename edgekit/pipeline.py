@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,7 +222,17 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     shipped = src.resolve() == reference_model_dir().resolve()
     recover_tokens = load_tokens(recover or ("recover" if shipped else calib or "calib"), tok)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
-    cache = StageCache() if use_cache else StageCache(Path(staging_dir(out.parent / ".edgekit-cache")))
+    scratch = None if use_cache else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
+    try:
+        return _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto,
+                         StageCache(scratch), console)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto, cache,
+              console) -> CompressResult:
     st = Stages(console, total=7)
     baseline = baseline_for(src, recipe, eval_tokens, cache, st)
     stages_rows = [{"name": "fp32", "params": baseline["params"], "accuracy": baseline["accuracy"],
