@@ -15,13 +15,13 @@ Failure modes: none specific; a runner that raises propagates to the worker, whi
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
+from edgekit.latency import peak_rss_mb  # noqa: F401  (the workers' memory figure, same as edgekit validate's)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,20 +105,6 @@ def memory_bandwidth_gbs(threads: int = 1, mib: int = 512, repeats: int = 5) -> 
             list(pool.map(copy, chunks))
             best = min(best, time.perf_counter() - t0)
     return 2 * src.nbytes / best / 1e9
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB. Linux: VmHWM (reset by exec, unlike
-    ru_maxrss, which a worker would inherit from its parent); elsewhere ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def _stats(samples: list[float]) -> dict:
             "mean": float(a.mean()), "min": float(a.min()), "samples": [round(float(x), 4) for x in a]}
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process. Linux: VmHWM (reset by exec; ru_maxrss is not, so a
     worker forked from a large parent would report the parent's size)."""
     try:
@@ -69,7 +69,7 @@ def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode
         if r >= warmup:
             prefill.append(dt)
             decode.extend(steps[1:])  # the first step after prefill also warms the decode shapes
-    return {"prefill_ms": _stats(prefill), "decode_ms": _stats(decode), "peak_rss_mb": round(_peak_rss_mb(), 1),
+    return {"prefill_ms": _stats(prefill), "decode_ms": _stats(decode), "peak_rss_mb": round(peak_rss_mb(), 1),
             "session_load_s": round(load_s, 3), "threads": threads, "spinning": spinning,
             "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "runs": runs, "warmup": warmup}
 
