@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from edgekit.atomic import atomic_dir
 
 # The ~50M-parameter V3 config the ORT / llama.cpp probes used (shared/notes/onnxruntime-cpu.md).
 V3_50M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, intermediate_size=1536,
@@ -41,14 +42,8 @@ def _atomic_dir(out: Path, build) -> Path:
     """Run ``build(tmp_dir)`` and rename tmp -> out; reuse ``out`` if it already exists."""
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         build(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .atomic import atomic_dir
 
 
 def default_root() -> Path:
@@ -63,12 +62,6 @@ class StageCache:
         if out.is_dir():
             self.hits.append(stage)
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:
             build(tmp)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
