@@ -165,7 +165,7 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
 @click.option("--no-smooth", is_flag=True, help="Skip SmoothQuant scaling.")
 @click.option("--max-drop", type=float, default=0.008, show_default=True,
               help="Accuracy budget vs fp32 as a fraction (0.008 = 0.8 points); over it, units revert to fp32.")
-@click.option("--moe", type=click.Choice(["block", "row"]), default="block", show_default=True,
+@click.option("--moe", type=click.Choice(["grouped", "block", "row"]), default="grouped", show_default=True,
               help="QMoE expert weights: per block (int8 activations, fastest) or per row (weights only).")
 @click.option("--keep-fp32", multiple=True, help="Unit name or re:pattern to keep in fp32 (repeatable).")
 @click.option("--int8", "force_int8", multiple=True, help="Unit name or re:pattern to force to int8 (repeatable).")

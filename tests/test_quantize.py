@@ -54,14 +54,15 @@ def test_rewrite_matches_symmetric_int8_reference(merge, static):
     m = _linear_graph(ws)
     units_ = {"w0": "a", "w1": "b"}
     scales = {"a": float(np.abs(x).max()) * 1.1} if static else None
-    done = rewrite_linears(m, units_, {"a", "b"}, scales, merge=merge)
+    done = rewrite_linears(m, units_, {"a", "b"}, scales, merge=merge, wmax=63.0)   # exact on any x86 kernel
     assert sorted(done) == ["a", "b"]
     ops = [n.op_type for n in m.graph.node]
     assert ops.count("MatMulIntegerToFloat") == (1 if merge else 2) and ops.count("QuantizeLinear") == 1, ops
     got = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     xt = torch.from_numpy(x)
     for w, y in zip(ws, got):
-        ref = (fq(xt, None, scales["a"] if static else None) @ fq(torch.from_numpy(w), dim=0)).numpy()
+        xq = fq(xt, None if static else -1, scales["a"] if static else None)        # per token when dynamic
+        ref = (xq @ fq(torch.from_numpy(w), dim=0, qmax=63.0)).numpy()
         d = np.abs(y - ref)
         assert d.max() < 1e-4, f"onnxruntime vs symmetric int8 reference: max {d.max():.2e} mean {d.mean():.2e}"
 
@@ -90,7 +91,7 @@ def test_plan_reverts_most_sensitive_first():
         assert reverted[0] == top and top in plan.fp32
 
 
-@pytest.mark.parametrize("moe,full", [("row", False), ("block", True)])
+@pytest.mark.parametrize("moe,full", [("row", False), ("block", True), ("grouped", True)])
 def test_quantize_end_to_end(tmp_path, moe, full):
     m = tiny_model()
     calib = np.random.default_rng(0).integers(0, 128, 600)
@@ -103,7 +104,8 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert spec8["inputs"] == spec32["inputs"] and spec8["outputs"] == spec32["outputs"]
     g8 = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph
     ops = {n.op_type for n in g8.node}
-    assert {"MatMulIntegerToFloat", "QMoE"} <= ops and "MoE" not in ops, ops
+    assert "MatMulIntegerToFloat" in ops and "MoE" not in ops, ops
+    assert ("QMoE" in ops) == (moe != "grouped") and ("If" in ops) == (moe == "grouped"), ops
     assert set(rep["routing_agreement"]) == {"1", "2"}, rep["routing_agreement"]
     if full:
         assert rep["accuracy"]["ort"] and "top1_agreement" in rep["accuracy"]["ort"][-1], rep["accuracy"]
@@ -116,23 +118,31 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     # median: on this tiny random model one routing flip can wreck a single token (min is printed)
     assert np.median(cos) > 0.99 and cos.mean() > 0.95, \
         f"int8 vs fp32 logits cosine median {np.median(cos):.4f} mean {cos.mean():.4f} min {cos.min():.4f}"
-    with emulated(m, {n for n in units(m) if n not in rep["fp32_units"]}, moe_block=rep["moe_block"]):
+    with emulated(m, {n for n in units(m) if n not in rep["fp32_units"]}, moe_block=rep["moe_block"],
+                  experts_as_linears=moe == "grouped", wmax=rep["graph"]["weight_max"]):
         with torch.no_grad():
             e = m(torch.from_numpy(ids)).numpy()
     d = np.abs(e - b)
     agree = (e.argmax(-1) == b.argmax(-1)).mean()
-    tol = 1e-3 if moe == "row" else 0.1 * np.abs(a).max()
+    # grouped experts quantize activations: a value on a rounding boundary can round the other way
+    # in torch than in onnxruntime (fp32 summation order) and attention carries it to later tokens;
+    # most logits still match exactly
+    tol = {"row": 1e-3, "grouped": 0.05 * np.abs(a).max()}.get(moe, 0.1 * np.abs(a).max())
     assert d.max() < tol and agree >= 0.95, f"emulation vs onnxruntime: max {d.max():.2e} agree {agree:.3f}"
+    if moe == "grouped":
+        assert np.median(d) < 1e-5, f"emulation vs onnxruntime: median {np.median(d):.2e}"
     # decode through the cache still matches prefill on the int8 graph
     om = OrtModel(tmp_path / "q8")
     last, cache = om.prefill(ids[:1, :-1])
     step = om.decode(ids[:1, -1], cache)
     full = om.logits(ids[:1])[:, -1]
-    # activation scales are per call (1 token vs 24), so decode and prefill differ by int8 noise only
+    # activation scales are per token, so decoding a token through the cache gives the logits that
+    # prefilling it gives (up to fp32 summation order in attention)
     dd = np.abs(step - full).max() / np.abs(full).max()
-    assert dd < 0.15 and (step.argmax(-1) == full.argmax(-1)).all(), f"int8 decode vs prefill rel diff {dd:.3f}"
+    assert dd < 1e-3 and (step.argmax(-1) == full.argmax(-1)).all(), f"int8 decode vs prefill rel diff {dd:.2e}"
     ratio = rep["size_bytes"] / sum(p.stat().st_size for p in fp32.glob("model.onnx*"))
-    assert ratio < 0.6, f"int8/fp32 size {ratio:.2f} (tiny model: fp32 RoPE tables and norms weigh in)"
+    limit = 0.65 if moe == "grouped" else 0.6       # grouped: ~30 graph nodes per expert weigh in on a tiny model
+    assert ratio < limit, f"int8/fp32 size {ratio:.2f} (tiny model: fp32 RoPE tables and norms weigh in)"
 
 
 def test_config_errors():

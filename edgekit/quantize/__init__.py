@@ -10,14 +10,17 @@ report). ``quantize_export(src, out, model)`` does the graph part for an existin
 
 Choices per op kind (measured on the 2-core AVX-512-VNNI dev VM, ORT 1.32; benchmarks/quant_bench.py):
 - Linears: int8 weights per output channel (zero point 0) x int8 activations with a symmetric
-  per-call scale (dynamic; or calibrated constants in ``mode="static"``; ``"auto"`` = static where
+  per-token scale (dynamic; or calibrated constants in ``mode="static"``; ``"auto"`` = static where
   the calibrated range is stable, see ``_static_choice``), on the u8s8 ``MatMulIntegerToFloat``
   kernel with the activation offset by 128. Microbenchmark (8 chained matmuls, us per matmul,
   M=128 / M=1): K256xN640 fp32 843/8.8, quantize_dynamic 342/3.4, this 269-294/4.6,
   MatMulNBits-8 acc4 929/3.8, s8s8 3169/856. MatMulNBits is only fast at M=1, and the graph is
   one for prefill and decode, so it is not used.
-- Routed experts: ``com.microsoft::QMoE`` 8-bit, per block of K (default; int8 activations, the
-  fastest) or per row (``moe="row"``, weights only).
+- Routed experts: grouped int8 GEMMs (``moe="grouped"``, default: tokens sorted by expert, one u8s8
+  GEMM pair per expert with tokens, per-token activation scales; moe_grouped.py), or
+  ``com.microsoft::QMoE`` 8-bit per block of K (``moe="block"``) or per row (``moe="row"``, weights
+  only). QMoE's CPU kernel dequantizes expert weights to fp32 per call: on the 1.6B V3 shape it was
+  ~70% of prefill time (benchmarks/moe_kernels.py, benchmarks/results/).
 - Embedding: int8 rows + per-row scale (Gather, Cast, Mul). Routers, norms, RoPE tables and the
   absorbed-attention products stay fp32 (routers overridable).
 
@@ -43,6 +46,7 @@ from ..atomic import atomic_dir
 from ..errors import EdgekitError
 
 MODES = ("dynamic", "static", "auto")
+MOE_PATHS = ("grouped", "block", "row")
 DEFAULT_OVERRIDES = {"re:.*mlp\\.gate": "fp32", "_default": "int8"}
 
 
@@ -53,9 +57,10 @@ class QuantConfig:
     smooth: bool = True
     max_drop: float = 0.008           # next-token accuracy budget vs fp32, as a fraction (0.008 = 0.8 points)
     overrides: dict = field(default_factory=lambda: dict(DEFAULT_OVERRIDES))  # unit name or "re:..." -> int8|fp32
-    moe: str = "block"                # QMoE weights: "block" (int8 activations, fastest) or "row" (weights only)
+    moe: str = "grouped"              # routed experts: "grouped" int8 GEMMs, QMoE "block" or QMoE "row" (weights only)
     moe_block: int = 0                # 0: the largest of 128/64/32/16 dividing hidden and expert sizes
     merge: bool = True                # one matmul for linears sharing an input (q_a + kv_a, gate + up)
+    reduce_range: bool = True         # 7-bit weights: exact u8s8 sums on x86 CPUs without VNNI (AVX2); see rewrite.py
     calib: str = "calib"              # calibration split or text file
     calib_max_tokens: int = 8192
     seq_len: int = 256
@@ -71,8 +76,8 @@ class QuantConfig:
             raise ValueError(f"quantize alpha={self.alpha}: use a value in [0, 1] or leave unset to search")
         if self.max_drop < 0:
             raise ValueError(f"quantize max_drop={self.max_drop}: use a fraction >= 0 (0.008 = 0.8 points)")
-        if self.moe not in ("block", "row"):
-            raise ValueError(f"quantize moe={self.moe!r}: use 'block' or 'row'")
+        if self.moe not in MOE_PATHS:
+            raise ValueError(f"quantize moe={self.moe!r}: use one of {MOE_PATHS}")
         bad = {k: v for k, v in self.overrides.items() if v not in ("int8", "fp32")}
         if bad:
             raise ValueError(f"quantize overrides {bad}: values must be 'int8' or 'fp32'")
@@ -81,7 +86,7 @@ class QuantConfig:
 
 
 def _moe_block(cfg: QuantConfig, args) -> int:
-    if cfg.moe == "row":
+    if cfg.moe in ("row", "grouped"):
         return 0
     if cfg.moe_block:
         return cfg.moe_block
@@ -118,10 +123,11 @@ def unit_map(proto, model) -> dict[str, str]:
 
 
 def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict[str, float] | None = None,
-                    moe_block: int = 0, merge: bool = True) -> dict:
+                    moe_block: int = 0, merge: bool = True, moe_path: str = "grouped", reduce_range: bool = True) -> dict:
     """Rewrite the fp32 export ``src_dir`` (of ``model``) to int8 in ``out_dir``; returns a summary."""
     import onnx
 
+    from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
     from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
 
     src = Path(src_dir)
@@ -132,14 +138,16 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
         raise EdgekitError(f"{src} is already {spec.get('dtype')}; quantize the fp32 export")
     proto = onnx.load(str(src / spec["graph"]))
     umap = unit_map(proto, model)
-    done = rewrite_linears(proto, umap, int8, static_scales, merge=merge)
+    wmax = 63.0 if reduce_range else 127.0
+    done = rewrite_linears(proto, umap, int8, static_scales, merge=merge, wmax=wmax)
     emb = [w for w, u in umap.items() if u in int8 and u.endswith("embed_tokens")]
     emb_done = [umap[w] for w in emb if rewrite_embedding(proto, w)]
     moe = {}
     for m in spec.get("moe_nodes", []):
         unit = f"model.layers.{m['layer']}.mlp.experts"
         if unit in int8:
-            moe[unit] = rewrite_moe(proto, m["node"], moe_block)
+            moe[unit] = (rewrite_moe_grouped(proto, m["node"], GroupedMoEConfig(wmax=wmax)) if moe_path == "grouped"
+                         else rewrite_moe(proto, m["node"], moe_block))
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +158,7 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
         large = proto.ByteSize() > 2**31 - 2**26
         onnx.save_model(proto, str(tmp / spec["graph"]), save_as_external_data=large,
                         all_tensors_to_one_file=True, location=spec["graph"] + ".data")
-        summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe,
+        summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": wmax,
                    "activation_scales": "static" if static_scales else "dynamic",
                    "static_units": sorted(static_scales or {}), "merged_siblings": merge}
         spec.update(dtype="int8", external_data=large, quantization=summary)
@@ -232,7 +240,8 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     static = _static_choice(input_absmax(model, rows, lin_units), cfg.mode)
     portable = cfg.export_moe == "portable"
     block = 0 if portable else _moe_block(cfg, model.args)
-    kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable)
+    kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable or cfg.moe == "grouped",
+              wmax=63.0 if cfg.reduce_range else 127.0)
     out = Path(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
     try:
@@ -248,7 +257,8 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
         ort_rows = rows[: max(1, min(len(rows), 16))]
         rounds = []
         for _ in range(cfg.max_ort_rounds + 1):
-            summary = quantize_export(fp32_dir, out, model, plan.int8, static, block, cfg.merge)
+            summary = quantize_export(fp32_dir, out, model, plan.int8, static, block, cfg.merge, cfg.moe,
+                                      cfg.reduce_range)
             if not cfg.verify_ort:
                 break
             a32, p32 = _ort_accuracy(fp32_dir, ort_rows)

@@ -4,10 +4,11 @@ agreement without building an ONNX graph per trial.
 What: ``units(model)`` names the quantizable units (a ``Linear``, a layer's routed experts, the
 embedding); ``emulated(model, int8_units, ...)`` is a context manager under which the model
 computes what the rewritten ONNX graph computes (see rewrite.py):
-- ``Linear`` unit: activations symmetric int8 with one scale per call (``max|x| / 127``; or the
-  calibrated static scale), weights symmetric int8 per output channel;
-- routed experts (QMoE): weights int8 per row (weights only), or per block of K with int8
-  activations per token and block when ``moe_block`` > 0;
+- ``Linear`` unit: activations symmetric int8 with one scale per token (``max|x| / 127`` over the
+  last axis; or the calibrated static scale), weights symmetric int8 per output channel;
+- routed experts: grouped int8 GEMMs (``experts_as_linears``: each expert Linear as a Linear unit,
+  as on the portable path), or QMoE weights int8 per row (weights only), or per block of K with
+  int8 activations per token and block when ``moe_block`` > 0;
 - embedding: int8 per row.
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
@@ -31,14 +32,15 @@ from torch import nn
 QMAX = 127.0
 
 
-def fq(x: torch.Tensor, dim=None, scale: float | None = None) -> torch.Tensor:
-    """Symmetric int8 fake quantization: max-abs scale over ``dim`` (None: whole tensor) or fixed."""
+def fq(x: torch.Tensor, dim=None, scale: float | None = None, qmax: float = QMAX) -> torch.Tensor:
+    """Symmetric int8 fake quantization: max-abs scale over ``dim`` (None: whole tensor) or fixed;
+    ``qmax`` 63 for 7-bit weights (reduce_range)."""
     if scale is not None:
-        s = torch.tensor(max(scale, 1e-12) / QMAX, dtype=x.dtype)
+        s = torch.tensor(max(scale, 1e-12) / qmax, dtype=x.dtype)
     else:
         amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-        s = amax.clamp_min(1e-12) / QMAX
-    return torch.round(x / s).clamp(-QMAX, QMAX) * s
+        s = amax.clamp_min(1e-12) / qmax
+    return torch.round(x / s).clamp(-qmax, qmax) * s
 
 
 def fq_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -65,9 +67,9 @@ def units(model) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
-             experts_as_linears: bool = False):
+             experts_as_linears: bool = False, wmax: float = QMAX):
     """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
-    ``experts_as_linears``: the portable export, where each expert Linear is an int8 matmul."""
+    ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul."""
     static_scales = static_scales or {}
     saved, hooks = [], []
 
@@ -77,7 +79,7 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
 
     def act_hook(scale):
         def pre(_m, args):
-            return (fq(args[0], None, scale),) + tuple(args[1:])
+            return (fq(args[0], -1 if scale is None else None, scale),) + tuple(args[1:])
         return pre
 
     try:
@@ -87,7 +89,7 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                     continue
                 if name.endswith("mlp.experts") and experts_as_linears:
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
-                        swap(lin.weight, fq(lin.weight.data, dim=1))
+                        swap(lin.weight, fq(lin.weight.data, dim=1, qmax=wmax))
                         hooks.append(lin.register_forward_pre_hook(act_hook(None)))
                 elif name.endswith("mlp.experts"):
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
@@ -100,7 +102,7 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                 elif isinstance(mod, nn.Embedding):
                     swap(mod.weight, fq(mod.weight.data, dim=1))
                 elif isinstance(mod, nn.Linear) or hasattr(mod, "weight"):
-                    swap(mod.weight, fq(mod.weight.data, dim=1))
+                    swap(mod.weight, fq(mod.weight.data, dim=1, qmax=wmax))
                     hooks.append(mod.register_forward_pre_hook(act_hook(static_scales.get(name))))
         yield model
     finally:

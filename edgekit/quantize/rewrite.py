@@ -15,8 +15,13 @@ benchmarks/quant_bench.py and the module notes in ``edgekit/quantize/__init__.py
   integers shifted by 128; MLAS removes the offset with row sums). Real ``int8`` activations
   (s8s8) ran 10-400x slower than fp32 on this CPU; ``MatMulNBits`` 8-bit with accuracy_level 4 is
   fast for one token but as slow as fp32 for 32-128 tokens, and one graph serves both;
-- the activation scale is dynamic (``max|x| / 127`` per call, 3 small ops shared by all consumers
-  of that activation) or static (calibrated constant, ``mode="static"``);
+- the activation scale is dynamic (``max|x| / 127`` per token, a few small ops shared by all
+  consumers of that activation, applied by a ``Mul`` after the matmul) or static (calibrated
+  constant, ``mode="static"``, passed to the kernel);
+- x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) run u8s8 through ``VPMADDUBSW``, whose int16
+  sum of two u8 x s8 products saturates once both exceed ~181 x 90: 7-bit weights (``wmax`` 63,
+  onnxruntime's ``reduce_range``) keep every pair sum exact on every x86 CPU (measured on the AVX2
+  dev VM: full-range weights gave wrong sums on 70-100% of outputs of a random u8 x s8 product);
 - per-channel weight scales are applied by a ``Mul`` after the matmul: ``MatMulIntegerToFloat``
   with a per-column ``b_scale`` ran ~10x slower for one token at N = 4096.
 
@@ -43,11 +48,11 @@ EPS = 1e-12
 # ---------------------------------------------------------------------------------------------
 # pure numpy weight quantizers
 # ---------------------------------------------------------------------------------------------
-def quantize_sym(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 along ``axis`` (the reduced axis): q = round(w / s), s = max|w| / 127.
-    Returns (q int8, s float32 with ``axis`` dropped)."""
-    s = np.maximum(np.abs(w).max(axis=axis), EPS) / QMAX
-    q = np.clip(np.rint(w / np.expand_dims(s, axis)), -QMAX, QMAX).astype(np.int8)
+def quantize_sym(w: np.ndarray, axis: int, qmax: float = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 along ``axis`` (the reduced axis): q = round(w / s), s = max|w| / qmax.
+    Returns (q int8, s float32 with ``axis`` dropped). ``qmax`` 63 = 7-bit weights (reduce_range)."""
+    s = np.maximum(np.abs(w).max(axis=axis), EPS) / qmax
+    q = np.clip(np.rint(w / np.expand_dims(s, axis)), -qmax, qmax).astype(np.int8)
     return q, s.astype(np.float32)
 
 
@@ -66,6 +71,18 @@ def dequant_rows(q: np.ndarray, s: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # graph helpers
 # ---------------------------------------------------------------------------------------------
+def used_names(g: onnx.GraphProto) -> set[str]:
+    """Every value name a node of ``g`` reads, including nodes of its subgraphs (If/Loop bodies read
+    outer-scope initializers by name)."""
+    out = set()
+    for n in g.node:
+        out.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                out |= used_names(sub)
+    return out
+
+
 class _Graph:
     def __init__(self, proto: onnx.ModelProto):
         self.g = proto.graph
@@ -92,8 +109,13 @@ class _Graph:
         self._n += 1
         return f"q8/{hint}/{self._n}"
 
+    def node_name(self, tag: str, op: str) -> str:
+        """``q8:{tag}:{op}/{n}``: read by the profile report to attribute time to layer kinds."""
+        self._n += 1
+        return f"q8:{tag}:{op}/{self._n}"
+
     def drop_unused_inits(self) -> None:
-        used = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
+        used = used_names(self.g) | {o.name for o in self.g.output}
         keep = [t for t in self.g.initializer if t.name in used]
         del self.g.initializer[:]
         self.g.initializer.extend(keep)
@@ -111,38 +133,67 @@ def linear_nodes(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
     return out
 
 
-def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list) -> tuple[str, str, str]:
-    """Emit the symmetric int8 quantization of activation ``x``; returns (xq, scale, zero_point)."""
+def unit_tag(unit: str) -> str:
+    """Short profile tag of a unit: ``model.layers.3.self_attn.q_a_proj`` -> ``3.attn``,
+    ``...mlp.shared_experts.up_proj`` -> ``3.shared``, ``...mlp.down_proj`` -> ``0.mlp``, ``lm_head``."""
+    parts = unit.split(".")
+    if "layers" not in parts:
+        return parts[-1]
+    layer = parts[parts.index("layers") + 1]
+    kind = "shared" if "shared_experts" in parts else "attn" if "self_attn" in parts else "mlp"
+    return f"{layer}.{kind}"
+
+
+def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list, hint: str = "act") -> tuple[str, str, str, bool]:
+    """Emit the symmetric int8 quantization of activation ``x``; returns (xq, scale, zero_point, per_row).
+
+    Dynamic: one scale per token (row of the last axis, ``max|x| / 127``) so a row's result never
+    depends on the other rows of the call: prefill equals decode, a batched row equals the row alone.
+    Static: the calibrated constant (one scalar)."""
     zp = G.add_init(np.array(128, np.uint8), "zp")
     if static_scale is not None:
         s = G.add_init(np.array(max(static_scale, EPS) / QMAX, np.float32), "ascale")
-    else:
-        a, m, s0, s = G.fresh("abs"), G.fresh("amax"), G.fresh("s0"), G.fresh("ascale")
-        inv = G.add_init(np.array(1.0 / QMAX, np.float32), "inv127")
-        eps = G.add_init(np.array(EPS, np.float32), "eps")
-        nodes += [helper.make_node("Abs", [x], [a]),
-                  helper.make_node("ReduceMax", [a], [m], keepdims=0),
-                  helper.make_node("Mul", [m, inv], [s0]),
-                  helper.make_node("Max", [s0, eps], [s])]
+        xq = G.fresh("xq")
+        nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq], name=G.node_name(hint, "quant")))
+        return xq, s, zp, False
+    a, m, s0, s, xs = G.fresh("abs"), G.fresh("amax"), G.fresh("s0"), G.fresh("ascale"), G.fresh("xs")
+    inv = G.add_init(np.array(1.0 / QMAX, np.float32), "inv127")
+    eps = G.add_init(np.array(EPS, np.float32), "eps")
+    one = G.add_init(np.array(1.0, np.float32), "one")
     xq = G.fresh("xq")
-    nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq]))
-    return xq, s, zp
+    nm = lambda op: G.node_name(hint, f"quant.{op}")                      # noqa: E731
+    nodes += [helper.make_node("Abs", [x], [a], name=nm("abs")),
+              helper.make_node("ReduceMax", [a], [m], axes=[-1], keepdims=1, name=nm("amax")),  # [..., 1] per token
+              helper.make_node("Mul", [m, inv], [s0], name=nm("scale")),
+              helper.make_node("Max", [s0, eps], [s], name=nm("floor")),
+              helper.make_node("Div", [x, s], [xs], name=nm("div")),
+              helper.make_node("QuantizeLinear", [xs, one, zp], [xq], name=nm("q"))]
+    return xq, s, zp, True
 
 
-def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, w: np.ndarray, out: str, hint: str, nodes: list):
-    """out = (xq - 128) * s @ Wq * col_scale, W [K, N] quantized per output column."""
-    q, cs = quantize_sym(w, axis=0)                         # q [K, N], cs [N]
+def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarray, out: str, hint: str,
+                 nodes: list, wmax: float = QMAX):
+    """out = (xq - 128) @ Wq * s * col_scale, W [K, N] quantized per output column; ``s`` is a scalar
+    (passed to the kernel) or per row [..., 1] (applied after it)."""
+    q, cs = quantize_sym(w, axis=0, qmax=wmax)              # q [K, N], cs [N]
     one = G.add_init(np.array(1.0, np.float32), "one")
     wq = G.add_init(q, hint + ".w")
     csn = G.add_init(cs, hint + ".s")
     y = G.fresh("y")
-    nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, s, one, zp], [y], domain=MS))
-    nodes.append(helper.make_node("Mul", [y, csn], [out]))
+    nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, one if per_row else s, one, zp], [y], domain=MS,
+                                  name=G.node_name(hint, "gemm")))
+    if per_row:
+        ys = G.fresh("ys")
+        nodes.append(helper.make_node("Mul", [y, s], [ys], name=G.node_name(hint, "quant.rescale")))
+        y = ys
+    nodes.append(helper.make_node("Mul", [y, csn], [out], name=G.node_name(hint, "quant.colscale")))
 
 
 def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str],
-                    static_scales: dict[str, float] | None = None, merge: bool = True) -> list[str]:
-    """Replace MatMuls whose unit (``units[weight_name]``) is in ``int8``. Returns the unit names done."""
+                    static_scales: dict[str, float] | None = None, merge: bool = True,
+                    wmax: float = QMAX) -> list[str]:
+    """Replace MatMuls whose unit (``units[weight_name]``) is in ``int8``. Returns the unit names done.
+    ``wmax`` 63: 7-bit weights, so u8 x s8 pair sums fit int16 on CPUs without VNNI (reduce_range)."""
     G = _Graph(proto)
     static_scales = static_scales or {}
     todo = [(n, w) for n, w in linear_nodes(proto) if units.get(w) in int8]
@@ -162,16 +213,18 @@ def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str
         group = by_input[x]
         unit_names = [units[w] for _, w in group]
         scale = max((static_scales[u] for u in unit_names if u in static_scales), default=None)
-        xq, s, zp = _act_quant(G, x, scale, new_nodes)
+        tag = unit_tag(unit_names[0])
+        xq, s, zp, per_row = _act_quant(G, x, scale, new_nodes, tag)
         ws = [G.array(w) for _, w in group]
         if merge and len(group) > 1:
             y = G.fresh("ycat")
-            _int8_matmul(G, xq, s, zp, np.concatenate(ws, axis=1), y, "+".join(unit_names), new_nodes)
+            _int8_matmul(G, xq, s, zp, per_row, np.concatenate(ws, axis=1), y, tag, new_nodes, wmax)
             split = G.add_init(np.array([w.shape[1] for w in ws], np.int64), "split")
-            new_nodes.append(helper.make_node("Split", [y, split], [n.output[0] for n, _ in group], axis=-1))
+            new_nodes.append(helper.make_node("Split", [y, split], [n.output[0] for n, _ in group], axis=-1,
+                                              name=G.node_name(tag, "split")))
         else:
             for (n, _), w, u in zip(group, ws, unit_names):
-                _int8_matmul(G, xq, s, zp, w, n.output[0], u, new_nodes)
+                _int8_matmul(G, xq, s, zp, per_row, w, n.output[0], unit_tag(u), new_nodes, wmax)
         done += unit_names
     del G.g.node[:]
     G.g.node.extend(new_nodes)

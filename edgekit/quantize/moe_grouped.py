@@ -1,0 +1,198 @@
+"""Routed experts as grouped int8 GEMMs: one ``com.microsoft::MoE`` node -> tokens sorted by expert,
+one u8s8 ``MatMulIntegerToFloat`` pair per expert, run only for experts that received tokens.
+
+What: ``rewrite_moe_grouped(proto, node_name)`` replaces the fp32 MoE node (inputs ``x`` [N, D],
+``router_probs`` [N, E], ``fc1`` [E, 2I, D] with interleaved gate/up rows, ``fc2`` [E, D, I];
+attributes ``k``, ``normalize_routing_weights``) in place by::
+
+    vals, idx = TopK(router_probs, k)            # the op's own selection, so routing is identical
+    w         = Softmax(vals) | Softmax(probs)[idx]
+    order     = argsort(idx.flatten())           # token slots grouped by expert
+    counts    = bincount(idx.flatten(), E)
+    xq, sx    = int8(x) per token                # quantized once per layer, gathered in expert order
+    for e in experts:                            # unrolled; an If skips experts with no tokens
+        h  = silu(xq_e @ G_e * sx_e * sg_e) * (xq_e @ U_e * sx_e * su_e)   # one GEMM over [G_e | U_e]
+        hq, sh = int8(h) per token
+        y_e = hq @ D_e * sh * w_e * sd_e
+    y = sum over the k slots of concat(y_e)[argsort(order)]
+
+Why (measured, see benchmarks/results/ and benchmarks/moe_kernels.py): onnxruntime's CPU ``QMoE``
+kernel with 8-bit weights dequantizes each used expert's weights to fp32 and runs an fp32 GEMM,
+at both prefill and decode; on the 1.6B-parameter V3 shape it was ~70% of prefill time. Grouping
+the tokens per expert turns each expert into one integer GEMM on MLAS's u8s8 kernels (AVX-512
+VNNI / AMX where present) over weights prepacked at session start, and a decoding token touches
+only its k experts' int8 weights (no fp32 copy).
+
+Numerics: weights symmetric int8 per output column (zero point 0); activations symmetric int8 per
+token (one scale per row: ``max|x| / 127``), fed to the u8s8 kernel as uint8 with zero point 128.
+Per-token scales make a row's result independent of the other rows of the call (prefill ==
+decode, batched == alone). ``routed_scaling_factor`` is already folded into fc2 by the export.
+
+Invariants: the node's output name and the routing are unchanged; every new initializer is named
+``{node}.e{e}.*``; the emitted graph uses only opset-17 ops plus ``MatMulIntegerToFloat``.
+
+Failure modes: a MoE node without ``swiglu_fusion=1`` (the only layout the export writes) raises
+``ValueError``; the caller keeps the fp32 node in that case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .rewrite import used_names
+
+MS = "com.microsoft"
+
+
+@dataclass
+class GroupedMoEConfig:
+    skip_empty: bool = True      # If per expert: experts without tokens cost two tiny nodes, not a GEMM chain
+    wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
+
+
+def _sym_cols(w: np.ndarray, qmax: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """w [K, N] -> q int8 [K, N], per-column scale [N]."""
+    s = np.maximum(np.abs(w).max(axis=0), eps) / qmax
+    return np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8), s.astype(np.float32)
+
+
+class _Emit:
+    """Appends nodes and initializers under a short prefix (``moe.3`` -> ``m3``): names are
+    stored once per reference, and a graph has ~25 of them per expert, so they stay short."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self.inits, self.n = prefix, [], [], 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{self.prefix}/{self.n}"
+
+    def const(self, arr, hint: str) -> str:
+        name = f"{self.prefix}.{hint}"
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=outs[0], domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def token_quant(em: _Emit, x: str, c: dict) -> tuple[str, str]:
+    """Symmetric int8 per row of ``x`` [n, K] -> (uint8 [n, K] offset by 128, scale [n, 1])."""
+    amax = em.op("ReduceMax", [em.op("Abs", [x])], "amax", axes=[-1], keepdims=1)
+    s = em.op("Max", [em.op("Mul", [amax, c["inv_qmax"]]), c["eps"]], "sx")
+    xq = em.op("QuantizeLinear", [em.op("Div", [x, s]), c["one"], c["zp"]], "xq")
+    return xq, s
+
+
+def _expert_branch(em: _Emit, e: int, xq: str, sx: str, w: str, W1: str, s1: str, W2: str, s2: str,
+                   inter: int, c: dict) -> onnx.GraphProto:
+    """The then-branch for expert ``e``: rows xq [n, D] (uint8), their scales sx [n, 1] and routing
+    weights w [n, 1] -> y [n, D]."""
+    sub = _Emit(f"{em.prefix}e{e}")
+    a = sub.op("MatMulIntegerToFloat", [xq, W1, c["one"], c["one"], c["zp"]], "gu", domain=MS)
+    a = sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
+    g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
+    h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
+    hq, sh = token_quant(sub, h, c)
+    y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], c["one"], c["zp"]], "dn", domain=MS)
+    out = f"{em.prefix}e{e}.y"
+    sub.nodes.append(helper.make_node("Mul", [sub.op("Mul", [y, sub.op("Mul", [sh, w])]), s2], [out], name=out))
+    return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
+                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
+def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: GroupedMoEConfig,
+                  qmax: float = 127.0, eps: float = 1e-12) -> tuple[list, list]:
+    """Pure core: the nodes and initializers that compute ``node``'s output from int8 experts."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("swiglu_fusion") != 1:
+        raise ValueError(f"{node.name}: grouped experts need swiglu_fusion=1 (interleaved gate/up rows)")
+    k, normalize = int(attrs["k"]), int(attrs.get("normalize_routing_weights", 0))
+    E, two_i, D = fc1.shape
+    inter = two_i // 2
+    x, probs, out = node.input[0], node.input[1], node.output[0]
+    em = _Emit("m" + (node.name or "moe").replace("moe.", ""))
+    c = {"one": em.const(np.array(1.0, np.float32), "one"), "zp": em.const(np.array(128, np.uint8), "zp"),
+         "inv_qmax": em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
+         "eps": em.const(np.array(eps, np.float32), "eps"),
+         "split_gu": em.const(np.array([inter, inter], np.int64), "split_gu")}
+    k_t = em.const(np.array([k], np.int64), "k")
+    vals, idx = em.op("TopK", [probs, k_t], "topk", n_out=2, axis=-1, largest=1, sorted=1)   # [N, k]
+    if normalize:
+        w = em.op("Softmax", [vals], "w", axis=-1)
+    else:
+        w = em.op("GatherElements", [em.op("Softmax", [probs], "p", axis=-1), idx], "w", axis=1)
+    flat = em.op("Reshape", [idx, em.const(np.array([-1], np.int64), "flat")], "slot_expert")      # [N*k]
+    n_slots = em.op("Shape", [flat], "n_slots")
+    _, order = em.op("TopK", [em.op("Cast", [flat], to=TensorProto.FLOAT), n_slots], "order", n_out=2,
+                     axis=0, largest=0, sorted=1)                                                  # slots by expert
+    _, inverse = em.op("TopK", [em.op("Cast", [order], to=TensorProto.FLOAT), n_slots], "inverse", n_out=2,
+                       axis=0, largest=0, sorted=1)                                                # argsort(order)
+    token = em.op("Div", [order, k_t], "token")                                                    # slot -> token
+    onehot = em.op("OneHot", [flat, em.const(np.array(E, np.int64), "E"), em.const(np.array([0, 1], np.int64), "oh")],
+                   "onehot", axis=-1)                                                              # [N*k, E]
+    counts = em.op("ReduceSum", [onehot, em.const(np.array([0], np.int64), "ax0")], "counts", keepdims=0)  # [E]
+    xq, sx = token_quant(em, x, c)
+    xs = em.op("Gather", [xq, token], "xs", axis=0)
+    ss = em.op("Gather", [sx, token], "ss", axis=0)
+    ws = em.op("Gather", [em.op("Reshape", [w, em.const(np.array([-1, 1], np.int64), "col")]), order], "ws",
+               axis=0)
+    xs_e = em.op("Split", [xs, counts], "xs_e", n_out=E, axis=0)
+    ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
+    ws_e = em.op("Split", [ws, counts], "ws_e", n_out=E, axis=0)
+    if E == 1:
+        xs_e, ss_e, ws_e = [xs_e], [ss_e], [ws_e]
+    has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
+    empty = numpy_helper.from_array(np.zeros((0, D), np.float32), f"{em.prefix}.empty")   # [0, D]
+    ys = []
+    for e in range(E):
+        w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
+        q1, s1 = _sym_cols(w1, cfg.wmax, eps)
+        q2, s2 = _sym_cols(fc2[e].T, cfg.wmax, eps)                                                     # [I, D]
+        W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
+        W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
+        then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, inter, c)
+        if cfg.skip_empty:
+            cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
+            y_empty = f"{em.prefix}e{e}.0"
+            els = helper.make_graph([helper.make_node("Constant", [], [y_empty], value=empty, name=y_empty)],
+                                    f"{em.prefix}e{e}.else", [],
+                                    [helper.make_tensor_value_info(y_empty, TensorProto.FLOAT, None)])
+            ys.append(em.op("If", [cond], f"e{e}.y", then_branch=then, else_branch=els))
+        else:
+            em.nodes.extend(then.node)
+            ys.append(then.output[0].name)
+    y_sorted = em.op("Concat", ys, "y_sorted", axis=0)                                             # [N*k, D]
+    y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)                               # [N*k, D]
+    shape = em.const(np.array([-1, k, D], np.int64), "nkd")
+    y3 = em.op("Reshape", [y_slots, shape], "y3")
+    em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
+                                     keepdims=0, name=f"{em.prefix}/sum_slots"))
+    return em.nodes, em.inits
+
+
+def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None) -> str:
+    """In place: replace MoE node ``node_name`` by grouped int8 experts. Returns the path's name."""
+    cfg = cfg or GroupedMoEConfig()
+    g = proto.graph
+    node = next(n for n in g.node if n.name == node_name)
+    inits = {t.name: t for t in g.initializer}
+    fc1, fc2 = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[4]])
+    nodes, new_inits = grouped_nodes(node, fc1, fc2, cfg)
+    i = list(g.node).index(node)
+    g.node.remove(node)
+    for j, n in enumerate(nodes):
+        g.node.insert(i + j, n)
+    g.initializer.extend(new_inits)
+    used = used_names(g)
+    keep = [t for t in g.initializer if t.name in used or t.name not in (node.input[2], node.input[4])]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return "grouped"
