@@ -144,7 +144,8 @@ def unit_tag(unit: str) -> str:
     return f"{layer}.{kind}"
 
 
-def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list, hint: str = "act") -> tuple[str, str, str, bool]:
+def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list,
+               hint: str = "act") -> tuple[str, str, str, bool]:
     """Emit the symmetric int8 quantization of activation ``x``; returns (xq, scale, zero_point, per_row).
 
     Dynamic: one scale per token (row of the last axis, ``max|x| / 127``) so a row's result never
