@@ -9,8 +9,8 @@ Run: ``python benchmarks/quant_bench.py [--models v3-nano v3-50m] [--reps 15] [-
 Then it measures, interleaving the variants round-robin so machine noise hits all alike (medians):
 size of model.onnx, prefill of 128 tokens (``OrtModel.prefill``), decode ms/token at ~128 tokens
 of context (``OrtModel.decode``, IO-bound latent cache), and for the trained v3-nano the next-token
-accuracy on the eval split (quantize_dynamic's drop beside ours). v3-50m is random-init (the config
-of shared/notes/onnxruntime-cpu.md): its accuracy is meaningless, so top-1 agreement with fp32
+accuracy on the eval split (quantize_dynamic's drop beside ours). v3-50m is random-init (the named
+shape in edgekit/data/shapes.toml): its accuracy is meaningless, so top-1 agreement with fp32
 on random ids is printed instead. Results: ``benchmarks/results/quant_<model>.json``.
 """
 
@@ -28,11 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-V3_50M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, intermediate_size=1536,
-              num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
-              qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
-              n_shared_experts=1, moe_intermediate_size=512, first_k_dense_replace=1,
-              n_group=4, topk_group=2, routed_scaling_factor=2.5)
+from edgekit.shapes import shape_config  # noqa: E402
+
+V3_50M = shape_config("v3-50m")
 
 
 def make_model(name: str):

@@ -1,8 +1,8 @@
 """Build the artifact each benchmark row runs: checkpoints, the fp32 ONNX export and its quantized
 copies (onnxruntime ``quantize_dynamic`` defaults, NNCF ``ModelType.TRANSFORMER`` defaults).
 
-What: ``MODELS`` (v3-nano, trained; v3-50m, random init, the config in
-shared/notes/onnxruntime-cpu.md), ``prepare_model`` (an fp32 HF checkpoint dir), ``export_fp32``
+What: ``MODELS`` (v3-nano, trained; v3-50m, random init, the named shape
+in edgekit/data/shapes.toml), ``prepare_model`` (an fp32 HF checkpoint dir), ``export_fp32``
 (ONNX via ``edgekit.export`` when present, else a cache-less fallback), ``quantize_ort_dynamic`` and
 ``quantize_nncf`` (applied to the SAME fp32 export, so the rows differ only by quantizer).
 
@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.atomic import atomic_dir
+from edgekit.shapes import shape_config
 
-# The ~50M-parameter V3 config the ORT / llama.cpp probes used (shared/notes/onnxruntime-cpu.md).
-V3_50M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, intermediate_size=1536,
-              num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
-              qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
-              n_shared_experts=1, moe_intermediate_size=512, first_k_dense_replace=1,
-              n_group=4, topk_group=2, routed_scaling_factor=2.5)
+# The ~50M-parameter V3 config the ORT / llama.cpp probes used: the named shape v3-50m.
+V3_50M = shape_config("v3-50m")
 
 MODELS = {
     "v3-nano": {"trained": True, "source": "v3-nano"},

@@ -57,15 +57,54 @@ def _emit(obj: dict, as_json: bool, render) -> None:
 def info(model, as_json):
     """Architecture, parameters (total, active per token, by kind) and KV-cache bytes per token.
 
+    MODEL may also be a named shape (`edgekit synth --list`), described from its config alone.
+
     \b
     Example:
         edgekit info edgekit-out/pruned --json
+        edgekit info v3-1.6b
     """
-    from .checkpoint import load
-    from .info import model_info
+    from .info import describe
     from .report_text import render_info
 
-    _emit(model_info(load(model)), as_json, render_info)
+    _emit(describe(model), as_json, render_info)
+
+
+@cli.command()
+@click.argument("shape", required=False)
+@click.option("-o", "--out", default=None, help="Output checkpoint directory (replaced when complete).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="Storage dtype of the weights (routers stay fp32).")
+@click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
+              help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
+@click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
+def synth(shape, out, seed, dtype, shard_mb, list_shapes):
+    """Write a random-init (std 0.02) checkpoint of a named V3 SHAPE with v3-nano's tokenizer.
+
+    Tensors are generated and written shard by shard, so a checkpoint larger than free memory can
+    be written. Shapes: edgekit/data/shapes.toml.
+
+    \b
+    Example:
+        edgekit synth v3-1.6b -o ckpt/v3-1.6b
+        edgekit info ckpt/v3-1.6b
+    """
+    from .shapes import shape_names
+    from .synth import synth as do_synth
+
+    if list_shapes or not shape:
+        from .info import shape_info
+
+        for n in shape_names():
+            i = shape_info(n)
+            click.echo(f"{n:10s} {i['params_total'] / 1e6:9.1f}M params, {i['params_total'] * 4 / 1e9:5.2f} GB fp32")
+        return
+    if not out:
+        raise UserError("synth needs -o DIR (where to write the checkpoint)")
+    d = do_synth(shape, out, seed=seed, dtype=dtype, shard_bytes=shard_mb << 20,
+                 log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {d}")
 
 
 @cli.command(name="eval")

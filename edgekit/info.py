@@ -5,6 +5,9 @@ everything except the routed experts it does not pick), a breakdown into embeddi
 dense FFN / shared experts / routed experts / router / norms, per-layer sizes, and the KV-cache
 bytes per token of MLA's latent cache beside what a per-head K/V cache would take.
 
+``describe(model_or_shape)``: the same for a checkpoint directory, or for a named shape
+(``edgekit/data/shapes.toml``), computed from its config on torch's meta device without weights.
+
 Invariant: the breakdown sums to ``params_total`` (tested). Tied embeddings are counted once.
 """
 
@@ -81,3 +84,25 @@ def model_info(model: Transformer) -> dict:
             "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size", "first_k_dense_replace",
             "max_position_embeddings")},
     }
+
+
+def shape_info(name: str) -> dict:
+    """``model_info`` of a named shape, from its config alone (meta device, no weights)."""
+    from .shapes import meta_model, shape_args
+
+    m = meta_model(shape_args(name))
+    m.name = name
+    return model_info(m)
+
+
+def describe(model_or_shape=None) -> dict:
+    """``model_info`` of a checkpoint dir (None: v3-nano, the trained one) or of a named shape."""
+    from pathlib import Path
+
+    from .shapes import is_shape
+
+    if is_shape(model_or_shape) and model_or_shape != "v3-nano" and not Path(model_or_shape).exists():
+        return shape_info(model_or_shape)
+    from .checkpoint import load
+
+    return model_info(load(model_or_shape))
