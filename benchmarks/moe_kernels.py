@@ -91,12 +91,12 @@ def main(argv=None) -> dict:
     q.CopyFrom(base)
     rewrite_moe(q, "moe.0", 0)
     variants["QMoE int8 per-row"] = q
-    for skip in (True, False):
+    for fold in (False, True):
         gm = onnx.ModelProto()
         gm.CopyFrom(base)
-        rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(skip_empty=skip))
+        rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(wmax=63.0, fold=fold))
         ensure_ms_opset(gm)
-        variants[f"grouped int8{' (If per expert)' if skip else ' (no If)'}"] = gm
+        variants[f"grouped int8{' (scales in kernel)' if fold else ''}"] = gm
     rows = []
     feeds = {n: inputs(n, a.hidden, a.experts, a.k) for n in (a.tokens, 1)}
     ref = {n: session(base, a.threads).run(None, f)[0] for n, f in feeds.items()}

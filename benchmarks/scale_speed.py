@@ -149,7 +149,7 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
         d = work / f"int8-{path}"
         if not (d / "export.json").exists():
             int8 = int8 or {n for n in units(model) if not n.endswith("mlp.gate")}
-            quantize_export(fp32, d, model, int8, moe_path=path)
+            quantize_export(fp32, d, model, int8, moe_path=path.split("+")[0], fold_scales=path.endswith("+fold"))
             log(f"int8 ({path}) rewrite done")
         out[f"int8-{path}"] = d
     return out
@@ -164,7 +164,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="v3-1.6b")
     ap.add_argument("--experts", type=int, default=None, help="routed experts kept per MoE layer")
     ap.add_argument("--threads", default="4")
-    ap.add_argument("--moe", default="row,grouped", help="int8 expert paths: row (QMoE), block (QMoE), grouped")
+    ap.add_argument("--moe", default="row,grouped",
+                    help="int8 expert paths: row (QMoE), block (QMoE), grouped; '+fold': column scales in the kernel")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=10)

@@ -65,11 +65,11 @@ def _reference(fc1, fc2, x, probs, wmax):
     return y.astype(np.float32)
 
 
-@pytest.mark.parametrize("skip_empty", [True, False])
-def test_grouped_matches_int8_reference(skip_empty):
+@pytest.mark.parametrize("fold", [False, True])
+def test_grouped_matches_int8_reference(fold):
     base = moe_graph(D, I, E, K)
     fc1, fc2 = (numpy_helper.to_array(t) for t in base.graph.initializer)
-    g = _grouped(base, skip_empty=skip_empty, wmax=63.0)
+    g = _grouped(base, fold=fold, wmax=63.0)
     for n in (1, 3, 37):
         f = inputs(n, D, E, K, seed=n)
         got, ref = _run(g, f), _reference(fc1, fc2, f["x"], f["probs"], 63.0)

@@ -124,7 +124,7 @@ def unit_map(proto, model) -> dict[str, str]:
 
 def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict[str, float] | None = None,
                     moe_block: int = 0, merge: bool = True, moe_path: str = "grouped",
-                    reduce_range: bool = True) -> dict:
+                    reduce_range: bool = True, fold_scales: bool = False) -> dict:
     """Rewrite the fp32 export ``src_dir`` (of ``model``) to int8 in ``out_dir``; returns a summary."""
     import onnx
 
@@ -140,14 +140,14 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
     proto = onnx.load(str(src / spec["graph"]))
     umap = unit_map(proto, model)
     wmax = 63.0 if reduce_range else 127.0
-    done = rewrite_linears(proto, umap, int8, static_scales, merge=merge, wmax=wmax)
+    done = rewrite_linears(proto, umap, int8, static_scales, merge=merge, wmax=wmax, fold=fold_scales)
     emb = [w for w, u in umap.items() if u in int8 and u.endswith("embed_tokens")]
     emb_done = [umap[w] for w in emb if rewrite_embedding(proto, w)]
-    moe = {}
+    moe, gcfg = {}, GroupedMoEConfig(wmax=wmax, fold=fold_scales)
     for m in spec.get("moe_nodes", []):
         unit = f"model.layers.{m['layer']}.mlp.experts"
         if unit in int8:
-            moe[unit] = (rewrite_moe_grouped(proto, m["node"], GroupedMoEConfig(wmax=wmax)) if moe_path == "grouped"
+            moe[unit] = (rewrite_moe_grouped(proto, m["node"], gcfg) if moe_path == "grouped"
                          else rewrite_moe(proto, m["node"], moe_block))
     ensure_ms_opset(proto)
     out = Path(out_dir)

@@ -50,8 +50,8 @@ MS = "com.microsoft"
 
 @dataclass
 class GroupedMoEConfig:
-    skip_empty: bool = True      # If per expert: experts without tokens cost two tiny nodes, not a GEMM chain
     wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
+    fold: bool = False           # column scales as the kernel's per-column b_scale instead of a Mul
 
 
 def _sym_cols(w: np.ndarray, qmax: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -92,18 +92,19 @@ def token_quant(em: _Emit, x: str, c: dict) -> tuple[str, str]:
 
 
 def _expert_branch(em: _Emit, e: int, xq: str, sx: str, w: str, W1: str, s1: str, W2: str, s2: str,
-                   inter: int, c: dict) -> onnx.GraphProto:
+                   c: dict, fold: bool) -> onnx.GraphProto:
     """The then-branch for expert ``e``: rows xq [n, D] (uint8), their scales sx [n, 1] and routing
     weights w [n, 1] -> y [n, D]."""
     sub = _Emit(f"{em.prefix}e{e}")
-    a = sub.op("MatMulIntegerToFloat", [xq, W1, c["one"], c["one"], c["zp"]], "gu", domain=MS)
-    a = sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
+    a = sub.op("MatMulIntegerToFloat", [xq, W1, c["one"], s1 if fold else c["one"], c["zp"]], "gu", domain=MS)
+    a = sub.op("Mul", [a, sx]) if fold else sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
     g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
     h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
     hq, sh = token_quant(sub, h, c)
-    y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], c["one"], c["zp"]], "dn", domain=MS)
+    y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], s2 if fold else c["one"], c["zp"]], "dn", domain=MS)
     out = f"{em.prefix}e{e}.y"
-    sub.nodes.append(helper.make_node("Mul", [sub.op("Mul", [y, sub.op("Mul", [sh, w])]), s2], [out], name=out))
+    y = y if fold else sub.op("Mul", [y, s2])
+    sub.nodes.append(helper.make_node("Mul", [y, sub.op("Mul", [sh, w])], [out], name=out))
     return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
@@ -158,17 +159,14 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
         q2, s2 = _sym_cols(fc2[e].T, cfg.wmax, eps)                                                     # [I, D]
         W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
         W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
-        then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, inter, c)
-        if cfg.skip_empty:
-            cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
-            y_empty = f"{em.prefix}e{e}.0"
-            els = helper.make_graph([helper.make_node("Constant", [], [y_empty], value=empty, name=y_empty)],
-                                    f"{em.prefix}e{e}.else", [],
-                                    [helper.make_tensor_value_info(y_empty, TensorProto.FLOAT, None)])
-            ys.append(em.op("If", [cond], f"e{e}.y", then_branch=then, else_branch=els))
-        else:
-            em.nodes.extend(then.node)
-            ys.append(then.output[0].name)
+        then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, c, cfg.fold)
+        # an If per expert: one without tokens costs a Gather and an If, not a GEMM chain over 0 rows
+        cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
+        y_empty = f"{em.prefix}e{e}.0"
+        els = helper.make_graph([helper.make_node("Constant", [], [y_empty], value=empty, name=y_empty)],
+                                f"{em.prefix}e{e}.else", [],
+                                [helper.make_tensor_value_info(y_empty, TensorProto.FLOAT, None)])
+        ys.append(em.op("If", [cond], f"e{e}.y", then_branch=then, else_branch=els))
     y_sorted = em.op("Concat", ys, "y_sorted", axis=0)                                             # [N*k, D]
     y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)                               # [N*k, D]
     shape = em.const(np.array([-1, k, D], np.int64), "nkd")

@@ -173,26 +173,28 @@ def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list,
 
 
 def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarray, out: str, hint: str,
-                 nodes: list, wmax: float = QMAX):
+                 nodes: list, wmax: float = QMAX, fold: bool = False):
     """out = (xq - 128) @ Wq * s * col_scale, W [K, N] quantized per output column; ``s`` is a scalar
-    (passed to the kernel) or per row [..., 1] (applied after it)."""
+    (passed to the kernel) or per row [..., 1] (applied after it). ``fold``: the column scales go to
+    the kernel as its per-column ``b_scale`` instead of a ``Mul`` after it."""
     q, cs = quantize_sym(w, axis=0, qmax=wmax)              # q [K, N], cs [N]
     one = G.add_init(np.array(1.0, np.float32), "one")
     wq = G.add_init(q, hint + ".w")
     csn = G.add_init(cs, hint + ".s")
-    y = G.fresh("y")
-    nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, one if per_row else s, one, zp], [y], domain=MS,
-                                  name=G.node_name(hint, "gemm")))
-    if per_row:
-        ys = G.fresh("ys")
-        nodes.append(helper.make_node("Mul", [y, s], [ys], name=G.node_name(hint, "quant.rescale")))
-        y = ys
-    nodes.append(helper.make_node("Mul", [y, csn], [out], name=G.node_name(hint, "quant.colscale")))
+    a_scale = one if per_row else s
+    steps = ([s] if per_row else []) + ([] if fold else [csn])
+    y = out if not steps else G.fresh("y")
+    nodes.append(helper.make_node("MatMulIntegerToFloat", [xq, wq, a_scale, csn if fold else one, zp], [y],
+                                  domain=MS, name=G.node_name(hint, "gemm")))
+    for i, factor in enumerate(steps):
+        nxt = out if i == len(steps) - 1 else G.fresh("ys")
+        nodes.append(helper.make_node("Mul", [y, factor], [nxt], name=G.node_name(hint, "quant.rescale")))
+        y = nxt
 
 
 def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str],
                     static_scales: dict[str, float] | None = None, merge: bool = True,
-                    wmax: float = QMAX) -> list[str]:
+                    wmax: float = QMAX, fold: bool = False) -> list[str]:
     """Replace MatMuls whose unit (``units[weight_name]``) is in ``int8``. Returns the unit names done.
     ``wmax`` 63: 7-bit weights, so u8 x s8 pair sums fit int16 on CPUs without VNNI (reduce_range)."""
     G = _Graph(proto)
@@ -219,13 +221,13 @@ def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str
         ws = [G.array(w) for _, w in group]
         if merge and len(group) > 1:
             y = G.fresh("ycat")
-            _int8_matmul(G, xq, s, zp, per_row, np.concatenate(ws, axis=1), y, tag, new_nodes, wmax)
+            _int8_matmul(G, xq, s, zp, per_row, np.concatenate(ws, axis=1), y, tag, new_nodes, wmax, fold)
             split = G.add_init(np.array([w.shape[1] for w in ws], np.int64), "split")
             new_nodes.append(helper.make_node("Split", [y, split], [n.output[0] for n, _ in group], axis=-1,
                                               name=G.node_name(tag, "split")))
         else:
             for (n, _), w, u in zip(group, ws, unit_names):
-                _int8_matmul(G, xq, s, zp, per_row, w, n.output[0], unit_tag(u), new_nodes, wmax)
+                _int8_matmul(G, xq, s, zp, per_row, w, n.output[0], unit_tag(u), new_nodes, wmax, fold)
         done += unit_names
     del G.g.node[:]
     G.g.node.extend(new_nodes)
