@@ -62,7 +62,7 @@ def summarize_profile(path: Path, runs: int, skip_runs: int = 0) -> dict:
     events = json.loads(path.read_text())
     starts = sorted((ev["ts"] + ev.get("dur", 0)) for ev in events if ev.get("name") == "model_run")
     after = starts[skip_runs - 1] if skip_runs and len(starts) >= skip_runs else -1
-    by_op, by_kind = collections.Counter(), collections.Counter()
+    by_op, by_kind, by_kind_op = collections.Counter(), collections.Counter(), collections.Counter()
     nodes = collections.Counter()
     for ev in events:
         if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time") or ev.get("ts", 0) < after:
@@ -74,12 +74,14 @@ def summarize_profile(path: Path, runs: int, skip_runs: int = 0) -> dict:
         us = ev.get("dur", 0)
         by_op[op] += us
         by_kind[layer_kind(name, op)] += us
+        by_kind_op[f"{layer_kind(name, op)} / {op}"] += us
         nodes[op] += 1
     total = sum(by_op.values()) or 1
     table = lambda c: {k: {"ms_per_run": round(v / 1e3 / runs, 3), "share": round(v / total, 4)}  # noqa: E731
                        for k, v in c.most_common()}
     return {"kernel_ms_per_run": round(total / 1e3 / runs, 2), "by_op_type": table(by_op),
-            "by_layer_kind": table(by_kind), "nodes_run_per_run": {k: v // runs for k, v in nodes.most_common()}}
+            "by_layer_kind": table(by_kind), "by_kind_and_op": dict(list(table(by_kind_op).items())[:25]),
+            "nodes_run_per_run": {k: v // runs for k, v in nodes.most_common()}}
 
 
 PROFILE_WORKER = r"""
