@@ -2,6 +2,9 @@
 function and prints its result; the work lives in the library modules.
 
 Errors: ``EdgekitError`` (bad input) becomes one line on stderr and exit code 2, no traceback.
+
+``prune`` and ``compress`` also run under ``torchrun --nproc-per-node N`` (``edgekit.dist``):
+every rank takes part in calibration and distillation, rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
         edgekit prune --experts 0.25 --recover-steps 100 -o edgekit-out/pruned
         edgekit info edgekit-out/pruned
     """
+    from . import dist
     from .prune import PruneConfig, prune_checkpoint
     from .recipes import build, load_recipe
 
@@ -190,9 +194,12 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
     else:
         cfg = build(PruneConfig, dict(experts=experts, heads=heads, ffn=ffn, layers=layers,
                                       recover_steps=recover_steps), "prune")
-    d = prune_checkpoint(model, out, cfg, calib=calib)
-    rec = json.loads((d / "prune.json").read_text())
-    click.echo(f"wrote {d}: {rec['params_before'] / 1e6:.3f}M -> {rec['params_after'] / 1e6:.3f}M params")
+    with dist.session() as w:
+        d = prune_checkpoint(model, out, cfg, calib=calib, progress=w.is_main)
+    if w.is_main:
+        rec = json.loads((d / "prune.json").read_text())
+        click.echo(f"wrote {d}: {rec['params_before'] / 1e6:.3f}M -> {rec['params_after'] / 1e6:.3f}M params"
+                   + (f" ({w.size} ranks)" if w.enabled else ""))
 
 
 @cli.command()
@@ -266,12 +273,15 @@ def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cac
     """
     from rich.console import Console
 
+    from . import dist
     from .pipeline import compress as run
     from .report_text import render_report
 
-    con = Console(stderr=True)
-    res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict, auto=auto,
-              use_cache=not no_cache, console=con)
+    with dist.session() as w:
+        res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict,
+                  auto=auto, use_cache=not no_cache, console=Console(stderr=True) if w.is_main else None)
+    if res is None:  # a rank other than 0: it took part in prune + recover only
+        return
     render_report(res.report, res.bundle)
     sys.exit(res.exit_code)
 

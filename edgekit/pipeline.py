@@ -13,6 +13,12 @@ a gate failed (the bundle is still written and the report names the gate), 2 for
 
 Invariants: the bundle directory appears only when complete (``bundle.finalize``); the accuracy
 gate compares the bundle (onnxruntime) with the fp32 torch model on the same eval tokens.
+
+Under torchrun (``edgekit.dist``) every rank runs the prune (+recover) stage, calibration and
+distillation split over ranks (``prune_on_all_ranks``); rank 0 writes that stage's cache entry once
+all ranks succeeded and runs the remaining stages alone (the cached prune is then a hit); the other
+ranks return ``None`` and write nothing. All ranks leave the process group after that stage, so
+nothing later can wait on a peer that has gone. ``auto`` is single-process only.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import dist
 from .atomic import finalize, staging_dir
 from .bundle import write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
 from .data import load_tokens
+from .errors import EdgekitError
 from .evaluate import evaluate
 from .recipes import Recipe, load_recipe, recipe_to_toml
 from .report import write_report
@@ -87,20 +95,12 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     between the calibration text quantize_ measures on and the eval text the gate uses, but never
     less than a quarter of the goal."""
     from .export import export
-    from .prune import prune_
     from .quantize import quantize_
 
     recover = calib if recover is None else recover
-    key = [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
-
-    def do_prune(tmp: Path):
-        m = load(src)
-        before = _params(m)
-        prune_(m, recipe.prune, calib, recover_tokens=recover)
-        record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
-        save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
-
-    pruned = st.run("prune + recover", lambda: cache.get("prune", key, do_prune))
+    key = _prune_key(src, recipe, calib, recover)
+    pruned = st.run("prune + recover", lambda: cache.get("prune", key, lambda tmp: _prune_to(tmp, src, recipe,
+                                                                                            calib, recover)))
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
@@ -121,6 +121,40 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     quantized = st.run("scale + quantize int8", lambda: cache.get("quantize", key, do_quantize))
     return {"pruned": pruned, "exported": exported, "quantized": quantized, "pruned_accuracy": pruned_acc,
             "quant_config": qcfg}
+
+
+def _prune_key(src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray) -> list:
+    return [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
+
+
+def _prune_to(out: Path, src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray) -> None:
+    """Prune (+recover) ``src`` and save it to ``out`` (on rank 0 only under torchrun)."""
+    from .prune import prune_
+
+    m = load(src)
+    before = _params(m)
+    prune_(m, recipe.prune, calib, recover_tokens=recover)
+    record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
+    dist.publish(out, lambda tmp: save(m, tmp, tokenizer_from=src,
+                                       extra_files={"prune.json": json.dumps(record, indent=2)}))
+
+
+def prune_on_all_ranks(src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray, cache: StageCache,
+                       console=None) -> dict:
+    """Under torchrun: the prune (+recover) stage on every rank, its cache entry written by rank 0
+    (skipped when rank 0 has it cached). Returns the stage's timing row."""
+    out = cache.path("prune", _prune_key(src, recipe, calib, recover))
+    n = dist.world().size
+    row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(out.is_dir()))}
+    if console:
+        console.print(f"[bold cyan][dist][/] prune + recover on {n} ranks ...")
+    t = time.perf_counter()
+    if not row["cached"]:
+        _prune_to(out, src, recipe, calib, recover)
+    row["seconds"] = round(time.perf_counter() - t, 2)
+    if console:
+        console.print(f"      done in {row['seconds']:.1f}s")
+    return row
 
 
 def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: StageCache, st: Stages) -> dict:
@@ -211,9 +245,12 @@ def features_of(recipe: Recipe) -> list[str]:
 
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
              recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
-             use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult:
+             use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult | None:
     src = resolve(model)
     recipe = recipe or load_recipe(target)
+    w = dist.world()
+    if w.enabled and auto:
+        raise EdgekitError("--auto runs many candidate prunes in one process; drop --auto or run without torchrun")
     load(src)  # validate the checkpoint (one-line errors) before any work
     tok = load_tokenizer(src)
     calib_tokens = load_tokens(calib or "calib", tok)
@@ -222,18 +259,26 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     shipped = src.resolve() == reference_model_dir().resolve()
     recover_tokens = load_tokens(recover or ("recover" if shipped else calib or "calib"), tok)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
-    scratch = None if use_cache else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
+    scratch = None if use_cache or not w.is_main else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
     try:
+        cache, rows = StageCache(scratch), []
+        if w.enabled:
+            rows = [prune_on_all_ranks(src, recipe, calib_tokens, recover_tokens, cache,
+                                       console if w.is_main else None)]
+            dist.shutdown()  # every rank leaves the group: rank 0 goes on alone, no collective can wait on a peer
+            if not w.is_main:
+                return None
         return _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto,
-                         StageCache(scratch), console)
+                         cache, console, rows)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto, cache,
-              console) -> CompressResult:
+              console, dist_rows=()) -> CompressResult:
     st = Stages(console, total=7)
+    st.rows.extend(dist_rows)
     baseline = baseline_for(src, recipe, eval_tokens, cache, st)
     stages_rows = [{"name": "fp32", "params": baseline["params"], "accuracy": baseline["accuracy"],
                     "size_bytes": baseline["onnx_bytes"]}]
@@ -263,6 +308,8 @@ def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, 
             report[key] = json.loads(f.read_text())
     if auto_info:
         report["auto"] = auto_info
+    if dist_rows:
+        report["distributed"] = dist_rows[0]
     bundle = st.run("bundle", lambda: write_bundle(out, dirs["quantized"], src, recipe, report,
                                                    features_of(recipe), src.name, tok))
     failed = [k for k, g in report["gates"].items() if g["status"] == "fail"]

@@ -57,8 +57,12 @@ class StageCache:
         self.root = Path(root) if root else default_root()
         self.hits: list[str] = []
 
+    def path(self, stage: str, key_parts) -> Path:
+        """Where the entry for ``key_parts`` lives (whether or not it exists yet)."""
+        return self.root / stage / digest(stage, key_parts)
+
     def get(self, stage: str, key_parts, build: Callable[[Path], None]) -> Path:
-        out = self.root / stage / digest(stage, key_parts)
+        out = self.path(stage, key_parts)
         if out.is_dir():
             self.hits.append(stage)
             return out

@@ -19,6 +19,8 @@ TOML keys are strings) to its own ``{experts, heads, ffn}`` ratios, overriding t
 Invariants: all statistics come from the unpruned model in one calibration pass; at least one unit
 of each kind stays; the pruned model loads with the plain model class (``layer_overrides`` carry
 per-layer sizes when they differ); the teacher used for recovery is an untouched copy.
+Under torchrun (``edgekit.dist``) calibration and distillation are split over ranks with the same
+result on every rank; ``prune_checkpoint`` is then written by rank 0 alone (``dist.publish``).
 
 Failure modes: ratios outside [0, 1), removing every layer, unknown per-layer keys or layer
 indices raise ``ValueError`` (config) or ``EdgekitError`` (input) with the fix in the message.
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dist
 from ..errors import EdgekitError
 from .importance import EXPERT_CRITERIA, keep_channels, keep_experts, keep_heads, keep_layers
 from .stats import LayerStats, collect_stats
@@ -176,7 +179,8 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
                      progress: bool = True) -> Path:
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
-    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record."""
+    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record. Under torchrun
+    every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
 
@@ -187,6 +191,7 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
     before = param_count(model)
     prune_(model, config, calib_ids, recover_ids, progress=progress)
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
-              "recover": str(recover or calib), "params_before": before, "params_after": param_count(model)}
+              "recover": str(recover or calib), "params_before": before, "params_after": param_count(model),
+              "world_size": dist.world().size}
     extra = {"prune.json": json.dumps(record, indent=2) + "\n"}
-    return save(model, out, tokenizer_from=src or "v3-nano", extra_files=extra)
+    return dist.publish(out, lambda tmp: save(model, tmp, tokenizer_from=src or "v3-nano", extra_files=extra))
