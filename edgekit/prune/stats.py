@@ -108,13 +108,18 @@ def _hooks(model: Transformer, accs: list[_Acc]) -> list:
 
         handles.append(layer.register_forward_hook(on_block))
         handles.append(attn.o_proj.register_forward_pre_hook(on_o_proj))
+        # pre-hooks must return None: a returned value would replace the module's input
         if isinstance(mlp, MLP):
-            handles.append(mlp.down_proj.register_forward_pre_hook(
-                lambda mod, inp, acc=acc: acc.ffn.add_(_sq_sum(inp[0]))))
+            def on_ffn(mod, inp, acc=acc):
+                acc.ffn += _sq_sum(inp[0])
+
+            handles.append(mlp.down_proj.register_forward_pre_hook(on_ffn))
             continue
         if mlp.shared_experts is not None:
-            handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(
-                lambda mod, inp, acc=acc: acc.shared.add_(_sq_sum(inp[0]))))
+            def on_shared(mod, inp, acc=acc):
+                acc.shared += _sq_sum(inp[0])
+
+            handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(on_shared))
 
         def on_gate(mod, inp, out, acc=acc):
             acc.routing = (out[0].detach().float(), out[1].detach())           # [N, k] each
