@@ -162,9 +162,8 @@ def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfi
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        if on_step is not None or (cfg.progress and step % 10 == 0):
-            global_loss = dist.mean_over_ranks(loss).item()
-            if on_step is not None:
-                on_step(step, global_loss)
-            if cfg.progress and step % 10 == 0 and hasattr(it, "set_postfix"):
-                it.set_postfix(loss=f"{global_loss:.4f}")
+        global_loss = dist.mean_over_ranks(loss)  # every rank, every step: never a collective on one rank only
+        if on_step is not None:
+            on_step(step, global_loss.item())
+        if step % 10 == 0 and hasattr(it, "set_postfix"):
+            it.set_postfix(loss=f"{global_loss.item():.4f}")
