@@ -4,8 +4,9 @@ Usage: ``dist_worker.py MODE WORK`` with WORK holding ``src/`` (a tiny checkpoin
 and receiving ``out/`` (what edgekit writes) and ``result.*`` (what rank 0 reports to the test).
 
 - ``library``: calibration statistics and 3 distillation steps (per-step loss, final weights) on
-  both ranks, which rank 0 reports; then ``edgekit prune --recipe WORK/recipe.toml`` (the CLI, as
-  torchrun would start it) writes ``out/pruned``.
+  both ranks, which rank 0 reports; compress's distributed prune stage into ``out/cache``; then
+  ``edgekit prune --recipe WORK/recipe.toml`` (the CLI, as torchrun would start it) writes
+  ``out/pruned``.
 - ``kill-commit``: rank 1 dies (SIGKILL) once rank 0 has begun writing the checkpoint.
 - ``kill-step``: rank 1 dies (SIGKILL) in its second distillation step.
 
@@ -29,9 +30,13 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgekit import atomic, checkpoint, dist  # noqa: E402
+from edgekit.data import load_tokens  # noqa: E402
 from edgekit.distill import DistillConfig, distill_  # noqa: E402
+from edgekit.pipeline import prune_on_all_ranks  # noqa: E402
 from edgekit.prune import PruneConfig, prune_, prune_checkpoint  # noqa: E402
 from edgekit.prune.stats import collect_stats  # noqa: E402
+from edgekit.recipes import load_recipe  # noqa: E402
+from edgekit.stagecache import StageCache  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
 
 VOCAB = 4096  # the shipped tokenizer's, so the shipped calib split tokenizes into this model
@@ -73,6 +78,11 @@ def library(work: Path):
         save_file(flat, str(work / "result.stats.safetensors"))
         save_file({k: v.contiguous() for k, v in s.state_dict().items()}, str(work / "result.student.safetensors"))
         (work / "result.json").write_text(json.dumps({"losses": losses, "world_size": dist.world().size}))
+    # compress's distributed stage: the prune (+recover) stage-cache entry, written by rank 0
+    src, recipe = work / "src", load_recipe(str(work / "recipe.toml"))
+    calib = load_tokens("calib", checkpoint.load_tokenizer(src))
+    row = prune_on_all_ranks(src, recipe, calib, calib, StageCache(work / "out" / "cache"))
+    assert row["world_size"] == 2 and not row["cached"], row
     from edgekit.cli import cli  # last: the command leaves the process group when done
 
     cli.main(["prune", str(work / "src"), "--recipe", str(work / "recipe.toml"), "-o", str(work / "out" / "pruned")],

@@ -88,8 +88,15 @@ def test_two_ranks_match_one_process(work):
     assert a.args == b.args, (a.args, b.args)
     for k, v in b.state_dict().items():
         _close(f"checkpoint {k}", a.state_dict()[k], v, rtol=1e-4, atol=1e-5)
-    assert sorted(p.name for p in (work / "out").iterdir()) == ["pruned"], list((work / "out").iterdir())
     assert json.loads((work / "out" / "pruned" / "prune.json").read_text())["world_size"] == 2
+    # compress's stage-cache entry for prune + recover: the same model
+    entries = list((work / "out" / "cache" / "prune").iterdir())
+    assert len(entries) == 1, entries
+    c = load(entries[0]).state_dict()
+    for k, v in b.state_dict().items():
+        _close(f"compress prune stage {k}", c[k], v, rtol=1e-4, atol=1e-5)
+    left = sorted(str(q.relative_to(work / "out")) for q in (work / "out").rglob("*") if q.name.startswith("."))
+    assert left == [], f"staging leftovers: {left}"
 
 
 @pytest.mark.parametrize("mode", ["kill-commit", "kill-step"])
