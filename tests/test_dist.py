@@ -41,6 +41,15 @@ def _torchrun(*args, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The references run on one thread, like each rank (torchrun sets OMP_NUM_THREADS=1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
