@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def main():
     print(md)
     if a.out:
         out = Path(a.out)
-        result = {"note": a.note, "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        result = {"note": a.note, "command": shlex.join(["python", *sys.argv]),
                   "host_cpus": os.cpu_count(), "rows": rows}
         _write(out.with_name(out.name + ".json"), json.dumps(result, indent=1) + "\n")
         _write(out.with_name(out.name + ".md"), f"{a.note}\n\n`{result['command']}`\n\n{md}\n")
