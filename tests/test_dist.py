@@ -68,6 +68,7 @@ def _close(name, got, ref, **tol):
                              f"({got.reshape(-1)[i].item():.8g} vs {ref.reshape(-1)[i].item():.8g})")
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(work):
     p = _torchrun("tests/dist_worker.py", "library", str(work))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -108,6 +109,7 @@ def test_two_ranks_match_one_process(work):
     assert left == [], f"staging leftovers: {left}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["kill-commit", "kill-step"])
 def test_a_killed_rank_leaves_no_output(work, mode):
     out = work / f"{mode}" / "out"
