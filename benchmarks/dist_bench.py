@@ -47,27 +47,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from edgekit import __version__, dist  # noqa: E402
 from edgekit.distill import DistillConfig, distill_  # noqa: E402
-from edgekit.model import ModelArgs, Transformer  # noqa: E402
+from edgekit.model import Transformer  # noqa: E402
 from edgekit.prune.surgery import LayerPlan, Plan, apply_plan_  # noqa: E402
-
-V3_50M = dict(vocab_size=8192, hidden_size=512, num_hidden_layers=6, intermediate_size=1536,
-              num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64,
-              qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=8, num_experts_per_tok=2,
-              n_shared_experts=1, moe_intermediate_size=512, first_k_dense_replace=1,
-              n_group=4, topk_group=2, routed_scaling_factor=2.5)
-# ~1.63B parameters: 16 layers (1 dense), 32 routed experts top-4 in 4 groups + 1 shared, MLA as in V3
-V3_1_6B = dict(vocab_size=32000, hidden_size=1536, num_hidden_layers=16, intermediate_size=4096,
-               num_attention_heads=12, q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=64,
-               qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4,
-               n_shared_experts=1, moe_intermediate_size=640, first_k_dense_replace=1, n_group=4,
-               topk_group=2, max_position_embeddings=4096)
-SHAPES = {"v3-nano": {}, "v3-50m": V3_50M, "v3-1.6b": V3_1_6B}
+from edgekit.shapes import shape_args, shape_names  # noqa: E402
 
 
 def models(shape: str, seed: int = 0) -> tuple[Transformer, Transformer]:
     """Random-init teacher of ``shape`` and a student with the first half of each MoE layer's experts."""
     torch.manual_seed(seed)
-    teacher = Transformer(ModelArgs(**SHAPES[shape])).eval()
+    teacher = Transformer(shape_args(shape)).eval()
     plan = Plan(list(range(teacher.args.num_hidden_layers)))
     for i in plan.layers:
         la = teacher.args.for_layer(i)
@@ -152,7 +140,7 @@ def table(rows: list[dict]) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="v3-nano")
+    ap.add_argument("--shape", choices=shape_names(), default="v3-nano", help="a shape of edgekit/data/shapes.toml")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-per-rank", type=int, default=4, help="windows per rank per step (weak scaling)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
