@@ -99,7 +99,11 @@ def init_from_env() -> World:
                            "launch with torchrun --nproc-per-node N (plus --nnodes/--rdzv-endpoint across hosts)")
     timeout = timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     if torch.cuda.is_available():
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
+        local, gpus = _env_int("LOCAL_RANK", 0), torch.cuda.device_count()
+        if local >= gpus:
+            raise EdgekitError(f"local rank {local} but this host has {gpus} GPUs; use --nproc-per-node {gpus} "
+                               "(one process per GPU)")
+        torch.cuda.set_device(local)
         tdist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         tdist.init_process_group("gloo", timeout=timeout)
