@@ -16,7 +16,8 @@ report.json::
       "baseline": {...},    # fp32: torch accuracy/perplexity, fp32 ONNX size and latency
       "compressed": {...},  # the bundle: accuracy, perplexity, size, latency p50/p95 + samples, peak RSS
       "stages": [...],      # per pipeline stage: params, accuracy, size, seconds
-      "auto": {...}         # with --auto: every candidate tried and the Pareto front
+      "auto": {...},        # with --auto: every candidate tried and the Pareto front
+      "distributed": {...}  # under torchrun: world_size, seconds and cache hit of the prune stage on all ranks
     }
 
 Gate status is ``pass``, ``fail`` or ``unverified``; a latency gate is never ``pass`` on a host
