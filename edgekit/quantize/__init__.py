@@ -124,7 +124,7 @@ def unit_map(proto, model) -> dict[str, str]:
 
 def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict[str, float] | None = None,
                     moe_block: int = 0, merge: bool = True, moe_path: str = "grouped",
-                    reduce_range: bool = True, fold_scales: bool = False) -> dict:
+                    reduce_range: bool = True, fold_scales: bool = True) -> dict:
     """Rewrite the fp32 export ``src_dir`` (of ``model``) to int8 in ``out_dir``; returns a summary."""
     import onnx
 
