@@ -53,6 +53,9 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     gates = {
         "accuracy_drop": gate(drop, goals.accuracy_drop, baseline_accuracy=baseline["accuracy"],
                               accuracy=acc["accuracy"], tokens=acc["tokens"]),
+        # a model at 0% accuracy cannot drop (accuracy >= 0), so its relative drop is 0
+        "accuracy_drop_relative": gate(drop / baseline["accuracy"] if baseline["accuracy"] else 0.0,
+                                       goals.accuracy_drop_relative, note="drop / fp32 accuracy"),
         "latency_prefill_p95_ms": gate(lat["prefill_ms"]["p95"], goals.latency_prefill_p95_ms, unverified_reason=why,
                                        p50=lat["prefill_ms"]["p50"], tokens=goals.prefill_tokens),
         "latency_decode_p95_ms": gate(lat["decode_ms"]["p95"], goals.latency_decode_p95_ms, unverified_reason=why,
