@@ -161,7 +161,7 @@ def assign_package_splits(domain: Domain, docs: list[Document]) -> tuple[dict[st
         elif train < domain.train_bytes:
             split_of[d.path] = "train"
             train += size
-    return split_of, set(recover_paths(docs, split_of, domain.recover_bytes))
+    return split_of, set(recover_paths(sorted(docs, key=lambda d: d.path), split_of, domain.recover_bytes))
 
 
 def assign_python_splits(domain: Domain, docs: list[Document]) -> tuple[dict[str, str], set[str]]:

@@ -93,9 +93,12 @@ def prepare_tokens(spec: ModelSpec, tokenizer: Path, texts: list[Path], out: Pat
     if tok.get_vocab_size() > 2 ** 16:
         raise SystemExit(f"error: vocab {tok.get_vocab_size()} does not fit uint16 token files")
     parts, spans, at = [], {}, 0
-    for p in texts:
+    names = [p.stem for p in texts]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.stem}" for p in texts]
+    for name, p in zip(names, texts):
         ids = encode_split(tok, p.read_text(encoding="utf-8")).numpy().astype(np.uint16)
-        spans[p.stem] = [at, at + len(ids)]
+        spans[name] = [at, at + len(ids)]
         at += len(ids)
         parts.append(ids)
     out.mkdir(parents=True, exist_ok=True)
