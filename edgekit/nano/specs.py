@@ -8,7 +8,7 @@ v3-mini is shaped like DeepSeek-V3's fine-grained MoE, scaled down: 64 routed ex
 in 8 groups, top-4 groups and top-6 experts per token (V3: 256 in 8 groups, top-4, top-8), one
 shared expert as wide as a routed one, routed experts 1/4 of the hidden width (V3: 2048/7168),
 sigmoid scoring with the aux-loss-free correction bias; MLA exactly as v3-nano. Routed experts hold
-~3/4 of its parameters, so pruning the experts a domain does not call is what can shrink it.
+81% of its 19.33M parameters, so pruning the experts a domain does not call is what can shrink it.
 
 Why vocab 4096 for v3-mini too (measured on the shipped eval splits with ``python -m
 edgekit.nano.tokenizer --model v3-mini --vocab N``, 2-core dev VM): 8192 encodes python/c/prose eval
