@@ -221,6 +221,8 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     tok = load_tokenizer(src)
     # a target domain (--calib DOMAIN or the recipe's [data] domain) supplies calib/recover/eval text
     plan = plan_data(src, recipe, calib, eval_data, recover)
+    if plan.domain:  # the applied recipe (bundle's recipe.toml) names the domain the gate read
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     calib_tokens = load_tokens(plan.calib, tok)
     eval_tokens = load_tokens(plan.eval, tok, recipe.validate.eval_max_tokens or None)
     # distillation text: the shipped sample of v3-nano's training text for v3-nano, else calibration text

@@ -90,7 +90,8 @@ def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: st
         raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
     baseline = json.loads(built.read_text())["baseline"]
     recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
-    tokens = load_tokens(eval_data or "eval", load_tokenizer(b), recipe.validate.eval_max_tokens or None)
+    default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
+    tokens = load_tokens(eval_data or default, load_tokenizer(b), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)
     report["bundle"] = {"path": str(b), "model_name": manifest["model_name"], "built_for": manifest["target"],
                         "edgekit_version": manifest["edgekit_version"]}
