@@ -11,6 +11,10 @@ far more signal per token than the one-hot target, which matters when the recove
 (the shipped calibration split); the student is pulled back towards the model it was cut from
 instead of being fine-tuned towards the recovery text.
 
+Quantization-aware recovery: with ``fake_quant="int8"`` the student trains under int8 fake
+quantization with a straight-through estimator (``edgekit/qat.py``), so recovery also absorbs the
+int8 rounding the bundle will apply; the student's parameters stay fp32 and load/export as usual.
+
 Invariants: the teacher is never modified (no grad, eval mode); the student ends in eval mode on
 the device it started on; runs on CUDA when present (``device="auto"``), CPU otherwise; the same
 seed gives the same windows. Learning rate: linear warm-up, then cosine to 10%.
@@ -45,6 +49,7 @@ class DistillConfig:
     train_embeddings: bool = True    # False: embeddings and lm_head stay frozen (less overfitting on tiny text)
     seed: int = 0
     device: str = "auto"             # "auto" (CUDA when present), "cpu", "cuda"
+    fake_quant: str = ""             # "": plain fp32 student; "int8": quantization-aware (edgekit/qat.py)
     progress: bool = True
 
     def __post_init__(self):
@@ -58,6 +63,10 @@ class DistillConfig:
             raise ValueError(f"hidden_weight={self.hidden_weight}: use >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if self.fake_quant:
+            from .qat import QATConfig
+
+            QATConfig(self.fake_quant)
 
 
 def distill_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -106,26 +115,37 @@ def distill_(student, teacher, tokens: np.ndarray, config: DistillConfig | None 
     if cfg.progress:
         from tqdm import tqdm
         it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
+    from contextlib import nullcontext
+
+    from .qat import QATConfig, fake_quantized
+
+    qat = fake_quantized(student, QATConfig(cfg.fake_quant)) if cfg.fake_quant else nullcontext()
     try:
-        for step in it:
-            starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)
-            ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B, T]
-            with torch.no_grad():
-                t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
-            s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
-            loss = distill_loss(s_logits, t_logits, cfg.temperature)
-            if cfg.hidden_weight:
-                ref = t_hid[-1].float()
-                loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / ref.pow(2).mean()
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            if cfg.progress and step % 10 == 0:
-                it.set_postfix(loss=f"{loss.item():.4f}")
+        with qat:
+            _steps(student, teacher, tokens, cfg, opt, params, rng, it, seq_len, dev)
     finally:
         student.to(home).eval()
         teacher.to(teacher_home)
     return student
+
+
+def _steps(student, teacher, tokens, cfg, opt, params, rng, it, seq_len, dev) -> None:
+    """The distillation loop proper (``distill_`` sets up devices, optimizer and fake quantization)."""
+    for step in it:
+        starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)
+        ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B, T]
+        with torch.no_grad():
+            t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
+        s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
+        loss = distill_loss(s_logits, t_logits, cfg.temperature)
+        if cfg.hidden_weight:
+            ref = t_hid[-1].float()
+            loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / ref.pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if cfg.progress and step % 10 == 0:
+            it.set_postfix(loss=f"{loss.item():.4f}")
