@@ -15,7 +15,7 @@ gates fail as usual (exit 1).
 
 from __future__ import annotations
 
-from .recipes import with_overrides
+from .recipes import drop_budget, with_overrides
 from .validate import graph_bytes, score
 
 # name -> {table: {field: value}}; applied over the target recipe.
@@ -50,7 +50,8 @@ def search(src, recipe, calib, eval_tokens, baseline, cache, st, recover=None):
         acc = score(dirs["quantized"], eval_tokens, recipe.validate.seq_len)["accuracy"]
         c = {"name": name, "overrides": over, "accuracy": acc, "accuracy_drop": baseline["accuracy"] - acc,
              "size_ratio": graph_bytes(dirs["quantized"]) / baseline["onnx_bytes"]}
-        c["passed"] = c["accuracy_drop"] <= recipe.goals.accuracy_drop and c["size_ratio"] <= recipe.goals.size_ratio
+        c["passed"] = (c["accuracy_drop"] <= drop_budget(recipe.goals, baseline["accuracy"])
+                       and c["size_ratio"] <= recipe.goals.size_ratio)
         st.log(f"candidate {name}: drop {100 * c['accuracy_drop']:.2f} points, size {c['size_ratio']:.3f}, "
                f"{'passes' if c['passed'] else 'fails'}")
         cands.append(c)

@@ -43,7 +43,12 @@ def reference_model_dir() -> Path:
 
 
 def resolve(path: str | os.PathLike | None) -> Path:
-    return reference_model_dir() if path in (None, "", "v3-nano") else Path(path)
+    """A checkpoint directory; ``None``/``"v3-nano"``/``"v3-mini"`` name the shipped reference models."""
+    if path in (None, "", "v3-nano"):
+        return reference_model_dir()
+    if path == "v3-mini" and not Path(path).exists():
+        return reference_model_dir().parent / "v3-mini"
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,17 @@
 
 What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named split
 (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
-shipped in ``edgekit/data/splits``, or a path to a UTF-8 text file;
+shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
+``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
+``recover``; see ``edgekit/nano/mixed.py``), or a path to a UTF-8 text file;
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
-the next-token target).
+the next-token target). ``DomainData.of(domain)`` names the four splits of one domain for
+domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
+``eval``).
 
-Invariants: the eval and calibration splits are disjoint from each other and from the text
-v3-nano was trained on (by file; see ``edgekit/nano/corpus_manifest.json``).
+Invariants: the eval, calibration and dev splits are disjoint from each other and from the text
+the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
+``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.
 
 Failure modes: a missing file, a non-UTF-8 file or text too short for one window raise
 ``EdgekitError`` naming the fix.
@@ -15,7 +20,9 @@ Failure modes: a missing file, a non-UTF-8 file or text too short for one window
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +30,65 @@ import numpy as np
 from .errors import EdgekitError
 
 SPLITS = ("eval", "calib", "recover")
+DOMAIN_SPLITS = ("eval", "calib", "dev", "recover")
+DOMAINS_DIR = Path(__file__).parent / "data" / "domains"
 
 
 def split_path(name: str) -> Path:
     return Path(__file__).parent / "data" / "splits" / f"{name}.txt"
 
 
+def domain_names() -> list[str]:
+    return sorted(p.name for p in DOMAINS_DIR.iterdir() if (p / "eval.txt").is_file()) if DOMAINS_DIR.is_dir() else []
+
+
+def is_domain(name) -> bool:
+    return isinstance(name, str) and name in domain_names()
+
+
+def _named_path(source) -> Path | None:
+    """The shipped file a split or ``domain/split`` name denotes, else None (a user path)."""
+    if source in SPLITS:
+        return split_path(source)
+    if isinstance(source, str) and source.count("/") == 1:
+        d, s = source.split("/")
+        if is_domain(d) and s in DOMAIN_SPLITS:
+            return DOMAINS_DIR / d / f"{s}.txt"
+    return None
+
+
+@dataclass(frozen=True)
+class DomainData:
+    """The shipped splits of one domain, as ``load_tokens`` sources."""
+    domain: str
+    calib: str
+    recover: str
+    dev: str
+    eval: str
+
+    @classmethod
+    def of(cls, domain: str) -> DomainData:
+        if not is_domain(domain):
+            raise EdgekitError(f"unknown domain {domain!r}; choose one of {', '.join(domain_names())} "
+                               "or pass a text file")
+        return cls(domain, *(f"{domain}/{s}" for s in ("calib", "recover", "dev", "eval")))
+
+
+def model_domains(model_dir: str | os.PathLike) -> list[str]:
+    """The shipped domains a model was trained on (``training.json`` "domains"; [] when unknown)."""
+    f = Path(model_dir) / "training.json"
+    try:
+        listed = json.loads(f.read_text()).get("domains", []) if f.is_file() else []
+    except ValueError:
+        return []
+    return [d for d in listed if is_domain(d)]
+
+
 def load_text(source: str | os.PathLike | None = "eval") -> str:
-    p = split_path(source) if source in SPLITS else Path(source)
+    p = _named_path(source) or Path(source)
     if not p.is_file():
-        raise EdgekitError(f"data file {p} not found; pass a UTF-8 text file or one of {SPLITS}")
+        raise EdgekitError(f"data file {p} not found; pass a UTF-8 text file, one of {SPLITS} or DOMAIN/SPLIT "
+                           f"(domains {', '.join(domain_names())}; splits {', '.join(DOMAIN_SPLITS)})")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

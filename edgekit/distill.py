@@ -11,6 +11,10 @@ far more signal per token than the one-hot target, which matters when the recove
 (the shipped calibration split); the student is pulled back towards the model it was cut from
 instead of being fine-tuned towards the recovery text.
 
+Quantization-aware recovery: with ``fake_quant="int8"`` the student trains under int8 fake
+quantization with a straight-through estimator (``edgekit/qat.py``), so recovery also absorbs the
+int8 rounding the bundle will apply; the student's parameters stay fp32 and load/export as usual.
+
 Invariants: the teacher is never modified (no grad, eval mode); the student ends in eval mode on
 the device it started on; runs on CUDA when present (``device="auto"``), CPU otherwise; the same
 seed gives the same windows. Learning rate: linear warm-up, then cosine to 10%.
@@ -54,6 +58,7 @@ class DistillConfig:
     train_embeddings: bool = True    # False: embeddings and lm_head stay frozen (less overfitting on tiny text)
     seed: int = 0
     device: str = "auto"             # "auto" (CUDA when present), "cpu", "cuda"
+    fake_quant: str = ""             # "": plain fp32 student; "int8": quantization-aware (edgekit/qat.py)
     progress: bool = True
 
     def __post_init__(self):
@@ -67,6 +72,10 @@ class DistillConfig:
             raise ValueError(f"hidden_weight={self.hidden_weight}: use >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if self.fake_quant:
+            from .qat import QATConfig
+
+            QATConfig(self.fake_quant)
 
 
 def distill_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -127,8 +136,12 @@ def distill_(student, teacher, tokens: np.ndarray, config: DistillConfig | None 
 
 
 def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfig, on_step):
-    """The optimisation loop; under torchrun ``student``/``teacher`` are FSDP2 copies and this rank
-    runs its share of each global batch."""
+    """The optimisation loop, under int8 fake quantization when ``cfg.fake_quant``; under torchrun
+    ``student``/``teacher`` are FSDP2 copies and this rank runs its share of each global batch."""
+    from contextlib import nullcontext
+
+    from .qat import QATConfig, fake_quantized
+
     student.train()
     teacher.eval()
     dev = next(student.parameters()).device
@@ -144,26 +157,27 @@ def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfi
     if cfg.progress and dist.world().is_main:
         from tqdm import tqdm
         it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
-    for step in it:
-        starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)[mine]  # same draw on every rank
-        ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B_rank, T]
-        with torch.no_grad():
-            t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
-        s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
-        loss = distill_loss(s_logits, t_logits, cfg.temperature)
-        if cfg.hidden_weight:
-            ref = t_hid[-1].float()
-            sq, n = dist.all_reduce_sums([ref.pow(2).sum(), ref.numel()])   # the global batch's mean square
-            loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / (sq / n)
-        loss = loss * weight
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        global_loss = dist.mean_over_ranks(loss)  # every rank, every step: never a collective on one rank only
-        if on_step is not None:
-            on_step(step, global_loss.item())
-        if step % 10 == 0 and hasattr(it, "set_postfix"):
-            it.set_postfix(loss=f"{global_loss.item():.4f}")
+    with fake_quantized(student, QATConfig(cfg.fake_quant)) if cfg.fake_quant else nullcontext():
+        for step in it:
+            starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)[mine]  # same draw on every rank
+            ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B_rank, T]
+            with torch.no_grad():
+                t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
+            s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
+            loss = distill_loss(s_logits, t_logits, cfg.temperature)
+            if cfg.hidden_weight:
+                ref = t_hid[-1].float()
+                sq, n = dist.all_reduce_sums([ref.pow(2).sum(), ref.numel()])   # the global batch's mean square
+                loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / (sq / n)
+            loss = loss * weight
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            global_loss = dist.mean_over_ranks(loss)  # every rank, every step: never a collective on one rank only
+            if on_step is not None:
+                on_step(step, global_loss.item())
+            if step % 10 == 0 and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{global_loss.item():.4f}")

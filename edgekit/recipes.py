@@ -2,7 +2,8 @@
 
 What: ``load_recipe(name_or_path)`` reads ``export_recipes/<name>.toml`` (or any TOML path) into a
 ``Recipe``: ``[target]`` (the hardware and why), ``[goals]`` (the gates, as data), ``[validate]``
-(how to measure) and one table per pipeline stage (``[prune]``, ``[export]``, ``[quantize]``; the
+(how to measure), ``[data]`` (the target domain's shipped text) and one table per pipeline stage
+(``[prune]``, ``[export]``, ``[quantize]``; the
 SmoothQuant scaling is part of ``[quantize]``: ``smooth``, ``alpha``), each the config dataclass of
 the module that does that stage.
 ``recipe_to_toml(recipe)`` writes the recipe as applied, for the bundle.
@@ -60,8 +61,10 @@ class Target:
 
 @dataclass
 class Goals:
-    """Gates. accuracy_drop is next-token accuracy points as a fraction (0.008 = 0.8 points)."""
+    """Gates. accuracy_drop is next-token accuracy points as a fraction (0.008 = 0.8 points);
+    accuracy_drop_relative is the same drop divided by the fp32 accuracy (0.008 = 0.8%). Both hold."""
     accuracy_drop: float = 0.008
+    accuracy_drop_relative: float = 0.008
     latency_prefill_p95_ms: float = 180.0
     latency_decode_p95_ms: float = 50.0
     size_ratio: float = 0.25          # hard limit: bundle bytes / fp32 ONNX bytes
@@ -71,6 +74,9 @@ class Goals:
     def __post_init__(self):
         if not 0 <= self.accuracy_drop < 1:
             raise ValueError(f"accuracy_drop={self.accuracy_drop}: a fraction, e.g. 0.008 for 0.8 points")
+        if not 0 <= self.accuracy_drop_relative < 1:
+            raise ValueError(f"accuracy_drop_relative={self.accuracy_drop_relative}: a fraction of the fp32 "
+                             "accuracy, e.g. 0.008 for 0.8%")
         for k in ("latency_prefill_p95_ms", "latency_decode_p95_ms", "size_ratio", "prefill_tokens"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"{k}={getattr(self, k)}: must be > 0")
@@ -90,6 +96,29 @@ class Validate:
             raise ValueError("validate: need runs >= 2, warmup >= 0, decode_tokens >= 2")
 
 
+@dataclass
+class Data:
+    """Which shipped text the pipeline reads when ``--calib`` names no file: ``domain`` (a directory of
+    ``edgekit/data/domains``) supplies calibration, distillation, dev and the gated eval text; the
+    other domains the model was trained on are scored too (reported, not gated), on at most
+    ``ood_max_tokens`` tokens each. "" keeps the plain shipped splits."""
+    domain: str = ""
+    ood_max_tokens: int = 32768
+
+    def __post_init__(self):
+        from .data import domain_names
+
+        if self.domain and self.domain not in domain_names():
+            raise ValueError(f"domain={self.domain!r}: use one of {', '.join(domain_names())} (or \"\" for none)")
+        if self.ood_max_tokens < 0:
+            raise ValueError(f"ood_max_tokens={self.ood_max_tokens}: use >= 0 (0: whole eval split)")
+
+
+def drop_budget(goals: Goals, baseline_accuracy: float) -> float:
+    """The largest accuracy drop (points, as a fraction) that passes both accuracy gates."""
+    return min(goals.accuracy_drop, goals.accuracy_drop_relative * baseline_accuracy)
+
+
 def _stage_classes() -> dict[str, type]:
     from .export import ExportConfig
     from .prune import PruneConfig
@@ -103,6 +132,7 @@ class Recipe:
     target: Target
     goals: Goals = field(default_factory=Goals)
     validate: Validate = field(default_factory=Validate)
+    data: Data = field(default_factory=Data)
     prune: Any = None
     export: Any = None
     quantize: Any = None
@@ -128,7 +158,7 @@ STAGES = ("prune", "export", "quantize")
 
 def parse_recipe(data: dict, source: str = "", stages: bool = True) -> Recipe:
     """``stages=False`` validates only target/goals/validate (device-side: no torch needed)."""
-    tables = {"target": Target, "goals": Goals, "validate": Validate}
+    tables = {"target": Target, "goals": Goals, "validate": Validate, "data": Data}
     unknown = sorted(set(data) - set(tables) - set(STAGES))
     if unknown:
         raise EdgekitError(f"{source}: unknown table [{unknown[0]}]; valid tables: "
@@ -164,7 +194,7 @@ def load_recipe(name_or_path: str, stages: bool = True) -> Recipe:
 
 def recipe_dict(recipe: Recipe) -> dict:
     out = {}
-    for k in ("target", "goals", "validate", *STAGES):
+    for k in ("target", "goals", "validate", "data", *STAGES):
         v = getattr(recipe, k)
         if v is not None:
             out[k] = {a: b for a, b in dataclasses.asdict(v).items() if b is not None}

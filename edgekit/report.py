@@ -8,6 +8,7 @@ report.json::
                                                   # but some could not be measured on this host
       "gates": {                                  # each {"value", "limit", "status", ...}
         "accuracy_drop":          {...},          # fp32 torch accuracy - bundle accuracy, as a fraction
+        "accuracy_drop_relative": {...},          # that drop / fp32 accuracy (both accuracy gates must hold)
         "latency_prefill_p95_ms": {...},          # prefill of goals.prefill_tokens tokens
         "latency_decode_p95_ms":  {...},          # per generated token
         "size_ratio":             {..., "goal", "goal_met"}   # bundle graph bytes / fp32 ONNX bytes
@@ -16,6 +17,8 @@ report.json::
       "baseline": {...},    # fp32: torch accuracy/perplexity, fp32 ONNX size and latency
       "compressed": {...},  # the bundle: accuracy, perplexity, size, latency p50/p95 + samples, peak RSS
       "stages": [...],      # per pipeline stage: params, accuracy, size, seconds
+      "domains": {...},     # with a target domain: its name and the drop on every other domain the
+                            # model was trained on (reported, not gated)
       "auto": {...},        # with --auto: every candidate tried and the Pareto front
       "distributed": {...}  # under torchrun: world_size, seconds and cache hit of the prune stage on all ranks
     }

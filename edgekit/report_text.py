@@ -60,6 +60,11 @@ def render_report(r: dict, where) -> None:
     con.print(f"accuracy {100 * c['accuracy']:.2f}% (fp32 {100 * r['baseline']['accuracy']:.2f}%), "
               f"size {c['size_bytes'] / 1e6:.2f} MB (fp32 {r['baseline']['onnx_bytes'] / 1e6:.2f} MB), "
               f"peak RSS {c['peak_rss_mb']:.0f} MB")
+    dom = r.get("domains")
+    if dom:
+        ood = ", ".join(f"{d} {100 * o['drop_points']:+.2f} pts ({100 * o['fp32_accuracy']:.1f}% -> "
+                        f"{100 * o['accuracy']:.1f}%)" for d, o in dom["out_of_domain"].items())
+        con.print(f"target domain {dom['target']} (gated); other domains, drop not gated: {ood or 'none'}")
     con.print(f"[bold {color[r['status']]}]{r['status'].upper()}[/] target {r['target']} -> {where}")
 
 

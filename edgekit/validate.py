@@ -53,6 +53,9 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     gates = {
         "accuracy_drop": gate(drop, goals.accuracy_drop, baseline_accuracy=baseline["accuracy"],
                               accuracy=acc["accuracy"], tokens=acc["tokens"]),
+        # a model at 0% accuracy cannot drop (accuracy >= 0), so its relative drop is 0
+        "accuracy_drop_relative": gate(drop / baseline["accuracy"] if baseline["accuracy"] else 0.0,
+                                       goals.accuracy_drop_relative, note="drop / fp32 accuracy"),
         "latency_prefill_p95_ms": gate(lat["prefill_ms"]["p95"], goals.latency_prefill_p95_ms, unverified_reason=why,
                                        p50=lat["prefill_ms"]["p50"], tokens=goals.prefill_tokens),
         "latency_decode_p95_ms": gate(lat["decode_ms"]["p95"], goals.latency_decode_p95_ms, unverified_reason=why,
@@ -87,7 +90,8 @@ def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: st
         raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
     baseline = json.loads(built.read_text())["baseline"]
     recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
-    tokens = load_tokens(eval_data or "eval", load_tokenizer(b), recipe.validate.eval_max_tokens or None)
+    default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
+    tokens = load_tokens(eval_data or default, load_tokenizer(b), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)
     report["bundle"] = {"path": str(b), "model_name": manifest["model_name"], "built_for": manifest["target"],
                         "edgekit_version": manifest["edgekit_version"]}

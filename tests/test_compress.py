@@ -20,10 +20,14 @@ hardware_recommendation = "anything"
 
 [goals]
 accuracy_drop = 0.99
+accuracy_drop_relative = 0.99
 latency_prefill_p95_ms = {prefill}
 latency_decode_p95_ms = 1000.0
 size_ratio = 0.9
 prefill_tokens = 16
+
+[data]
+ood_max_tokens = 600
 
 [validate]
 warmup = 1
@@ -75,7 +79,11 @@ def test_compress_writes_a_valid_bundle(ckpt, tmp_path, monkeypatch, cache_dir):
             "reference.json", "export.json"} <= names
     verify(b)
     r = json.loads((b / "report.json").read_text())
-    assert set(r["gates"]) == {"accuracy_drop", "latency_prefill_p95_ms", "latency_decode_p95_ms", "size_ratio"}
+    assert set(r["gates"]) == {"accuracy_drop", "accuracy_drop_relative", "latency_prefill_p95_ms",
+                               "latency_decode_p95_ms", "size_ratio"}
+    g = r["gates"]
+    base = r["baseline"]["accuracy"]
+    assert g["accuracy_drop_relative"]["value"] == pytest.approx(g["accuracy_drop"]["value"] / base if base else 0)
     assert r["gates"]["size_ratio"]["value"] < 0.5, "int8 + pruning must shrink the graph"
     assert r["stages"][1]["params"] < r["stages"][0]["params"], "pruning must remove parameters"
     assert res.exit_code == 0 and r["status"] == "pass", r["gates"]
@@ -122,3 +130,30 @@ def test_auto_search_records_candidates_and_pareto_front(ckpt, tmp_path, monkeyp
     passing = [c for c in auto["candidates"] if c["passed"]]
     assert chosen["size_ratio"] == min(c["size_ratio"] for c in passing), "smallest passing candidate wins"
     assert "Pareto" in (res.bundle / "report.html").read_text()
+
+
+def test_target_domain_sets_the_text_and_reports_other_domains(ckpt, tmp_path, monkeypatch, cache_dir):
+    import shutil
+
+    from edgekit.checkpoint import load, load_tokenizer
+    from edgekit.data import load_tokens
+    from edgekit.evaluate import evaluate
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    ck = tmp_path / "ck"
+    shutil.copytree(ckpt, ck)
+    (ck / "training.json").write_text(json.dumps({"domains": ["python", "c", "prose"]}))
+    res = compress(ck, _recipe(tmp_path), calib="c", out=tmp_path / "dom")
+    r = res.report
+    dom = r["domains"]
+    assert (dom["target"], dom["eval"], dom["calib"], dom["recover"], dom["dev"]) == (
+        "c", "c/eval", "c/calib", "c/recover", "c/dev")
+    assert set(dom["out_of_domain"]) == {"python", "prose"}, "the other trained domains are reported"
+    want = evaluate(load(ck), load_tokens("c/eval", load_tokenizer(ck), 600), seq_len=64, progress=False).accuracy
+    assert r["baseline"]["accuracy"] == pytest.approx(want), "the gate reads the target domain's eval split"
+    for d, o in dom["out_of_domain"].items():
+        assert o["drop_points"] == pytest.approx(o["fp32_accuracy"] - o["accuracy"]), d
+        assert 0 < o["tokens"] <= 600
+        assert o["fp32_accuracy"] != r["baseline"]["accuracy"], "scored on its own text"
+    assert dom["gated"]["drop_points"] == r["gates"]["accuracy_drop"]["value"]
+    assert 'domain = "c"' in (res.bundle / "recipe.toml").read_text(), "the applied recipe names the domain"

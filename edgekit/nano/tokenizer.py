@@ -1,7 +1,9 @@
-"""Train v3-nano's byte-level BPE tokenizer on the corpus's train split.
+"""Train a reference model's byte-level BPE tokenizer on its corpus's train split.
 
 What: a ``tokenizers`` BPE with GPT-2-style byte-level pre-tokenization and decoding, vocab
-``VOCAB_SIZE`` = 4096, special tokens ``<|bos|>`` = 0 and ``<|eos|>`` = 1 (ModelArgs'
+``VOCAB_SIZE`` = 4096 for v3-nano (``--model v3-nano``, the stdlib corpus) and for v3-mini
+(``--model v3-mini``, the Python + C + prose corpus of ``mixed.py``; why not 8192 is in
+``edgekit/nano/specs.py``), special tokens ``<|bos|>`` = 0 and ``<|eos|>`` = 1 (ModelArgs'
 ``bos_token_id`` / ``eos_token_id``). No normalizer and no post-processor: ``encode`` adds nothing,
 so ``encode(split_text)`` is exactly the training stream (the corpus's ``<|eos|>`` separators become
 id 1).
@@ -15,7 +17,7 @@ verifies the round trip and the special ids; training on the same corpus gives t
 Failure modes: ``RuntimeError`` if the train split is missing (run ``python -m edgekit.nano.corpus``)
 or the round trip / special ids check fails.
 
-Run: ``python -m edgekit.nano.tokenizer --out DIR`` (writes ``DIR/tokenizer.json``).
+Run: ``python -m edgekit.nano.tokenizer --out DIR [--model v3-mini]`` (writes ``DIR/tokenizer.json``).
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .corpus import SEPARATOR, SPECIAL_TOKENS, SPLITS_DIR, TRAIN_PATH
+from .corpus import SEPARATOR, SPECIAL_TOKENS, TRAIN_PATH
+from .specs import SPECS
 
 VOCAB_SIZE = 4096
 
 
-def documents(path: Path) -> Iterator[str]:
-    if not path.exists():
-        raise RuntimeError(f"{path} not found; run `python -m edgekit.nano.corpus` first")
-    for doc in path.read_text(encoding="utf-8").split(SEPARATOR):
-        if doc:
-            yield doc
+def documents(paths: Path | list[Path]) -> Iterator[str]:
+    for path in [paths] if isinstance(paths, Path) else paths:
+        if not path.exists():
+            raise RuntimeError(f"{path} not found; run `python -m edgekit.nano.corpus` (v3-nano) or "
+                               "`python -m edgekit.nano.mixed` (v3-mini) first")
+        for doc in path.read_text(encoding="utf-8").split(SEPARATOR):
+            if doc:
+                yield doc
 
 
 def new_tokenizer() -> Tokenizer:
@@ -47,7 +52,7 @@ def new_tokenizer() -> Tokenizer:
     return tok
 
 
-def train(train_path: Path = TRAIN_PATH, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
+def train(train_path: Path | list[Path] = TRAIN_PATH, vocab_size: int = VOCAB_SIZE) -> Tokenizer:
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -71,13 +76,16 @@ def check_roundtrip(tok: Tokenizer, texts: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for tokenizer.json")
+    ap.add_argument("--model", default="v3-nano", choices=sorted(SPECS), help="whose corpus to train on")
+    ap.add_argument("--vocab", type=int, default=0, help="0: the model's vocab_size")
     a = ap.parse_args(argv)
-    tok = train()
-    held = [(SPLITS_DIR / f"{s}.txt").read_text(encoding="utf-8") for s in ("eval", "calib")]
-    check_roundtrip(tok, held)
+    spec = SPECS[a.model]
+    tok = train(spec.train_texts(), a.vocab or spec.config["vocab_size"])
+    held = {name: path.read_text(encoding="utf-8") for name, path in spec.heldout_paths().items()}
+    check_roundtrip(tok, list(held.values()))
     a.out.mkdir(parents=True, exist_ok=True)
     tok.save(str(a.out / "tokenizer.json"))
-    for name, text in zip(("eval", "calib"), held):
+    for name, text in held.items():
         n = len(tok.encode(text).ids)
         print(f"{name}: {n} tokens, {len(text.encode()) / n:.2f} bytes/token")
     print(f"wrote {a.out / 'tokenizer.json'} (vocab {tok.get_vocab_size()})")

@@ -1,12 +1,18 @@
-"""Train v3-nano, the shipped DeepSeek-V3-family reference model, on the stdlib corpus.
+"""Train a shipped DeepSeek-V3-family reference model (v3-nano or v3-mini) on its corpus.
 
-What: ``python -m edgekit.nano.train --out DIR [--steps N] [--device auto] [--time-budget-s S]``
-tokenizes the corpus's train split with ``tokenizer.json``, trains ``NANO_CONFIG`` on random
-``--seq``-token windows with AdamW (linear warmup, cosine decay to ``min_lr_ratio``, decoupled
-weight decay on matrices, grad-norm clipping), prints held-out losses every ``--eval-every`` steps,
-and writes ``DIR`` with ``edgekit.checkpoint.save(..., dtype=float16)`` (router weights stay fp32)
-plus ``training.json`` holding the full recipe and results. ``--max-shard-mb`` splits the weights
-into shards (the device tool returns files of <= 16 MiB).
+What: ``python -m edgekit.nano.train --model v3-nano|v3-mini --out DIR [--steps N] [--device auto]
+[--time-budget-s S]`` reads the model's train tokens (see "Tokens"), trains its config
+(``specs.py``) on random ``--seq``-token windows with AdamW (linear warmup, cosine decay to
+``min_lr_ratio``, decoupled weight decay on matrices, grad-norm clipping), prints held-out losses
+every ``--eval-every`` steps (per domain for v3-mini), and writes ``DIR`` with
+``edgekit.checkpoint.save(..., dtype=<the spec's storage dtype>)`` (router weights stay fp32) plus
+``training.json`` holding the full recipe and results. ``--max-shard-mb`` splits the weights into
+shards (the device tool returns files of <= 16 MiB).
+
+Tokens: the train text is tokenized once into ``.corpus/tokens/<model>/train.u16`` (+ ``train.json``
+recording the tokenizer's and the corpus manifest's sha256); ``--prepare-only`` does just that. A
+run reads that file when its recorded hashes match the repo's tokenizer and manifest, so a machine
+without the corpus (the GPU host) needs only that directory, not the Debian packages.
 
 V3 specifics: aux-loss-free load balancing. A forward hook on every ``Gate`` counts the tokens routed
 to each expert during the step; after the optimizer step each gate's ``e_score_correction_bias``
@@ -28,8 +34,9 @@ warmup is unaffected). It also stops hard at the budget. ``training.json`` recor
 Invariants: seeded (python/torch/data generator); on CPU two runs give identical weights. On CUDA
 atomics in index ops make runs bit-inexact but statistically identical.
 
-Failure modes: a missing ``.corpus/train.txt`` or tokenizer raises ``SystemExit`` with the command
-to run; a non-finite loss stops training with an error naming the step.
+Failure modes: missing train text/tokens or tokenizer, or a token file made with another tokenizer
+or corpus, raise ``SystemExit`` with the command to run; a non-finite loss stops training with an
+error naming the step.
 """
 
 from __future__ import annotations
@@ -51,18 +58,10 @@ import torch.nn.functional as F
 from ..checkpoint import save
 from ..model import Gate, ModelArgs, MoE, Transformer
 from . import shards
-from .corpus import MANIFEST_PATH, SEPARATOR, SPLITS_DIR, TRAIN_PATH, manifest_sha256
+from .corpus import SEPARATOR, sha256_hex
+from .specs import NANO_CONFIG, SPECS, ModelSpec
 
-NANO_CONFIG = dict(
-    vocab_size=4096, hidden_size=256, num_hidden_layers=6, intermediate_size=640,
-    num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32,
-    qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
-    n_shared_experts=1, moe_intermediate_size=160, first_k_dense_replace=1, n_group=4,
-    topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5, scoring_func="sigmoid",
-    topk_method="noaux_tc", max_position_embeddings=2048, rope_theta=10000.0,
-    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-)
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "v3-nano" / "tokenizer.json"
+__all__ = ["NANO_CONFIG", "encode_split", "train"]
 TIMING_STEPS = 20          # steps 5..20 are timed to re-plan against the time budget
 SAVE_RESERVE_S = 30.0      # time kept back from the budget for the final eval and save
 
@@ -80,6 +79,52 @@ def encode_split(tok, text: str) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(eos)
     return torch.tensor(ids, dtype=torch.int64)
+
+
+def prepare_tokens(spec: ModelSpec, tokenizer: Path, texts: list[Path], out: Path | None = None) -> Path:
+    """Tokenize the train texts into ``out/train.u16`` (+ ``train.json``: hashes, per-text spans)."""
+    from tokenizers import Tokenizer
+
+    out = out or spec.tokens_dir
+    for p in texts:
+        if not p.exists():
+            raise SystemExit(f"error: {p} not found; run `{spec.corpus_command}`")
+    tok = Tokenizer.from_file(str(tokenizer))
+    if tok.get_vocab_size() > 2 ** 16:
+        raise SystemExit(f"error: vocab {tok.get_vocab_size()} does not fit uint16 token files")
+    parts, spans, at = [], {}, 0
+    names = [p.stem for p in texts]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.stem}" for p in texts]
+    for name, p in zip(names, texts):
+        ids = encode_split(tok, p.read_text(encoding="utf-8")).numpy().astype(np.uint16)
+        spans[name] = [at, at + len(ids)]
+        at += len(ids)
+        parts.append(ids)
+    out.mkdir(parents=True, exist_ok=True)
+    np.concatenate(parts).tofile(out / "train.u16.tmp")
+    (out / "train.u16.tmp").replace(out / "train.u16")
+    meta = {"model": spec.name, "tokens": at, "spans": spans, "dtype": "uint16",
+            "tokenizer_sha256": sha256_hex(tokenizer.read_bytes()),
+            "manifest_sha256": sha256_hex(spec.manifest.read_bytes())}
+    (out / "train.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_train_tokens(spec: ModelSpec, tokenizer: Path, out: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """The prepared train tokens, after checking they were made with this tokenizer and corpus."""
+    out = out or spec.tokens_dir
+    meta = json.loads((out / "train.json").read_text())
+    want = {"tokenizer_sha256": sha256_hex(tokenizer.read_bytes()),
+            "manifest_sha256": sha256_hex(spec.manifest.read_bytes())}
+    stale = [k for k, v in want.items() if meta.get(k) != v]
+    if stale:
+        raise SystemExit(f"error: {out / 'train.u16'} was made with another {stale[0].split('_')[0]}; re-run "
+                         f"`python -m edgekit.nano.train --model {spec.name} --prepare-only`")
+    ids = np.fromfile(out / "train.u16", dtype=np.uint16)
+    if len(ids) != meta["tokens"]:
+        raise SystemExit(f"error: {out / 'train.u16'} is truncated; re-run with --prepare-only")
+    return torch.from_numpy(ids.astype(np.int64)), meta
 
 
 def eval_windows(ids: torch.Tensor, seq: int) -> torch.Tensor:
@@ -218,7 +263,10 @@ def eval_loss(model: Transformer, rows: torch.Tensor, device: torch.device, batc
 # ---------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="v3-nano", choices=sorted(SPECS), help="which reference model to train")
+    ap.add_argument("--out", type=Path, default=None, help="checkpoint directory (required unless --prepare-only)")
+    ap.add_argument("--prepare-only", action="store_true", help="tokenize the train text into --tokens and stop")
+    ap.add_argument("--tokens", type=Path, default=None, help="prepared-token directory (default .corpus/tokens/MODEL)")
     ap.add_argument("--steps", type=int, default=2200, help="planned optimizer steps (sets the schedule)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seq", type=int, default=512)
@@ -232,11 +280,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     ap.add_argument("--time-budget-s", type=float, default=0.0, help="0: none")
-    ap.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
-    ap.add_argument("--train-text", type=Path, default=TRAIN_PATH)
+    ap.add_argument("--tokenizer", type=Path, default=None, help="default: the model's shipped tokenizer.json")
+    ap.add_argument("--train-text", type=Path, nargs="*", default=None,
+                    help="tokenize these instead of reading prepared tokens (default: prepared, else the corpus)")
     ap.add_argument("--max-shard-mb", type=float, default=0.0, help="0: one model.safetensors")
     ap.add_argument("--eval-max-rows", type=int, default=0, help="0: all eval/calib windows")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    a.spec = SPECS[a.model]
+    a.tokenizer = a.tokenizer or a.spec.tokenizer
+    if a.out is None and not a.prepare_only:
+        ap.error("--out is required (or pass --prepare-only)")
+    return a
 
 
 def pick_device(name: str) -> torch.device:
@@ -253,19 +307,39 @@ def seed_all(seed: int) -> torch.Generator:
 
 
 def load_data(a: argparse.Namespace, device: torch.device):
+    """Train ids (on ``device``), their per-domain spans, and the held-out rows by name."""
     from tokenizers import Tokenizer
 
-    for p, fix in ((a.tokenizer, "python -m edgekit.nano.tokenizer --out DIR"),
-                   (a.train_text, "python -m edgekit.nano.corpus")):
-        if not p.exists():
-            raise SystemExit(f"error: {p} not found; run `{fix}`")
+    spec = a.spec
+    if not a.tokenizer.exists():
+        raise SystemExit(f"error: {a.tokenizer} not found; run `python -m edgekit.nano.tokenizer --model "
+                         f"{spec.name} --out {a.tokenizer.parent}`")
     tok = Tokenizer.from_file(str(a.tokenizer))
-    train_ids = encode_split(tok, a.train_text.read_text(encoding="utf-8")).to(device)
+    tokens_dir = a.tokens or spec.tokens_dir
+    if a.train_text:
+        ids = torch.cat([encode_split(tok, p.read_text(encoding="utf-8")) for p in a.train_text])
+        spans = {"train": [0, len(ids)]}
+    else:
+        if not (tokens_dir / "train.json").exists():
+            prepare_tokens(spec, a.tokenizer, spec.train_texts(), tokens_dir)
+        ids, meta = load_train_tokens(spec, a.tokenizer, tokens_dir)
+        spans = meta["spans"]
     held = {}
-    for split in ("calib", "eval"):
-        rows = eval_windows(encode_split(tok, (SPLITS_DIR / f"{split}.txt").read_text(encoding="utf-8")), a.seq)
-        held[split] = rows[: a.eval_max_rows] if a.eval_max_rows else rows
-    return train_ids, held
+    for name, path in spec.heldout_paths().items():
+        rows = eval_windows(encode_split(tok, path.read_text(encoding="utf-8")), a.seq)
+        held[name] = rows[: a.eval_max_rows] if a.eval_max_rows else rows
+    return ids.to(device), spans, held
+
+
+def heldout_losses(model: Transformer, held: dict, device: torch.device, batch: int) -> dict[str, float]:
+    """Loss per held-out split, plus token-weighted ``calib`` and ``eval`` over the domains."""
+    out = {name: eval_loss(model, rows, device, batch) for name, rows in held.items()}
+    for kind in ("calib", "eval"):
+        names = [n for n in held if n.split("/")[-1] == kind]
+        if names and kind not in out:
+            w = [held[n][:, 1:].numel() for n in names]
+            out[kind] = sum(out[n] * k for n, k in zip(names, w)) / sum(w)
+    return out
 
 
 def train(a: argparse.Namespace) -> dict:
@@ -275,11 +349,13 @@ def train(a: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    train_ids, held = load_data(a, device)
-    print(f"device {device}; train {len(train_ids):,} tokens; calib {held['calib'].numel():,}; "
-          f"eval {held['eval'].numel():,} (rows of {a.seq + 1})", flush=True)
+    spec = a.spec
+    train_ids, spans, held = load_data(a, device)
+    print(f"device {device}; {spec.name}; train {len(train_ids):,} tokens "
+          f"({', '.join(f'{k} {v[1] - v[0]:,}' for k, v in spans.items())}); held-out "
+          + ", ".join(f"{k} {v.numel():,}" for k, v in held.items()) + f" (rows of {a.seq + 1})", flush=True)
 
-    args = ModelArgs(**NANO_CONFIG)
+    args = ModelArgs(**spec.config)
     model = Transformer(args)
     init_weights(model)
     model.to(device).train()
@@ -338,9 +414,12 @@ def train(a: argparse.Namespace) -> dict:
             bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.1e}", gnorm=f"{gnorm.item():.2f}",
                             maxload=f"{imbalance.max().item():.2f}")
         if (step + 1) % a.eval_every == 0 or step == total - 1:
-            cl, el = (eval_loss(model, held[s], device, a.batch) for s in ("calib", "eval"))
+            losses = heldout_losses(model, held, device, a.batch)
+            cl, el = losses["calib"], losses["eval"]
             log.append({"step": step + 1, "tokens": tokens, "train_loss": round(loss.item(), 4),
                         "calib_loss": round(cl, 4), "eval_loss": round(el, 4), "lr": lr,
+                        **({"eval_loss_by_domain": {k.split("/")[0]: round(v, 4) for k, v in losses.items()
+                                                    if k.endswith("/eval")}} if spec.domains else {}),
                         "max_over_mean_expert_load": [round(v, 3) for v in imbalance.tolist()],
                         "elapsed_s": round(time.time() - t0, 1)})
             bar.write(f"step {step + 1}: train {loss.item():.4f} calib {cl:.4f} eval {el:.4f} "
@@ -354,13 +433,13 @@ def train(a: argparse.Namespace) -> dict:
 
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-    final = {s: eval_loss(model, held[s], device, a.batch) for s in ("calib", "eval")}
+    final = heldout_losses(model, held, device, a.batch)
     print(f"selected step {best['step']}: calib {final['calib']:.4f} eval {final['eval']:.4f} "
           f"(ppl {math.exp(final['eval']):.2f})", flush=True)
 
     recipe = {
-        "model": "v3-nano",
-        "config": NANO_CONFIG,
+        "model": spec.name,
+        "config": spec.config,
         "params": n_params,
         "seed": a.seed,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -377,14 +456,22 @@ def train(a: argparse.Namespace) -> dict:
         "steps_requested": a.steps, "steps_planned": total, "steps_done": steps_done,
         "stopped_by_time_budget": stopped_by_budget, "time_budget_s": a.time_budget_s,
         "tokens_seen": tokens, "train_tokens_unique": len(train_ids),
+        **({"domains": list(spec.domains),
+            "train_tokens_by_domain": {k: v[1] - v[0] for k, v in spans.items()},
+            "final_eval_loss_by_domain": {k.split("/")[0]: round(v, 4) for k, v in final.items()
+                                          if k.endswith("/eval")}} if spec.domains else {}),
         "epochs": round(tokens / len(train_ids), 2),
         "selected_step": best["step"], "selection": "lowest calib-split loss among periodic evals",
         "final_calib_loss": round(final["calib"], 4), "final_eval_loss": round(final["eval"], 4),
         "final_eval_ppl": round(math.exp(final["eval"]), 3),
-        "final_eval_note": f"bf16/fp32 training-time value on {held['eval'].shape[0]} eval windows of {a.seq}",
+        "final_eval_note": f"bf16/fp32 training-time value on "
+                           f"{sum(v.shape[0] for k, v in held.items() if k.split('/')[-1] == 'eval')} "
+                           f"eval windows of {a.seq}",
         "train_wall_s": round(train_wall, 1), "total_wall_s": round(time.time() - t0, 1),
-        "corpus_manifest_sha256": manifest_sha256(MANIFEST_PATH),
-        "tokenizer": "byte-level BPE, vocab 4096, <|bos|>=0 <|eos|>=1 (edgekit.nano.tokenizer)",
+        "corpus_manifest_sha256": sha256_hex(spec.manifest.read_bytes()),
+        "corpus_manifest": spec.manifest.name,
+        "tokenizer": f"byte-level BPE, vocab {spec.config['vocab_size']}, <|bos|>=0 <|eos|>=1 (edgekit.nano.tokenizer)",
+        "storage_dtype": f"{spec.storage_dtype} (router weights fp32)",
         "command": "python -m edgekit.nano.train " + " ".join(sys.argv[1:]),
         "log": log,
     }
@@ -399,7 +486,7 @@ def write_checkpoint(model: Transformer, a: argparse.Namespace, recipe: dict) ->
             m.__dict__.pop("forward", None)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "tokenizer.json").write_bytes(a.tokenizer.read_bytes())
-        save(model, a.out, tokenizer_from=tmp, dtype=torch.float16,
+        save(model, a.out, tokenizer_from=tmp, dtype=getattr(torch, a.spec.storage_dtype),
              extra_files={"training.json": json.dumps(recipe, indent=1) + "\n"})
     if a.max_shard_mb:
         shards.shard(a.out, int(a.max_shard_mb * 2 ** 20))
@@ -408,6 +495,10 @@ def write_checkpoint(model: Transformer, a: argparse.Namespace, recipe: dict) ->
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if a.prepare_only:
+        out = prepare_tokens(a.spec, a.tokenizer, a.train_text or a.spec.train_texts(), a.tokens)
+        print(f"wrote {out / 'train.u16'}: {json.loads((out / 'train.json').read_text())['spans']}")
+        return 0
     r = train(a)
     print(json.dumps({k: r[k] for k in ("steps_done", "tokens_seen", "final_eval_loss", "final_eval_ppl",
                                         "train_wall_s", "device")}), flush=True)

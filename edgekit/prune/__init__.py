@@ -62,6 +62,7 @@ class PruneConfig:
     recover_seq_len: int = 256
     recover_hidden_weight: float = 0.0
     recover_train_embeddings: bool = True
+    recover_fake_quant: str = ""     # "int8": quantization-aware recovery (edgekit/qat.py)
     seed: int = 0
 
     def __post_init__(self):
@@ -90,7 +91,8 @@ class PruneConfig:
         from ..distill import DistillConfig
         return DistillConfig(steps=self.recover_steps, lr=self.recover_lr, batch_size=self.recover_batch_size,
                              seq_len=self.recover_seq_len, hidden_weight=self.recover_hidden_weight,
-                             train_embeddings=self.recover_train_embeddings, seed=self.seed, progress=progress)
+                             train_embeddings=self.recover_train_embeddings, fake_quant=self.recover_fake_quant,
+                             seed=self.seed, progress=progress)
 
 
 def _check_ratio(name: str, r):
