@@ -44,8 +44,7 @@ VOCAB = 4096  # the shipped tokenizer's, so the shipped calib split tokenizes in
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 3000)
 DISTILL = DistillConfig(steps=3, lr=1e-3, batch_size=4, seq_len=32, hidden_weight=0.1, progress=False)
 PRUNE = dict(experts=0.5, heads=0.25, ffn=0.25, recover_steps=3, calib_seq_len=32, calib_max_tokens=1024,
-             recover_fake_quant="int8",
-             recover_seq_len=32, recover_batch_size=4)
+             recover_seq_len=32, recover_batch_size=4, recover_fake_quant="int8")
 RECIPE = tomli_w.dumps({"target": {"name": "dist-test"}, "prune": PRUNE})
 CKPT_PRUNE = PruneConfig(**PRUNE)
 
