@@ -8,7 +8,7 @@ from edgekit.atomic import finalize, staging_dir
 from edgekit.bundle import get_version_info, verify, write_manifest
 from edgekit.devices import collect, matrix, to_markdown
 from edgekit.errors import EdgekitError
-from edgekit.host import latency_unverified_reason
+from edgekit.host import emulation, latency_unverified_reason
 from edgekit.recipes import Target
 from edgekit.report import gate, overall, render_html
 
@@ -53,6 +53,11 @@ def test_latency_is_unverified_on_a_host_with_too_few_cores():
     assert latency_unverified_reason(t, {"cores": 16, "arch": "x86_64"}) is None
     arm = Target(name="mobile", threads=4, arch="arm64")
     assert "arm64" in latency_unverified_reason(arm, {"cores": 16, "arch": "x86_64"})
+    # an arm64 userland under qemu-user on an x86-64 CPU is the right arch but never a measurement of the device
+    emu = emulation("aarch64", "flags", {"sse2", "avx2"})
+    assert emu and "emulat" in latency_unverified_reason(arm, {"cores": 16, "arch": "aarch64", "emulated": emu})
+    assert emulation("aarch64", "Features", {"asimd", "asimddp"}) is None
+    assert emulation("x86_64", "flags", {"sse2"}) is None
 
 
 def test_report_html_has_plots_and_gates():
