@@ -79,3 +79,16 @@ def test_device_matrix(tmp_path):
     assert "latency_decode_p95_ms" in head and len(rows) == 2 and "pass (3)" in md
     with pytest.raises(EdgekitError):
         collect(tmp_path / "nothing")
+
+
+def test_validated_where_names_real_emulated_and_unrepresentative_hosts():
+    from edgekit.devices import validated_where
+
+    lat = lambda s: {"latency_prefill_p95_ms": {"status": s}, "accuracy_drop": {"status": "pass"}}  # noqa: E731
+    runs = [{"_path": "phone", "target": "mobile-arm64", "host": {"cpu_model": "A", "cores": 8}, "gates": lat("pass")},
+            {"_path": "qemu", "target": "mobile-arm64", "host": {"emulated": "arm64 on x86-64", "arch": "aarch64"},
+             "gates": lat("unverified")},
+            {"_path": "vm", "target": "cpu4", "host": {"cores": 2}, "gates": lat("unverified")}]
+    w = validated_where(runs)
+    assert w["mobile-arm64"][0].startswith("phone: real device") and "emulated" in w["mobile-arm64"][1]
+    assert "cannot represent" in w["cpu4"][0] and "prefill unverified" in w["cpu4"][0]
