@@ -11,8 +11,8 @@ the matmul's output columns, so the extra work is one multiply per output, not p
 Why weights-only int8 here (W8A32): the expert weights are gathered at run time, so onnxruntime
 cannot prepack them for an integer GEMM and a ``DynamicQuantizeLinear`` + ``MatMulInteger`` chain
 adds three ops per expert call for a 1-token mat-vec; gathering int8 rows reads 4x fewer bytes,
-and the cast happens on the gathered slice only (benchmarks/quant_bench.py --portable measures the
-variants). Only standard ops are used (Gather, Cast, MatMul, Mul, Unsqueeze), all of them in the
+and the cast happens on the gathered slice only (benchmarks/portable_int8.py measures fp32 vs int8
+on this path). Only standard ops are used (Gather, Cast, MatMul, Mul, Unsqueeze), all of them in the
 onnxruntime mobile package's operator set and onnxruntime-web.
 
 Invariants: the If node's inputs/outputs and the graph I/O are unchanged; the result equals the
