@@ -203,3 +203,16 @@ def test_failed_quantize_leaves_nothing(tmp_path, monkeypatch):
         quantize_(m, tmp_path / "q8", QuantConfig(seq_len=64, calib_max_tokens=512, smooth=False),
                   calib_tokens=calib, log=lambda *_: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_unloadable_portable_graph_does_not_suggest_portable(tmp_path):
+    """The load error names a fix, never the option the graph was already made with."""
+    from edgekit.errors import EdgekitError
+    from edgekit.export import ExportConfig, export
+
+    d = export(tiny_model(), tmp_path / "p", ExportConfig(moe="portable"))
+    data = (d / "model.onnx").read_bytes()
+    (d / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgekitError) as e:
+        OrtModel(d)
+    assert "cannot load" in str(e.value) and "moe='portable'" not in str(e.value), str(e.value)
