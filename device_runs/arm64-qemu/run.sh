@@ -65,6 +65,7 @@ trap cleanup EXIT
 bind() { mkdir -p "$2"; mount --bind "$1" "$2"; MOUNTS+=("$2"); }
 mount -t proc proc "$RFS/proc"; MOUNTS+=("$RFS/proc")
 bind /dev "$RFS/dev"
+bind /sys "$RFS/sys"                       # onnxruntime's cpuinfo reads /sys/devices/system/cpu
 bind "$CACHE/wheels" "$RFS/opt/wheels"
 arm() { chroot "$RFS" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/venv/bin:/usr/bin:/bin "$@"; }
 
