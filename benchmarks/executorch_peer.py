@@ -6,7 +6,8 @@ with its error instead of a number.
 Needs its own environment (ExecuTorch pins its own torch/torchao; not a dependency of edgekit):
 
     python3 -m venv /tmp/et && /tmp/et/bin/pip install executorch torch transformers
-    PYTHONPATH=. /tmp/et/bin/python benchmarks/executorch_peer.py [--threads 1] [--out benchmarks/results/executorch_v3-nano.json]
+    PYTHONPATH=. /tmp/et/bin/python benchmarks/executorch_peer.py [--threads 1] \
+        [--out benchmarks/results/executorch_v3-nano.json]
 
 Model: edgekit's own v3-nano (``edgekit.checkpoint.load``: the DeepSeek-V3 architecture, fp32), one
 ``forward(input_ids) -> logits`` graph (no KV cache: ExecuTorch's LLM export path for a KV-cache model
