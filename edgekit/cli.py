@@ -241,11 +241,16 @@ def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force
 
 @cli.command()
 def targets():
-    """List deployment targets (export_recipes/*.toml) with their budgets."""
+    """List deployment targets (export_recipes/*.toml) with their budgets and where each was validated."""
+    from pathlib import Path
+
+    from .devices import collect, validated_where
     from .recipes import load_recipe, target_names
     from .report_text import render_targets
 
-    render_targets([load_recipe(n, stages=False) for n in target_names()])
+    runs_dir = Path(__file__).resolve().parent.parent / "device_runs"   # a checkout; an installed wheel has none
+    where = validated_where(collect(runs_dir)) if runs_dir.is_dir() else None
+    render_targets([load_recipe(n, stages=False) for n in target_names()], where)
 
 
 @cli.command()

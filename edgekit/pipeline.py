@@ -40,6 +40,7 @@ from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
 from .data import load_tokens
 from .errors import EdgekitError
 from .evaluate import evaluate
+from .mobile import prepare_bundle
 from .recipes import Recipe, drop_budget, load_recipe, recipe_to_toml
 from .report import write_report
 from .stagecache import StageCache, dir_digest
@@ -213,11 +214,12 @@ def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: 
         (tmp / "recipe.toml").write_text(recipe_to_toml(recipe))
         (tmp / "reference.json").write_text(json.dumps(reference_outputs(tmp, tok), indent=1))
         spec = json.loads((tmp / "export.json").read_text())
+        formats = prepare_bundle(tmp, recipe.target)       # operator list; .ort + operator config for mobile
         write_manifest(tmp, model_name=model_name, target=recipe.target.name, features=features,
                        hardware_recommendation=recipe.target.hardware_recommendation,
                        io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs", "cache", "moe",
                                                           "max_position_embeddings", "vocab_size")},
-                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning})
+                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning, **formats})
         write_report(tmp, report)
         return finalize(tmp, out)
     except BaseException:
@@ -241,6 +243,8 @@ def features_of(recipe: Recipe) -> list[str]:
     f.append(f"symmetric-int8:{q.mode}-activations")
     f.append(f"mixed-precision:max_drop={q.max_drop}")
     f += [f"moe:{recipe.export.moe}", "mla-latent-kv-cache", "onnx"]
+    if recipe.target.format == "ort":
+        f += ["ort-format", "reduced-operator-config"]
     return f
 
 

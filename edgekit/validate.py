@@ -24,10 +24,14 @@ from .latency import measure
 from .report import gate, overall
 
 
-def graph_bytes(d: Path) -> int:
-    """Bytes of the ONNX graph files (+ external data) in an export or bundle dir."""
-    return sum(p.stat().st_size for p in Path(d).iterdir()
-               if p.is_file() and (p.suffix in (".onnx", ".ort") or p.name.endswith(".onnx.data")))
+def graph_bytes(d: Path, fmt: str = "onnx") -> int:
+    """Bytes of the model a device loads from an export or bundle dir: the ``.ort`` model for
+    ``fmt="ort"`` when there is one, else the ONNX graph files (+ external data)."""
+    files = [p for p in Path(d).iterdir() if p.is_file()]
+    ort_files = [p for p in files if p.suffix == ".ort"]
+    if fmt == "ort" and ort_files:
+        return sum(p.stat().st_size for p in ort_files)
+    return sum(p.stat().st_size for p in files if p.suffix == ".onnx" or p.name.endswith(".onnx.data"))
 
 
 def score(model_dir: Path, eval_tokens, seq_len: int, threads: int | None = None) -> dict:
@@ -47,7 +51,7 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     # more threads than cores only measures oversubscription; the gate is unverified then anyway
     lat = measure(d, threads=min(t.threads, facts["cores"]), spinning=t.spinning, prefill_tokens=goals.prefill_tokens,
                   decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup)
-    size = graph_bytes(d)
+    size = graph_bytes(d, t.format)
     drop = baseline["accuracy"] - acc["accuracy"]
     ratio = size / baseline["onnx_bytes"]
     gates = {

@@ -8,7 +8,7 @@ from edgekit.atomic import finalize, staging_dir
 from edgekit.bundle import get_version_info, verify, write_manifest
 from edgekit.devices import collect, matrix, to_markdown
 from edgekit.errors import EdgekitError
-from edgekit.host import latency_unverified_reason
+from edgekit.host import emulation, latency_unverified_reason
 from edgekit.recipes import Target
 from edgekit.report import gate, overall, render_html
 
@@ -53,6 +53,11 @@ def test_latency_is_unverified_on_a_host_with_too_few_cores():
     assert latency_unverified_reason(t, {"cores": 16, "arch": "x86_64"}) is None
     arm = Target(name="mobile", threads=4, arch="arm64")
     assert "arm64" in latency_unverified_reason(arm, {"cores": 16, "arch": "x86_64"})
+    # an arm64 userland under qemu-user on an x86-64 CPU is the right arch but never a measurement of the device
+    emu = emulation("aarch64", "flags", {"sse2", "avx2"})
+    assert emu and "emulat" in latency_unverified_reason(arm, {"cores": 16, "arch": "aarch64", "emulated": emu})
+    assert emulation("aarch64", "Features", {"asimd", "asimddp"}) is None
+    assert emulation("x86_64", "flags", {"sse2"}) is None
 
 
 def test_report_html_has_plots_and_gates():
@@ -74,3 +79,16 @@ def test_device_matrix(tmp_path):
     assert "latency_decode_p95_ms" in head and len(rows) == 2 and "pass (3)" in md
     with pytest.raises(EdgekitError):
         collect(tmp_path / "nothing")
+
+
+def test_validated_where_names_real_emulated_and_unrepresentative_hosts():
+    from edgekit.devices import validated_where
+
+    lat = lambda s: {"latency_prefill_p95_ms": {"status": s}, "accuracy_drop": {"status": "pass"}}  # noqa: E731
+    runs = [{"_path": "phone", "target": "mobile-arm64", "host": {"cpu_model": "A", "cores": 8}, "gates": lat("pass")},
+            {"_path": "qemu", "target": "mobile-arm64", "host": {"emulated": "arm64 on x86-64", "arch": "aarch64"},
+             "gates": lat("unverified")},
+            {"_path": "vm", "target": "cpu4", "host": {"cores": 2}, "gates": lat("unverified")}]
+    w = validated_where(runs)
+    assert w["mobile-arm64"][0].startswith("phone: real device") and "emulated" in w["mobile-arm64"][1]
+    assert "cannot represent" in w["cpu4"][0] and "prefill unverified" in w["cpu4"][0]

@@ -154,10 +154,16 @@ def test_full_queue_answers_503(engine):
 # -- web (headless Chromium + onnxruntime-web) -----------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ORT_WEB = APPS / "web" / "node_modules" / "onnxruntime-web" / "dist"
+HF_TOK = APPS / "web" / "node_modules" / "@huggingface" / "tokenizers" / "dist"
+needs_browser = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install -y chromium)"),
+    pytest.mark.skipif(not (ORT_WEB.is_dir() and HF_TOK.is_dir()),
+                       reason="onnxruntime-web / @huggingface/tokenizers missing: run `npm ci` in sample_apps/web"),
+]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install -y chromium)")
-@pytest.mark.skipif(not ORT_WEB.is_dir(), reason="onnxruntime-web missing: run `npm ci` in sample_apps/web")
+@needs_browser[0]
+@needs_browser[1]
 @pytest.mark.parametrize("moe", ["portable", "contrib"])
 def test_web_page_greedy_matches_reference_in_headless_chromium(tmp_path, moe):
     b = build_tiny_bundle(tmp_path / f"web-{moe}", moe=moe)
@@ -186,3 +192,31 @@ def test_web_page_greedy_matches_reference_in_headless_chromium(tmp_path, moe):
     assert r["greedy_ids"] == want, f"browser {r['greedy_ids']} vs reference {want}"
     from edgekit.runtime import Engine
     assert r["text"] == Engine.from_bundle(b).tokenizer.decode(want), r["text"]
+
+
+@needs_browser[0]
+@needs_browser[1]
+def test_web_page_typed_prompt_streams_the_python_runtimes_greedy_answer(tmp_path):
+    """A person's path: type a prompt into the box, press Generate, watch tokens stream; the answer
+    (tokenized in the browser by @huggingface/tokenizers) equals edgekit.runtime's greedy answer."""
+    from edgekit.runtime import Engine
+
+    b = build_tiny_bundle(tmp_path / "web-typed", moe="portable")
+    serve = _load("edgekit_sample_web", APPS / "web" / "serve.py")
+    browser = _load("edgekit_sample_browser", APPS / "web" / "browser.py")
+    httpd = serve.make_server(b)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    prompt, n = "def add(a, b):\n    return", 12
+    try:
+        r = browser.type_and_generate(f"http://127.0.0.1:{httpd.server_address[1]}/index.html", prompt, n,
+                                      timeout=120, exe=CHROMIUM)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert r["ok"], r.get("error")
+    e = Engine.from_bundle(b)
+    assert r["typed_prompt"] == prompt and r["prompt_ids"] == e.encode(prompt), (r["prompt_ids"], e.encode(prompt))
+    want = e.generate(prompt, max_new_tokens=n, temperature=0)
+    assert r["text"] == want, f"browser {r['text']!r} vs python {want!r}"
+    assert len(set(r["partials"])) >= 2 and r["partials"][-1] == r["text"], \
+        f"not streamed: partial answers seen {r['partials']!r}"

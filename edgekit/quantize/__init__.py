@@ -143,6 +143,7 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
     import onnx
 
     from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
+    from .portable import rewrite_sparse_experts
     from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
 
     src = Path(src_dir)
@@ -163,6 +164,10 @@ def quantize_export(src_dir, out_dir, model, int8: set[str], static_scales: dict
         if unit in int8:
             moe[unit] = (rewrite_moe_grouped(proto, m["node"], gcfg) if moe_path == "grouped"
                          else rewrite_moe(proto, m["node"], moe_block))
+    for m in spec.get("sparse_experts", []):
+        unit = f"model.layers.{m['layer']}.mlp.experts"
+        if unit in int8:
+            moe[unit] = rewrite_sparse_experts(proto, m["node"], m["fc1"], m["fc2"], qmax=wmax)
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +192,8 @@ def _units_in_graph(export_dir, model) -> set[str]:
     spec = json.loads((Path(export_dir) / "export.json").read_text())
     proto = onnx.load(str(Path(export_dir) / spec["graph"]))
     found = set(unit_map(proto, model).values())
-    return found | {f"model.layers.{m['layer']}.mlp.experts" for m in spec.get("moe_nodes", [])}
+    moe = spec.get("moe_nodes", []) + spec.get("sparse_experts", [])
+    return found | {f"model.layers.{m['layer']}.mlp.experts" for m in moe}
 
 
 def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25) -> dict[str, float]:
@@ -257,9 +263,10 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     block = 0 if portable else _moe_block(cfg, model.args)
     path = choose_moe_path(cfg, model.args)
     kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable or path == "grouped",
-              wmax=63.0 if cfg.reduce_range else 127.0)
+              wmax=63.0 if cfg.reduce_range else 127.0, expert_act_int8=not portable)
     out = Path(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
+    stage = work / "int8"                   # every round is written and checked here; out appears only at the end
     try:
         fp32_dir = Path(fp32_export_dir) if fp32_export_dir else work / "fp32"
         if not fp32_export_dir:
@@ -273,12 +280,12 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
         ort_rows = rows[: max(1, min(len(rows), 16))]
         rounds = []
         for _ in range(cfg.max_ort_rounds + 1):
-            summary = quantize_export(fp32_dir, out, model, plan.int8, static, block, cfg.merge, path,
+            summary = quantize_export(fp32_dir, stage, model, plan.int8, static, block, cfg.merge, path,
                                       cfg.reduce_range)
             if not cfg.verify_ort:
                 break
             a32, p32 = _ort_accuracy(fp32_dir, ort_rows)
-            a8, p8 = _ort_accuracy(out, ort_rows)
+            a8, p8 = _ort_accuracy(stage, ort_rows)
             rounds.append({"fp32": a32, "int8": a8, "drop": a32 - a8, "top1_agreement": float((p32 == p8).mean())})
             log(f"quantize: onnxruntime accuracy fp32 {a32:.4f} int8 {a8:.4f} (drop {(a32 - a8) * 100:+.2f} points)")
             if a32 - a8 <= cfg.max_drop:
@@ -293,16 +300,25 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
             plan.int8.discard(n)
             plan.fp32[n] = (f"onnxruntime drop {(a32 - a8) * 100:.2f} > {cfg.max_drop * 100:.2f} points; "
                             "next by sensitivity")
+        _finish(report, plan, rows, acc_fp32, acc_emul, rounds, agreement(ref_routes, routes_q), static, block,
+                summary, stage)
+        with atomic_dir(out) as tmp:
+            for p in stage.iterdir():
+                shutil.move(str(p), str(tmp / p.name))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    size = lambda d: sum(p.stat().st_size for p in Path(d).glob("model.onnx*"))  # noqa: E731
+    return report
+
+
+def _finish(report, plan, rows, acc_fp32, acc_emul, rounds, routing_agreement, static, block, summary, d) -> None:
+    """Fill ``report`` and write it to ``d/quantize.json``."""
+    size = sum(p.stat().st_size for p in Path(d).glob("model.onnx*"))
     report.update({
         "int8_units": len(plan.int8), "fp32_units": plan.fp32,
         "sensitivity_top": dict(sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:10]),
         "accuracy": {"calib_tokens": int(rows[:, 1:].size), "fp32_torch": acc_fp32,
                      "int8_emulated": acc_emul, "emulated_drop": acc_fp32 - acc_emul, "ort": rounds},
-        "routing_agreement": {str(k): v for k, v in agreement(ref_routes, routes_q).items()},
-        "static_scales": sorted(static), "moe_block": block, "graph": summary, "size_bytes": size(out),
+        "routing_agreement": {str(k): v for k, v in routing_agreement.items()},
+        "static_scales": sorted(static), "moe_block": block, "graph": summary, "size_bytes": size,
     })
-    (out / "quantize.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    return report
+    (Path(d) / "quantize.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -54,7 +54,8 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
-                   experts_as_linears: bool = False, wmax: float = 127.0, rank_always: bool = False,
+                   experts_as_linears: bool = False, wmax: float = 127.0, expert_act_int8: bool = True,
+                   rank_always: bool = False,
                    ref_logp: list | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
     whose products the absorbed attention precomputes, stay fp32 and are not emulated as int8)."""
@@ -65,7 +66,8 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}})
-    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax)
+    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax,
+              expert_act_int8=expert_act_int8)
     if ref_logp is None:
         plan.accuracy_fp32, _, ref_logp = score(model, rows)
     else:

@@ -62,8 +62,10 @@ class OrtModel:
         try:
             self.session = ort.InferenceSession(str(d / spec["graph"]), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # e.g. a contrib-op graph on a runtime build without com.microsoft ops
+            fix = ("re-export with moe='portable' for runtimes without contrib ops" if spec.get("moe") != "portable"
+                   else "the file is damaged or was not written by edgekit; re-create it with the command that made it")
             raise EdgekitError(f"onnxruntime cannot load {d / spec['graph']} ({str(e).splitlines()[0][:200]}); "
-                               "re-export with moe='portable' for runtimes without contrib ops") from None
+                               + fix) from None
         self.num_layers, self.width = spec["num_layers"], spec["cache"]["width"]
         self.max_positions, self.vocab_size = spec["max_position_embeddings"], spec["vocab_size"]
         self.name = spec.get("model_name") or d.name

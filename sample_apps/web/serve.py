@@ -2,7 +2,8 @@
 
     python sample_apps/web/serve.py --bundle WEB_BUNDLE [--port 8080]   # then open the printed URL
 
-Routes: ``/`` the page, ``/ort/*`` node_modules/onnxruntime-web/dist, ``/bundle/*`` the bundle's
+Routes: ``/`` the page, ``/ort/*`` node_modules/onnxruntime-web/dist, ``/hf/*``
+node_modules/@huggingface/tokenizers/dist, ``/bundle/*`` the bundle's
 files, ``POST /result`` (the page reports its result there when the URL has ``report=/result``;
 ``make_server(..., on_result=fn)`` receives it: the test uses this instead of a DevTools client).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORT_DIST = HERE / "node_modules" / "onnxruntime-web" / "dist"
+HF_DIST = HERE / "node_modules" / "@huggingface" / "tokenizers" / "dist"
 TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
          ".onnx": "application/octet-stream"}
 
@@ -34,7 +36,7 @@ class Handler(SimpleHTTPRequestHandler):
 
     def translate_path(self, path):
         path = path.split("?", 1)[0]
-        for prefix, root in (("/ort/", ORT_DIST), ("/bundle/", self.bundle)):
+        for prefix, root in (("/ort/", ORT_DIST), ("/hf/", HF_DIST), ("/bundle/", self.bundle)):
             if path.startswith(prefix):
                 p = (root / path[len(prefix):]).resolve()
                 return str(p) if p.is_relative_to(root.resolve()) else str(root / "missing")
@@ -62,8 +64,8 @@ def main(argv=None):
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--port", type=int, default=8080)
     a = ap.parse_args(argv)
-    if not ORT_DIST.is_dir():
-        raise SystemExit("onnxruntime-web is not installed: run `npm install` in sample_apps/web")
+    if not ORT_DIST.is_dir() or not HF_DIST.is_dir():
+        raise SystemExit("onnxruntime-web or @huggingface/tokenizers is not installed: run `npm ci` in sample_apps/web")
     httpd = make_server(a.bundle, port=a.port)
     print(f"open http://127.0.0.1:{httpd.server_address[1]}/index.html?case=0", flush=True)
     httpd.serve_forever()
