@@ -142,19 +142,20 @@ class Engine:
     def from_bundle(cls, bundle_dir, threads: int | None = None, spinning: bool | None = None,
                     verify: bool = True) -> Engine:
         """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
-        from tokenizers import Tokenizer
-
         d = Path(bundle_dir)
         manifest = _bundle.verify(d) if verify else _bundle.read_manifest(d)
         target = {}
         if (d / "recipe.toml").exists():
-            target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            try:
+                target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                raise EdgekitError(f"{d / 'recipe.toml'} is corrupt; {_bundle.REBUILD}") from None
         threads = threads or target.get("threads") or manifest.get("threads")
         spinning = spinning if spinning is not None else target.get("spinning", manifest.get("spinning"))
         if not (d / "tokenizer.json").exists():
             raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
-        return cls(OrtModel(d, threads=threads, spinning=spinning), Tokenizer.from_file(str(d / "tokenizer.json")),
-                   manifest, d, threads, spinning)
+        tokenizer = _bundle.read_tokenizer(d, "bundle")
+        return cls(OrtModel(d, threads=threads, spinning=spinning), tokenizer, manifest, d, threads, spinning)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
