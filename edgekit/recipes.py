@@ -32,9 +32,10 @@ OPS = ("full", "mobile", "web")
 
 
 def recipes_dir() -> Path:
-    """``export_recipes/`` at the repo root; a copy ships inside the package for installed use."""
-    repo = Path(__file__).resolve().parent.parent / "export_recipes"
-    return repo if repo.is_dir() else Path(__file__).parent / "data" / "export_recipes"
+    """``export_recipes/``: inside the package in an installed wheel (pyproject.toml maps the top-level
+    directory to ``edgekit.export_recipes``), else at the root of the checkout (editable install)."""
+    packaged = Path(__file__).resolve().parent / "export_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "export_recipes"
 
 
 @dataclass
