@@ -37,8 +37,8 @@ class Group(click.Group):
             cmd = f"{e.ctx.command_path} -h" if e.ctx else "edgekit -h"
             raise UserError(f"{e.format_message()} (see `{cmd}`)") from None
         except OSError as e:
-            where = f" {e.filename}" if e.filename else ""
-            raise UserError(f"cannot access{where}: {e.strerror or e}; check the path, its permissions "
+            where = f" on {e.filename}" if e.filename else ""
+            raise UserError(f"file system error{where}: {e.strerror or e}; check the paths, their permissions "
                             "and free disk space") from None
 
 

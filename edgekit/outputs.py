@@ -66,9 +66,10 @@ def normalise(out: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(out)))
 
 
-def check_replace(out: str | os.PathLike) -> None:
+def check_replace(out: str | os.PathLike, shown: str | os.PathLike | None = None) -> None:
     """Raise unless ``out`` may be (re)placed: absent, an empty dir, ours, or forced."""
     p = normalise(out)
+    out = shown if shown is not None else out
     if p.is_symlink():
         raise EdgekitError(f"output {out} is a symbolic link; edgekit does not replace links: pass a directory path")
     if not p.exists():
@@ -121,7 +122,7 @@ def prepare(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
                                "pass another -o")
     if p.is_dir() and not p.is_symlink() and force and not is_ours(p):
         _FORCED.set(_FORCED.get() | {str(p)})
-    check_replace(p)
+    check_replace(p, shown=out)
     _probe(p.parent, out)
     return p
 
