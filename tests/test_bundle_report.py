@@ -12,7 +12,6 @@ from edgekit.host import latency_unverified_reason
 from edgekit.recipes import Target
 from edgekit.report import gate, overall, render_html
 
-
 SPEC = {"format": "edgekit-onnx/1", "graph": "model.onnx", "num_layers": 1, "vocab_size": 8,
         "max_position_embeddings": 16, "inputs": [{"name": "input_ids"}], "outputs": [{"name": "logits"}],
         "cache": {"width": 4}}

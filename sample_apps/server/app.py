@@ -59,6 +59,8 @@ def parse_request(body: bytes, engine: Engine, limits: dict) -> tuple[Job, bool]
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise HTTPError(400, "body JSON is nested too deeply; send a flat JSON object") from None
     if not isinstance(req, dict):
         raise HTTPError(400, "body must be a JSON object with at least a 'prompt' field")
     unknown = sorted(set(req) - set(FIELDS))
@@ -101,6 +103,7 @@ def parse_request(body: bytes, engine: Engine, limits: dict) -> tuple[Job, bool]
 def make_handler(engine: Engine, batcher: Batcher, limits: dict):
     class Handler(BaseHTTPRequestHandler):
         server_version = "edgekit-sample/0.1"
+        default_request_version = "HTTP/1.0"    # answers to unparsable request lines carry a status line
         timeout = limits["read_timeout_s"]      # socket timeout: a stalled client frees its thread
         started = False                         # response headers sent (then a 500 can no longer be)
 
