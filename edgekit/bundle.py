@@ -194,8 +194,8 @@ def verify(bundle: str | os.PathLike) -> dict:
             raise EdgekitError(f"{b / 'manifest.json'} entry {name} is corrupt (needs sha256 and bytes); {REBUILD}")
         st = regular_file(p, name)
         if st.st_size != meta["bytes"]:
-            raise EdgekitError(f"bundle file {name} has {st.st_size} bytes, the manifest says {meta['bytes']}; "
-                               f"{REBUILD}")
+            raise EdgekitError(f"bundle file {name} does not match its manifest hash (it has {st.st_size} bytes, "
+                               f"the manifest says {meta['bytes']}); {REBUILD}")
         checked.append((name, p, meta["sha256"]))
     for name, p, want in checked:
         if sha256(p) != want:
