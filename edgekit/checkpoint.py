@@ -12,8 +12,12 @@ expects is present with the configured shape and finite values; writes go to a t
 into place when complete, so a failure leaves no half-written checkpoint.
 
 Failure modes (all ``EdgekitError``, one line naming the fix): missing/empty dir, ``.bin``/``.pt``
-weights, corrupt or truncated safetensors, unknown ``model_type``, missing tensors, shape
-mismatches, NaN/Inf weights. Multi-token-prediction layers are skipped with a note on stderr.
+weights, corrupt or truncated safetensors, a config.json that is not an object or has mistyped
+values, unknown ``model_type``, missing tensors, shape mismatches (checked from the safetensors
+headers before anything is allocated, ``edgekit.configcheck``), weights with more layers than the
+config, shard names leaving the directory, NaN/Inf weights, a corrupt tokenizer.json.
+Multi-token-prediction layers (their own tensors, or ``num_nextn_predict_layers``) are skipped with
+a note on stderr.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The ``edgekit`` command line. Thin by design: each command parses options, calls one library
 function and prints its result; the work lives in the library modules.
 
-Errors: ``EdgekitError`` (bad input) becomes one line on stderr and exit code 2, no traceback.
+Errors: ``EdgekitError`` (bad input), click usage errors (a bad option value) and OS errors (an
+unwritable path, a full disk) become one line on stderr and exit code 2, no traceback. Commands that
+write a directory check ``-o`` first (``edgekit.outputs``; ``--force`` to replace a foreign dir).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ Invariants: the eval, calibration and dev splits are disjoint from each other an
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
 ``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.
 
-Failure modes: a missing file, a non-UTF-8 file or text too short for one window raise
-``EdgekitError`` naming the fix.
+Failure modes: a missing file, a non-UTF-8 file, text too short for one window (``windows``) or
+for one full calibration window (``require_tokens``) raise ``EdgekitError`` naming the fix.
 """
 
 from __future__ import annotations
