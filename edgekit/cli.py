@@ -103,7 +103,8 @@ def info(model, as_json):
 @click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
               help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
 @click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
-def synth(shape, out, seed, dtype, shard_mb, list_shapes):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def synth(shape, out, seed, dtype, shard_mb, list_shapes, force):
     """Write a random-init (std 0.02) checkpoint of a named V3 SHAPE with v3-nano's tokenizer.
 
     Tensors are generated and written shard by shard, so a checkpoint larger than free memory can
@@ -126,6 +127,7 @@ def synth(shape, out, seed, dtype, shard_mb, list_shapes):
         return
     if not out:
         raise UserError("synth needs -o DIR (where to write the checkpoint)")
+    _output(out, force)
     d = do_synth(shape, out, seed=seed, dtype=dtype, shard_bytes=shard_mb << 20,
                  log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {d}")
