@@ -12,8 +12,8 @@ Policy (why: an ``-o`` that names a user's project must not delete it):
 - a directory edgekit wrote: replaced when the new one is complete;
 - any other directory: refused unless ``force=True`` (``--force``); a forced replacement is
   remembered for this command only (``forced``, a context variable, reset when the command ends);
-- a file, a symlink, the root, or a directory that holds one of the command's inputs: always refused
-  (a file is never moved or replaced);
+- a file, a symlink, the root, the current directory (or one above it), or a directory that holds
+  one of the command's inputs: always refused (a file is never moved or replaced);
 - the parent: the nearest existing ancestor must be a directory in which a temp dir can be made
   (a file in the way, a read-only or full filesystem are reported before any work).
 
@@ -113,6 +113,9 @@ def prepare(out: str | os.PathLike, force: bool = False, inputs=()) -> Path:
     p = normalise(out)
     if p.parent == p:
         raise EdgekitError(f"output {out} is the filesystem root; pass a directory path")
+    if _inside(Path.cwd().resolve(), p.resolve()):
+        raise EdgekitError(f"output {out} holds the current directory; replacing it would delete it: "
+                           "pass a subdirectory as -o")
     for i in inputs:
         if i is None:
             continue

@@ -239,8 +239,9 @@ CASES = [
                                                   "-o", a_file(t) + "/out"], "is a file"),
     ("export -o the input --force", lambda t, c, b: ["export", ck(t, c), "-o", str(t / "ck"), "--force"],
      "holds the input"),
-    ("prune -o the input's parent --force", lambda t, c, b: ["prune", ck(t, c), "-o", str(t), "--force"],
-     "holds the input"),
+    ("prune -o the input's parent --force", lambda t, c, b: ["prune", str(shutil.copytree(c, t / "models" / "ck")),
+                                                             "-o", str(t / "models"), "--force"], "holds the input"),
+    ("export -o . --force", lambda t, c, b: ["export", ck(t, c), "-o", ".", "--force"], "current directory"),
     ("export -o a symlink", lambda t, c, b: ["export", ck(t, c), "-o", str(_link(t))], "symbolic link"),
     ("validate --report-dir a file", lambda t, c, b: ["validate", b, "--report-dir", a_file(t)], "is a file"),
     # item 6: config.json, tokenizer, data, options, recipes, shards
