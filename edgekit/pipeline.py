@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from . import dist
-from .atomic import finalize, staging_dir
-from .bundle import write_manifest
+from .atomic import finalize, scratch_dir, staging_dir
+from .bundle import baseline_digest, write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
-from .data import load_tokens
+from .data import load_tokens, require_tokens
 from .errors import EdgekitError
 from .evaluate import evaluate
 from .mobile import prepare_bundle
@@ -105,7 +104,7 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
-    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, eval_tokens, recipe))
+    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, eval_tokens, recipe, cache))
     budget = drop_budget(recipe.goals, baseline["accuracy"])  # both accuracy gates (points, relative)
     left = budget * 0.75 - (baseline["accuracy"] - pruned_acc)
     # at least a quarter of the goal: int8 is what makes the bundle small, and reverting layers to
@@ -207,7 +206,7 @@ def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: 
     tmp = staging_dir(out)
     try:
         for p in quantized.iterdir():
-            if p.is_file() and p.name != "meta.json":
+            if p.is_file() and p.name != "meta.json" and not p.name.startswith("."):
                 shutil.copy(p, tmp / p.name)
         if not (tmp / "tokenizer.json").exists():
             shutil.copy(resolve(src) / "tokenizer.json", tmp / "tokenizer.json")
@@ -219,7 +218,8 @@ def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: 
                        hardware_recommendation=recipe.target.hardware_recommendation,
                        io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs", "cache", "moe",
                                                           "max_position_embeddings", "vocab_size")},
-                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning, **formats})
+                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning,
+                              "baseline_sha256": baseline_digest(report["baseline"]), **formats})
         write_report(tmp, report)
         return finalize(tmp, out)
     except BaseException:
@@ -250,27 +250,33 @@ def features_of(recipe: Recipe) -> list[str]:
 
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
              recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
-             use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult | None:
+             use_cache: bool = True, console=None, recipe: Recipe | None = None,
+             force: bool = False) -> CompressResult | None:
     from .domains import plan_data
+    from .outputs import prepare
+    from .prune import check_prunable
 
     src = resolve(model)
     recipe = recipe or load_recipe(target)
     w = dist.world()
     if w.enabled and auto:
         raise EdgekitError("--auto runs many candidate prunes in one process; drop --auto or run without torchrun")
-    load(src)  # validate the checkpoint (one-line errors) before any work
+    out = prepare(out or f"edgekit-out/{src.name}-{recipe.target.name}", force, inputs=[src]) if w.is_main \
+        else Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     tok = load_tokenizer(src)
     # a target domain (--calib DOMAIN or the recipe's [data] domain) supplies calib/recover/eval text
     plan = plan_data(src, recipe, calib, eval_data, recover)
     if plan.domain:  # the applied recipe (bundle's recipe.toml) names the domain the gate read
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     calib_tokens = load_tokens(plan.calib, tok)
+    # validate the checkpoint, the recipe against it and the calibration text (one-line errors) before any work
+    check_prunable(load(src), recipe.prune, calib_tokens)
+    require_tokens(calib_tokens, recipe.quantize.seq_len + 1, "calibration text for quantization")
     eval_tokens = load_tokens(plan.eval, tok, recipe.validate.eval_max_tokens or None)
     # distillation text: the shipped sample of v3-nano's training text for v3-nano, else calibration text
     shipped = src.resolve() == reference_model_dir().resolve()
     recover_tokens = load_tokens(plan.recover or ("recover" if shipped else plan.calib), tok)
-    out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
-    scratch = None if use_cache or not w.is_main else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
+    scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")
     try:
         cache, rows = StageCache(scratch), []
         if w.enabled:
@@ -337,14 +343,14 @@ def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, 
     return CompressResult(report, bundle, code)
 
 
-def _cached_accuracy(export_dir: Path, eval_tokens: np.ndarray, recipe: Recipe) -> float:
-    """Accuracy of the fp32 pruned export (cached next to it), for the per-stage table."""
-    f = export_dir / "meta.json"
-    meta = json.loads(f.read_text()) if f.exists() else {}
-    key = f"accuracy:{_tokens_hash(eval_tokens)}:{recipe.validate.seq_len}"
-    if key not in meta:
+def _cached_accuracy(export_dir: Path, eval_tokens: np.ndarray, recipe: Recipe, cache: StageCache) -> float:
+    """Accuracy of the fp32 pruned export, for the per-stage table (its own cache entry: entries are
+    never modified once built, so their content hashes hold)."""
+    def do(tmp: Path):
         from .validate import score
 
-        meta[key] = score(export_dir, eval_tokens, recipe.validate.seq_len)["accuracy"]
-        f.write_text(json.dumps(meta))
-    return meta[key]
+        acc = score(export_dir, eval_tokens, recipe.validate.seq_len)["accuracy"]
+        (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
+
+    d = cache.get("score", [export_dir.name, _tokens_hash(eval_tokens), recipe.validate.seq_len], do)
+    return json.loads((d / "meta.json").read_text())["accuracy"]

@@ -15,6 +15,7 @@ with one line that names the valid choices (``EdgekitError``, exit 2 from the CL
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ OPS = ("full", "mobile", "web")
 
 
 def recipes_dir() -> Path:
-    """``export_recipes/`` at the repo root; a copy ships inside the package for installed use."""
-    repo = Path(__file__).resolve().parent.parent / "export_recipes"
-    return repo if repo.is_dir() else Path(__file__).parent / "data" / "export_recipes"
+    """``export_recipes/``: inside the package in an installed wheel (pyproject.toml maps the top-level
+    directory to ``edgekit.export_recipes``), else at the root of the checkout (editable install)."""
+    packaged = Path(__file__).resolve().parent / "export_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "export_recipes"
 
 
 @dataclass
@@ -78,7 +80,7 @@ class Goals:
             raise ValueError(f"accuracy_drop_relative={self.accuracy_drop_relative}: a fraction of the fp32 "
                              "accuracy, e.g. 0.008 for 0.8%")
         for k in ("latency_prefill_p95_ms", "latency_decode_p95_ms", "size_ratio", "prefill_tokens"):
-            if getattr(self, k) <= 0:
+            if not getattr(self, k) > 0:  # NaN fails too
                 raise ValueError(f"{k}={getattr(self, k)}: must be > 0")
 
 
@@ -147,10 +149,25 @@ def build(cls: type, table: dict, where: str):
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise EdgekitError(f"unknown key {where}.{unknown[0]}; valid keys: {', '.join(names)}")
+    bad = _non_finite(table)
+    if bad:
+        raise EdgekitError(f"bad value in [{where}]: {bad[0]}={bad[1]}: use a finite number")
     try:
         return cls(**table)
     except (TypeError, ValueError) as e:
         raise EdgekitError(f"bad value in [{where}]: {e}") from None
+
+
+def _non_finite(table: dict, prefix: str = "") -> tuple[str, float] | None:
+    """The first NaN/inf value (TOML allows ``nan`` and ``inf``), nested tables included."""
+    for k, v in table.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{prefix}{k}", v
+        if isinstance(v, dict):
+            found = _non_finite(v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
 
 
 STAGES = ("prune", "export", "quantize")

@@ -84,3 +84,13 @@ def render_matrix(head, rows) -> None:
     for r in rows:
         t.add_row(*r)
     Console().print(t)
+
+
+def render_cache(rows: list[dict]) -> None:
+    con = Console()
+    t = Table("stage", "key", "size", "age", "status")
+    for r in rows:
+        age = "?" if r["age_s"] is None else f"{r['age_s'] / 3600:.1f} h"
+        t.add_row(r["stage"], r["key"], f"{r['bytes'] / 1e6:.2f} MB", age, r["status"])
+    con.print(t)
+    con.print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")

@@ -14,11 +14,9 @@ target (``host.latency_unverified_reason``). No torch import: this runs on devic
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from .errors import EdgekitError
 from .host import host_facts, latency_unverified_reason
 from .latency import measure
 from .report import gate, overall
@@ -82,20 +80,16 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
 
 def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: str | None = None) -> dict:
     """Re-validate a bundle on this machine (writes nothing; the caller decides where the report goes)."""
-    from .bundle import verify
-    from .checkpoint import load_tokenizer
+    from .bundle import build_baseline, read_tokenizer, verify
     from .data import load_tokens
     from .recipes import load_recipe
 
     b = Path(bundle)
     manifest = verify(b)
-    built = b / "report.json"
-    if not built.exists():
-        raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
-    baseline = json.loads(built.read_text())["baseline"]
+    baseline = build_baseline(b, manifest)
     recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
     default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
-    tokens = load_tokens(eval_data or default, load_tokenizer(b), recipe.validate.eval_max_tokens or None)
+    tokens = load_tokens(eval_data or default, read_tokenizer(b, "bundle"), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)
     report["bundle"] = {"path": str(b), "model_name": manifest["model_name"], "built_for": manifest["target"],
                         "edgekit_version": manifest["edgekit_version"]}

@@ -12,12 +12,18 @@ from edgekit.host import emulation, latency_unverified_reason
 from edgekit.recipes import Target
 from edgekit.report import gate, overall, render_html
 
+SPEC = {"format": "edgekit-onnx/1", "graph": "model.onnx", "num_layers": 1, "vocab_size": 8,
+        "max_position_embeddings": 16, "inputs": [{"name": "input_ids"}], "outputs": [{"name": "logits"}],
+        "cache": {"width": 4}}
+
 
 def _bundle(tmp_path):
     out = tmp_path / "b"
     tmp = staging_dir(out)
     (tmp / "model.onnx").write_bytes(b"graph")
     (tmp / "tokenizer.json").write_text("{}")
+    (tmp / "recipe.toml").write_text('[target]\nname = "cpu4"\n')
+    (tmp / "export.json").write_text(json.dumps(SPEC))
     write_manifest(tmp, model_name="m", target="cpu4", features=["int8"], hardware_recommendation="4 cores",
                    io_spec={"inputs": ["input_ids"]})
     return finalize(tmp, out)
@@ -28,7 +34,7 @@ def test_bundle_is_atomic_and_verifiable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"], "no temp dirs may be left behind"
     assert get_version_info(b)["features"] == ["int8"]
     verify(b)
-    (b / "model.onnx").write_bytes(b"tampered")
+    (b / "model.onnx").write_bytes(b"graf!")  # same size: only the hash can tell
     with pytest.raises(EdgekitError, match="hash"):
         verify(b)
 

@@ -114,14 +114,23 @@ def _fill_unrouted(act_sq, count):
     return torch.where(routed[:, None], act_sq, fill)
 
 
-def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
-    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+def check_prunable(model, config: PruneConfig, calib_tokens: np.ndarray | None = None) -> None:
+    """Config vs this model (and enough calibration text), before any statistics are collected."""
     n_layers = len(model.model.layers)
     bad = [i for i in (config.per_layer or {}) if int(i) >= n_layers]
     if bad:
         raise EdgekitError(f"prune per_layer names layer {bad[0]} but the model has {n_layers}; use 0..{n_layers - 1}")
     if config.layers >= n_layers:
         raise EdgekitError(f"cannot remove {config.layers} of {n_layers} layers; use layers <= {n_layers - 1}")
+    if calib_tokens is not None:
+        from ..data import require_tokens
+
+        require_tokens(calib_tokens, config.calib_seq_len + 1, "calibration text for pruning")
+
+
+def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
+    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+    check_prunable(model, config)
     plan = Plan(keep_layers([s.block_influence for s in stats], config.layers))
     for i in plan.layers:
         r, st, layer = config.ratios(i), stats[i], model.model.layers[i]
@@ -162,6 +171,7 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     ``config.recover_steps > 0``."""
     from ..distill import distill_
 
+    check_prunable(model, config, calib_tokens)
     teacher = copy.deepcopy(model).eval() if config.recover_steps else None
     stats = collect_stats(model, calib_tokens, seq_len=config.calib_seq_len,
                           max_tokens=config.calib_max_tokens, progress=progress)

@@ -36,13 +36,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, scratch_dir
 from ..errors import EdgekitError
 
 MODES = ("dynamic", "static", "auto")
@@ -231,7 +230,7 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
 
     import torch
 
-    from ..data import windows
+    from ..data import require_tokens, windows
     from ..export import ExportConfig, export
     from ..smooth import SmoothConfig, smooth_
     from .emulate import agreement, emulated, input_absmax, routing, score, units
@@ -243,9 +242,8 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
         from ..data import load_tokens
         calib_tokens = load_tokens(cfg.calib, load_tokenizer(tokenizer_from))
     toks = np.asarray(calib_tokens, dtype=np.int64)[: cfg.calib_max_tokens + 1]
-    if len(toks) < 2:
-        raise EdgekitError("quantize needs calibration tokens; pass a text file with a few thousand tokens")
-    seq = min(cfg.seq_len, model.args.max_position_embeddings, len(toks) - 1)
+    seq = min(cfg.seq_len, model.args.max_position_embeddings)
+    require_tokens(toks, seq + 1, "calibration text for quantization")
     rows = windows(toks, seq)
     model.eval()
     torch.manual_seed(0)
@@ -265,7 +263,7 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable or path == "grouped",
               wmax=63.0 if cfg.reduce_range else 127.0, expert_act_int8=not portable)
     out = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
+    work = scratch_dir(".quantize.", out.parent if out.parent.exists() else None)
     stage = work / "int8"                   # every round is written and checked here; out appears only at the end
     try:
         fp32_dir = Path(fp32_export_dir) if fp32_export_dir else work / "fp32"

@@ -72,6 +72,8 @@ class GenerationConfig:
             bad(f"top_p={self.top_p!r}: pass a number in (0, 1] (1 = no nucleus filter)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad(f"stop={self.stop!r}: pass non-empty strings")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad(f"seed={self.seed!r}: pass an integer >= 0 (or none for fresh entropy)")
         if self.truncate not in TRUNCATE:
             bad(f"truncate={self.truncate!r}: use one of {TRUNCATE}")
 
@@ -142,19 +144,20 @@ class Engine:
     def from_bundle(cls, bundle_dir, threads: int | None = None, spinning: bool | None = None,
                     verify: bool = True) -> Engine:
         """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
-        from tokenizers import Tokenizer
-
         d = Path(bundle_dir)
         manifest = _bundle.verify(d) if verify else _bundle.read_manifest(d)
         target = {}
         if (d / "recipe.toml").exists():
-            target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            try:
+                target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                raise EdgekitError(f"{d / 'recipe.toml'} is corrupt; {_bundle.REBUILD}") from None
         threads = threads or target.get("threads") or manifest.get("threads")
         spinning = spinning if spinning is not None else target.get("spinning", manifest.get("spinning"))
         if not (d / "tokenizer.json").exists():
             raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
-        return cls(OrtModel(d, threads=threads, spinning=spinning), Tokenizer.from_file(str(d / "tokenizer.json")),
-                   manifest, d, threads, spinning)
+        tokenizer = _bundle.read_tokenizer(d, "bundle")
+        return cls(OrtModel(d, threads=threads, spinning=spinning), tokenizer, manifest, d, threads, spinning)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -175,6 +178,11 @@ class Engine:
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise EdgekitError(f"prompt is a {type(prompt).__name__}; pass a str")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EdgekitError(f"the prompt is not valid Unicode (a lone surrogate {prompt[e.start]!r} at "
+                               f"character {e.start}); send UTF-8 text") from None
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if not prompt or not ids:
             raise EdgekitError("the prompt is empty; pass at least one character of text")

@@ -24,13 +24,13 @@ there). Imports only numpy, onnxruntime and the stdlib (plus ``edgekit.errors``)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from ..bundle import read_export_spec
 from ..errors import EdgekitError
 
 
@@ -52,7 +52,7 @@ class OrtModel:
         spec_file = d / "export.json"
         if not spec_file.exists():
             raise EdgekitError(f"{d} has no export.json; pass a directory written by `edgekit export`")
-        self.spec = spec = json.loads(spec_file.read_text())
+        self.spec = spec = read_export_spec(d)
         so = ort.SessionOptions()
         so.log_severity_level = 3   # errors only: ORT warns on every load that logits_keep has a default
         if threads:
