@@ -122,8 +122,7 @@ def int8_bundle(tmp_path_factory):
     return build_tiny_bundle(tmp_path_factory.mktemp("apps8") / "bundle", int8=True)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("int8", marks=pytest.mark.xfail(
-    reason="needs per-token activation scales", strict=False))])
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])     # int8: per-token activation scales
 def test_continuous_batching_answers_equal_each_request_alone(dtype, bundle, int8_bundle):
     """Driven step by step: two prompts of different lengths prefill in one call, three more join
     the running batch later (one waits for a free row), one is cancelled mid-way. Every other
