@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_runtime_engine import PROMPTS, build_tiny_bundle
@@ -165,6 +166,36 @@ def test_continuous_batching_answers_equal_each_request_alone(dtype, bundle, int
         assert "".join(x for x in j.out.queue if isinstance(x, str)) == eng.tokenizer.decode(alone)
     text = bat.metrics.render()
     assert 'edgekit_requests_total{reason="cancelled"} 1' in text and "edgekit_decode_batch_rows_count" in text
+
+
+def test_prefill_groups_minimise_padding_plus_calls():
+    """Against brute force over every partition of random prompt lengths (n <= 6)."""
+    import itertools
+    _app()                                                      # puts sample_apps/server on sys.path
+    groups_of = sys.modules["batcher"].prefill_groups
+
+    def cost(groups, lens, c):
+        return sum(len(g) * max(lens[i] for i in g) + c for g in groups)
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            yield [[first], *p]
+            for k in range(len(p)):
+                yield p[:k] + [[first, *p[k]]] + p[k + 1:]
+
+    rng = np.random.default_rng(0)
+    for n, c in itertools.product(range(1, 7), (0, 16, 64, 1000)):
+        lens = rng.integers(1, 300, n).tolist()
+        got = groups_of(lens, c)
+        assert sorted(i for g in got for i in g) == list(range(n))
+        best = min(cost(p, lens, c) for p in partitions(list(range(n))))
+        assert cost(got, lens, c) == best, (lens, c, got)
+    assert groups_of([7] * 16, 64) == [list(range(16))]          # equal lengths: one call
+    assert len(groups_of([10, 12, 500], 64)) == 2                 # a long prompt does not pad the short ones
 
 
 def test_client_gone_detects_a_closed_peer():

@@ -5,8 +5,11 @@ thread. ``submit(job)`` puts a ``Job`` on a bounded queue (``queue.Full`` when i
 server answers 503 with ``retry_after_s()``). Every step the worker
 1. drops rows whose client went away (``Job.cancelled``) and rows that finished;
 2. admits queued jobs while fewer than ``max_batch`` rows are active (when idle it first waits up
-   to ``batch_wait_ms`` for more to arrive) and prefills them together in one call, left-padded
-   (``OrtModel.prefill_rows``), sampling each one's first token;
+   to ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
+   (``OrtModel.prefill_rows``), sampling each one's first token. Jobs are grouped by prompt length
+   (``prefill_groups``): one call per group, the grouping that minimises padded token-rows plus
+   ``prefill_call_tokens`` per call (a call's fixed cost, in token-rows), so a 10-token prompt is
+   not padded to the length of a 500-token one that arrived with it;
 3. joins their cache rows to the running batch (``LatentCache.join``: rows of any cache length)
    and runs one decode call for every active row.
 Jobs report text pieces and a final summary through their own ``out`` queue; ``Job.results``
@@ -87,6 +90,24 @@ class Job:
                 return
 
 
+def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into prefill calls, shortest first: the split of the sorted
+    lengths into runs that minimises sum(rows x longest) + call_tokens x calls (exact, O(n^2))."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)       # best[k]: cost of the first k
+    for k in range(1, n + 1):
+        for j in range(k):                                      # last group = order[j:k]
+            c = best[j] + (k - j) * lengths[order[k - 1]] + call_tokens
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    groups, k = [], n
+    while k > 0:
+        groups.append(order[cut[k]:k])
+        k = cut[k]
+    return groups[::-1]
+
+
 def client_gone(sock) -> bool:
     """True when the peer closed the connection (readable with no data) or the socket is dead."""
     try:
@@ -97,8 +118,10 @@ def client_gone(sock) -> bool:
 
 
 class Batcher:
-    def __init__(self, engine, max_batch: int = 16, batch_wait_ms: float = 5.0, queue_size: int = 64):
+    def __init__(self, engine, max_batch: int = 16, batch_wait_ms: float = 5.0, queue_size: int = 64,
+                 prefill_call_tokens: int = 64):
         self.engine, self.max_batch, self.wait_s = engine, max_batch, batch_wait_ms / 1e3
+        self.prefill_call_tokens = prefill_call_tokens
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
         self.rows: list[Job] = []                       # active rows, in cache row order
         self.cache: LatentCache | None = None
@@ -191,8 +214,10 @@ class Batcher:
             if j.cancelled:
                 self._finish(j, "cancelled")
         jobs = [j for j in jobs if not j.cancelled]
-        if not jobs:
-            return
+        for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens):
+            self._prefill_group([jobs[i] for i in group])
+
+    def _prefill_group(self, jobs: list[Job]) -> None:
         need = max(len(j.ids) + j.cfg.max_new_tokens for j in jobs)
         logits, cache = self.engine.model.prefill_rows([j.ids for j in jobs], capacity=need)
         self.stats["prefill_calls"] += 1
