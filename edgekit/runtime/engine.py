@@ -97,7 +97,12 @@ def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) 
 
 class TextStream:
     """Token ids -> text pieces. ``push(id)`` returns the newly safe text ('' while waiting);
-    ``stopped`` turns True once a stop string appears; ``flush()`` returns what was held back."""
+    ``stopped`` turns True once a stop string appears; ``flush()`` returns what was held back.
+
+    Constant work per token (a streaming server calls this for every row at every step): only the
+    ids since the last complete character are decoded, with a few ids before them as context
+    (decoders that strip a leading space, e.g. Metaspace, need it), and the new text is what that
+    window decodes to beyond its context; the full text equals decoding all ids at once."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tok, self.stop = tokenizer, stop
@@ -105,13 +110,23 @@ class TextStream:
         self.text = ""          # decoded text of all ids (complete characters only)
         self.sent = 0           # chars of self.text already returned
         self.stopped = False
+        self._ctx = 0           # ids[_ctx:_done] are context for decoding ids[_done:]
+        self._done = 0          # ids[:_done] are in self.text
+
+    def _tail(self) -> str:
+        """Text of ids[_done:] (may end in an incomplete character)."""
+        window = self.tok.decode(self.ids[self._ctx:], skip_special_tokens=True)
+        context = self.tok.decode(self.ids[self._ctx:self._done], skip_special_tokens=True)
+        return window[len(context):] if window.startswith(context) else \
+            self.tok.decode(self.ids, skip_special_tokens=True)[len(self.text):]
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT):          # a multi-byte character is still incomplete
+        new = self._tail()
+        if new.endswith(REPLACEMENT):           # a multi-byte character is still incomplete
             return ""
-        self.text = text
+        text = self.text = self.text + new
+        self._ctx, self._done = max(self._done - 4, 0), len(self.ids)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -122,7 +137,8 @@ class TextStream:
 
     def flush(self) -> str:
         if not self.stopped:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.text += self._tail()
+            self._ctx = self._done = len(self.ids)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:

@@ -7,7 +7,7 @@ API: ``POST /v1/completions`` with JSON ``{"prompt": str, "max_tokens": int, "te
 - ``stream: false`` -> ``{"choices": [{"text", "finish_reason"}], "usage": {...}}``;
 - ``stream: true``  -> Server-Sent Events: ``data: {"choices": [{"text": piece, ...}]}`` per piece,
   a last event carrying ``finish_reason`` and ``usage``, then ``data: [DONE]``.
-``GET /health`` -> ``{"status": "ok", ...batcher stats}``.
+``GET /health`` -> ``{"status": "ok", ...batcher stats}``; ``GET /metrics`` -> Prometheus text format.
 Every request gets an answer; errors are JSON ``{"error": {"message", "code"}}``: 400 bad JSON,
 fields or Content-Length, or a body shorter than announced, 404 unknown path, 405 any other method
 (PATCH, HEAD, made-up ones), 408 a body not sent within ``--read-timeout`` seconds, 411 no
@@ -18,8 +18,9 @@ Limits (each a flag): body bytes, ``max_tokens``, prompt tokens, prompt + ``max_
 request (the cost of one request: every token is one graph step), stop strings (count and length:
 matching runs on every generated token), seconds to read a request.
 
-Requests are batched dynamically by ``batcher.Batcher`` (see there for why rows are grouped by
-prompt length). Handler threads only parse, validate and stream; one worker thread runs the graph.
+Requests are batched continuously by ``batcher.Batcher`` (they join the running batch at every
+step, whatever their length; a closed client cancels its request). Handler threads only parse,
+validate and stream; one worker thread runs the graph.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))              # batcher.py beside this file
 sys.path.insert(1, str(Path(__file__).resolve().parents[2]))          # the edgekit checkout
 
-from batcher import Batcher, Job  # noqa: E402
+from batcher import Batcher, Job, client_gone  # noqa: E402
+from metrics import CONTENT_TYPE  # noqa: E402
 
 from edgekit.errors import EdgekitError  # noqa: E402
 from edgekit.runtime import Engine, GenerationConfig  # noqa: E402
@@ -169,7 +171,14 @@ def make_handler(engine: Engine, batcher: Batcher, limits: dict):
 
         def _get(self):
             if self.path == "/health":
-                return self._json(200, {"status": "ok", "queued": batcher.queue.qsize(), **batcher.stats})
+                return self._json(200, batcher.health())
+            if self.path == "/metrics":
+                data = batcher.metrics.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                return self.wfile.write(data)
             if self.path == "/v1/completions":
                 return self._error(405, "use POST for /v1/completions", {"Allow": "POST"})
             self._error(404, f"no route {self.path}; use POST /v1/completions or GET /health")
@@ -200,15 +209,12 @@ def make_handler(engine: Engine, batcher: Batcher, limits: dict):
                     self.close_connection = True     # the unread rest of the body must not be parsed as a request
                 return self._error(e.code, str(e))
             except queue.Full:
-                return self._error(503, "server busy: the request queue is full; retry later", {"Retry-After": "1"})
+                return self._error(503, "server busy: the request queue is full; retry later",
+                                   {"Retry-After": str(batcher.retry_after_s())})
             (self._stream if stream else self._whole)(job)
 
         def _results(self, job: Job):
-            while True:
-                item = job.out.get(timeout=limits["timeout_s"])
-                yield item
-                if isinstance(item, dict):
-                    return
+            return job.results(limits["timeout_s"], gone=lambda: client_gone(self.connection))
 
         def _whole(self, job: Job) -> None:
             try:
@@ -216,6 +222,8 @@ def make_handler(engine: Engine, batcher: Batcher, limits: dict):
             except queue.Empty:
                 job.cancelled = True
                 return self._error(504, "generation timed out; lower max_tokens or retry")
+            if not parts or not isinstance(parts[-1], dict):
+                return                                      # the client went away: nobody to answer
             end = parts[-1]
             if end["finish_reason"] == "error":
                 return self._error(500, f"generation failed: {end['error']}")
@@ -249,7 +257,7 @@ def _usage(end: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, max_batch: int = 8, batch_wait_ms: float = 10,
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16, batch_wait_ms: float = 5,
           queue_size: int = 64, body_bytes: int = 65536, max_tokens: int = 256, prompt_tokens: int | None = None,
           timeout_s: float = 300, verbose: bool = False, request_tokens: int | None = None, max_stops: int = MAX_STOPS,
           stop_chars: int = 64, read_timeout_s: float = 10.0) -> tuple[ThreadingHTTPServer, Batcher]:
@@ -270,8 +278,8 @@ def main(argv=None):
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the bundle's target)")
-    ap.add_argument("--max-batch", type=int, default=8, help="rows stepped together; 1 = no batching")
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long an idle worker waits to fill a batch")
+    ap.add_argument("--max-batch", type=int, default=16, help="rows stepped together; 1 = no batching")
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle worker waits to fill a batch")
     ap.add_argument("--queue-size", type=int, default=64, help="waiting requests beyond this get 503")
     ap.add_argument("--max-body-bytes", type=int, default=65536)
     ap.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
