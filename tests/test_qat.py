@@ -35,7 +35,7 @@ def test_fake_quantized_forward_equals_the_int8_emulation_and_is_undone_on_exit(
     m = tiny_model()
     with torch.no_grad():
         ref = m(HELD_OUT)
-        with emulated(m, _int8_units(m)):
+        with emulated(m, _int8_units(m), wmax=63.0):   # quantize's default: 7-bit weights (reduce_range)
             emu = m(HELD_OUT)
         with fake_quantized(m):
             fake = m(HELD_OUT)
@@ -48,7 +48,7 @@ def test_fake_quantized_forward_equals_the_int8_emulation_and_is_undone_on_exit(
 
 
 def _int8_kl(student, teacher):
-    with torch.no_grad(), emulated(student, _int8_units(student)):
+    with torch.no_grad(), emulated(student, _int8_units(student), wmax=63.0):
         return distill_loss(student(HELD_OUT), teacher(HELD_OUT)).item()
 
 
