@@ -9,7 +9,8 @@ What: ``OrtModel(export_dir, threads=None, spinning=None)``
   holds each row's padding), and ``LatentCache.take`` / ``LatentCache.join``: rows leave a
   running batch and new ones join it, whatever their cache lengths (continuous batching).
 
-Why it is shaped like this (per-token overhead decides decode speed at this model size): the cache lives in one preallocated buffer per layer
+Why it is shaped like this (per-token overhead decides decode speed at this model size): the cache
+lives in one preallocated buffer per layer
 [B, capacity, W]. The graph reads ``past_latent.i`` straight from the first P rows of that buffer
 and writes ``new_latent.i`` straight into the next rows, through IO binding on raw pointers, so no
 cache tensor is copied, concatenated or allocated per token (for B = 1; with B > 1 the row slices
