@@ -105,10 +105,12 @@ def finalize(tmp: Path, out: Path) -> Path:
 @contextmanager
 def atomic_dir(out: str | os.PathLike):
     out = Path(out)
-    tmp = staging_dir(out)
+    tmp = None
     try:
+        tmp = staging_dir(out)        # inside the try: a signal right after mkdtemp still cleans up
         yield tmp
         finalize(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

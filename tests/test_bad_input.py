@@ -452,6 +452,7 @@ def test_sigterm_mid_export_leaves_no_staging_dir(ckpt, tmp_path):
     while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     assert list(tmp_path.glob(".out.tmp-*")), "the export never started staging"
+    time.sleep(0.5)                              # mid-export
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)
     assert p.returncode != 0 and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
