@@ -4,6 +4,8 @@
 # onnxruntime wheel inside it, no torch. Runs there:
 #   python -m pytest runtime_tests --bundle B -v      -> runtime_tests.txt
 #   edgekit validate B --report-dir ...               -> validate.txt, report.json, report.html
+#   python device_runs/arm64-qemu/validate_torchfree.py B R -> validate_torchfree.txt, report.json, report.html
+#     (edgekit's validate() with the tokenizer loaded by `tokenizers`: `edgekit validate` imports torch here)
 # Correctness gates are real (greedy tokens vs reference.json, hashes, .ort vs .onnx logits, accuracy
 # on the recipe's slice of the eval split); latency is recorded but `unverified` (emulated host).
 #
@@ -65,7 +67,8 @@ trap cleanup EXIT
 bind() { mkdir -p "$2"; mount --bind "$1" "$2"; MOUNTS+=("$2"); }
 mount -t proc proc "$RFS/proc"; MOUNTS+=("$RFS/proc")
 bind /dev "$RFS/dev"
-bind /sys "$RFS/sys"                       # onnxruntime's cpuinfo reads /sys/devices/system/cpu
+# no /sys: with the host's /sys/devices/system/cpu visible, onnxruntime's cpuinfo segfaults under qemu-user
+# (seen with 1.32.0); without it onnxruntime warns that cpuinfo failed and runs
 bind "$CACHE/wheels" "$RFS/opt/wheels"
 arm() { chroot "$RFS" /usr/bin/env -i HOME=/root LANG=C.UTF-8 PATH=/opt/venv/bin:/usr/bin:/bin "$@"; }
 
@@ -88,8 +91,9 @@ rm -rf "$RFS/work" && mkdir -p "$RFS/work/edgekit" "$RFS/work/bundle"
 (cd "$ROOT" && git ls-files -z | xargs -0 cp --parents -t "$RFS/work/edgekit")
 cp -r "$BUNDLE"/. "$RFS/work/bundle/"
 rm -rf "$RFS/work/bundle/device-report"
-# edgekit itself without its dependencies (torch is not installable here): what does the device side import?
-arm pip install -q --no-index --find-links /opt/wheels --no-deps /work/edgekit
+# edgekit itself without its dependencies (torch is not installed here): what does the device side import?
+# (editable: a regular install copies the 66 MB of package data, ~10 min under emulation)
+arm pip install -q --no-index --no-deps --no-build-isolation -e /work/edgekit
 
 say "environment"
 arm /bin/sh -c 'uname -m; python -c "import platform, onnxruntime, numpy; print(platform.machine(), platform.python_version(), \"onnxruntime\", onnxruntime.__version__, onnxruntime.get_device(), \"numpy\", numpy.__version__)"; python -c "import torch" 2>&1 | tail -1' \
@@ -102,11 +106,16 @@ arm /bin/sh -c 'cd /work/edgekit && python -m pytest runtime_tests --bundle /wor
 rt=${PIPESTATUS[0]}
 
 say "edgekit validate on arm64 (emulated)"
-arm /bin/sh -c 'cd /tmp && edgekit validate /work/bundle --report-dir /work/report' 2>&1 | tee "$HERE/validate.txt"
+arm /bin/sh -c 'cd /tmp && edgekit validate /work/bundle --report-dir /work/report-cli' 2>&1 | tee "$HERE/validate.txt"
 va=${PIPESTATUS[0]}
+
+say "edgekit's validate() on arm64 (emulated), torch-free tokenizer: device_runs/arm64-qemu/validate_torchfree.py"
+arm /bin/sh -c 'cd /work/edgekit && python device_runs/arm64-qemu/validate_torchfree.py /work/bundle /work/report' 2>&1 \
+  | tee "$HERE/validate_torchfree.txt"
+ac=${PIPESTATUS[0]}
 set -e
 for f in report.json report.html; do
   [ -f "$RFS/work/report/$f" ] && cp "$RFS/work/report/$f" "$HERE/$f"
 done
-say "runtime_tests exit $rt, edgekit validate exit $va (0 pass/unverified, 1 gate failed, 2 error)"
-[ "$rt" = 0 ] && [ "$va" != 2 ]
+say "runtime_tests exit $rt, edgekit validate exit $va (0 pass/unverified, 1 gate failed, 2 error), validate_torchfree exit $ac"
+[ "$rt" = 0 ] && [ "$ac" != 2 ]
