@@ -142,7 +142,7 @@ def test_graph_without_left_pad_refuses_mixed_lengths(tmp_path, exported):
     om = OrtModel(old, spinning=False)
     assert om.prefill_rows([[1, 2], [3, 4]])[0].shape == (2, om.vocab_size)   # equal lengths still work
     with pytest.raises(EdgekitError, match="re-export"):
-        om.prefill_rows([[1], [2, 3]])
+        om.prefill_rows([[1, 2], [3, 4, 5]])
 
 
 @pytest.mark.parametrize("moe", MOE_PATHS)
@@ -186,6 +186,9 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
     past = proto.graph.input[1].type.tensor_type.shape.dim
     assert [x.dim_param for x in past[:2]] == ["batch", "past_seq"] and past[2].dim_value == W
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    row_ifs = sorted(n.name for n in proto.graph.node if n.op_type == "If" and n.name.startswith("rowattn."))
+    assert row_ifs == [f"rowattn.{i}" for i in range(a.num_hidden_layers)], row_ifs   # one per layer
+    assert all(dom != "edgekit" for dom, _ in ops) and all(o.domain != "edgekit" for o in proto.opset_import)
     moe_layers = [i for i in range(a.num_hidden_layers) if a.for_layer(i).is_moe]
     if moe == "contrib":
         inits = {i.name: list(i.dims) for i in proto.graph.initializer}

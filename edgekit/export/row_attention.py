@@ -21,8 +21,8 @@ value by a whole int8 step: on v3-nano int8, padded rows' logits moved by up to 
 greedy answers changed. Rows whose padding is zero (all rows of equal length, or batch 1) keep the
 batched path; onnxruntime's GEMMs give the same per-row results whatever the number of rows
 (checked in tests/test_export.py), so only padded rows need the per-row path.
-Cost: one ``If`` per layer at batch 1; with padding, a ``Scan`` body of ~16 small nodes per row
-and layer.
+Cost: two nodes per call and one ``If`` per layer when no row is padded; with padding, per layer
+~15 nodes of slice starts and a ``Scan`` whose body has ~18 small nodes, run once per row.
 
 Invariants: output pad positions are zero; for pad == 0 the result equals the plain core.
 Failure modes: none at export; a pad larger than P + T - 1 (a row with no token) yields an empty
@@ -109,15 +109,19 @@ def _constants(proto) -> dict:
     return out
 
 
-def _shared(q, past4, pad, c) -> tuple[list, dict]:
-    """Per-call values every layer's node uses: the If condition and per-row slice starts."""
-    n = lambda s: f"rowattn/{s}"  # noqa: E731
+def _condition(pad, c) -> tuple[list, str]:
+    """Once per call: True when no row is padded (the batched core is then exact)."""
+    nodes = [helper.make_node("ReduceMax", [pad], ["rowattn/maxpad"], keepdims=0),
+             helper.make_node("Equal", ["rowattn/maxpad", c["zero"]], ["rowattn/nopad"])]
+    return nodes, "rowattn/nopad"
+
+
+def _starts(n, q, past4, pad, c) -> tuple[list, dict]:
+    """Per-row slice starts for the Scan (inside the padded branch, so batch 1 never pays)."""
     nodes = [
         helper.make_node("Shape", [q], [n("B")], start=0, end=1),
         helper.make_node("Shape", [past4], [n("P")], start=2, end=3),
         helper.make_node("Expand", [pad, n("B")], [n("pad")]),                                     # [B]
-        helper.make_node("ReduceMax", [n("pad")], [n("maxpad")], keepdims=0),
-        helper.make_node("Equal", [n("maxpad"), c["zero"]], [n("nopad")]),
         helper.make_node("Min", [n("pad"), n("P")], [n("ps")]),                                    # past start
         helper.make_node("Sub", [n("pad"), n("P")], [n("d")]),
         helper.make_node("Max", [n("d"), c["zero"]], [n("ns")]),                                   # new start
@@ -128,7 +132,7 @@ def _shared(q, past4, pad, c) -> tuple[list, dict]:
         helper.make_node("Mul", [n("ns1"), c["zeros5"]], [n("z5")]),
         helper.make_node("Concat", [n("z2"), n("ns1"), n("z5")], [n("pads")], axis=1),             # [B, 8]
     ]
-    return nodes, {k: n(k) for k in ("nopad", "ps1", "ns1", "nsns", "pads")}
+    return nodes, {k: n(k) for k in ("ps1", "ns1", "nsns", "pads")}
 
 
 def _scan_body(p: str, future: str, c: dict) -> onnx.GraphProto:
@@ -154,30 +158,30 @@ def expand_row_attention(proto: onnx.ModelProto) -> list[dict]:
     if not found:
         return []
     c = _constants(proto)
-    out, done, shared = [], [], None
+    out, done, cond = [], [], None
     for node in proto.graph.node:
         if node.domain != DOMAIN or node.op_type != OP:
             out.append(node)
             continue
         q, past4, new4, future, pad = node.input
-        if shared is None:
-            nodes, shared = _shared(q, past4, pad, c)
+        if cond is None:
+            nodes, cond = _condition(pad, c)
             out += nodes
         p = f"rowattn.{len(done)}"
         n = lambda s, p=p: f"{p}/{s}"  # noqa: E731
         batch = _core_nodes(lambda s, p=p: f"{p}/batch/{s}", q, past4, new4, future, n("o_batch"), c)
         then_g = helper.make_graph(batch, f"{p}_batch", [], [_vi(n("o_batch"), TensorProto.FLOAT, None)])
-        else_nodes = [
+        starts, st = _starts(lambda s, p=p: f"{p}/rows/{s}", q, past4, pad, c)
+        else_nodes = starts + [
             helper.make_node("Unsqueeze", [q, c["ax1"]], [n("q5")]),          # scan slices axis 0: rows keep rank 4
             helper.make_node("Unsqueeze", [past4, c["ax1"]], [n("p5")]),
             helper.make_node("Unsqueeze", [new4, c["ax1"]], [n("n5")]),
-            helper.make_node("Scan", [n("q5"), n("p5"), n("n5"), shared["ps1"], shared["ns1"], shared["nsns"],
-                                      shared["pads"]], [n("o5")], num_scan_inputs=7, body=_scan_body(p, future, c)),
+            helper.make_node("Scan", [n("q5"), n("p5"), n("n5"), st["ps1"], st["ns1"], st["nsns"], st["pads"]],
+                             [n("o5")], num_scan_inputs=7, body=_scan_body(p, future, c)),
             helper.make_node("Squeeze", [n("o5"), c["ax1"]], [n("o_rows")]),
         ]
         else_g = helper.make_graph(else_nodes, f"{p}_rows", [], [_vi(n("o_rows"), TensorProto.FLOAT, None)])
-        out.append(helper.make_node("If", [shared["nopad"]], list(node.output), name=p,
-                                    then_branch=then_g, else_branch=else_g))
+        out.append(helper.make_node("If", [cond], list(node.output), name=p, then_branch=then_g, else_branch=else_g))
         done.append({"node": p, "inputs": list(node.input)})
     del proto.graph.node[:]
     proto.graph.node.extend(out)
