@@ -213,7 +213,8 @@ def main(argv=None):
           f"max_tokens {a.max_tokens}, {a.concurrency} concurrent, {a.threads} threads", flush=True)
     app = str(ROOT / "sample_apps" / "server" / "app.py")
     modes = [m for m in a.modes.split(",") if m != "llama-server" or a.llama_server]
-    runs, logs = [], Path(tempfile.mkdtemp(prefix="load_test."))
+    runs, tmp = [], tempfile.TemporaryDirectory(prefix="load_test.")
+    logs = Path(tmp.name)
     for name in modes:
         port = free_port()
         if name == "llama-server":
@@ -224,10 +225,13 @@ def main(argv=None):
                    "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
                    str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens)]
         r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
+        if r["errors"]:
+            r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
         print(f"{name}: {r['completed']}/{r['sent']} ok, {r['errors']} errors, {r['tokens_per_s']} tok/s, "
               f"TTFT p50/p95 {r['ttft_ms']['p50']}/{r['ttft_ms']['p95']} ms, "
               f"ITL p50/p95 {r['itl_ms']['p50']}/{r['itl_ms']['p95']} ms", flush=True)
         runs.append(r)
+    tmp.cleanup()
     by = {r["mode"]: r for r in runs}
     exact = None
     if "edgekit" in by and "edgekit-1" in by:

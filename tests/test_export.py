@@ -105,6 +105,33 @@ def test_rows_of_any_length_share_calls_like_each_row_alone(tiny_m, exported):
     assert worst <= 1e-5, f"{moe}: batched decode logits vs alone max abs {worst:.2e}"
 
 
+def _rows_vs_alone(om, rows, steps=4):
+    """Max abs difference between batched (prefill_rows, then decode with a row joining) and each
+    row alone, over prefill and decode logits."""
+    logits, cache = om.prefill_rows(rows[:-1])
+    lg, c = om.prefill_rows(rows[-1:])
+    logits, cache = np.concatenate([logits, lg]), cache.join(cache, c)     # the last row joins
+    alone = [om.prefill(np.array([r])) for r in rows]
+    worst = max(float(np.abs(logits[i] - a[0][0]).max()) for i, a in enumerate(alone))
+    for step in range(steps):
+        t = (np.arange(len(rows)) * 7 + step) % om.vocab_size
+        batched = om.decode(t, cache)
+        for i, (_, c) in enumerate(alone):
+            worst = max(worst, float(np.abs(batched[i] - om.decode(t[i:i + 1], c)[0]).max()))
+    return worst
+
+
+def test_padded_rows_are_bit_identical_to_rows_alone(tmp_path):
+    """Dense layers only (onnxruntime's GEMMs and norms compute rows independently): prompts of 5
+    lengths (one of a single token) batched with padding give exactly the logits of each alone."""
+    m = tiny_model(first_k_dense_replace=3)
+    om = OrtModel(export(m, tmp_path / "o", ExportConfig(simplify=False)), spinning=False)
+    g = np.random.default_rng(6)
+    rows = [g.integers(0, m.args.vocab_size, n).tolist() for n in (3, 17, 1, 6, 9)]
+    worst = _rows_vs_alone(om, rows)
+    assert worst == 0.0, f"batched vs alone max abs {worst:.3e}"
+
+
 def test_graph_without_left_pad_refuses_mixed_lengths(tmp_path, exported):
     _, d, _ = exported
     old = tmp_path / "old"
@@ -115,7 +142,7 @@ def test_graph_without_left_pad_refuses_mixed_lengths(tmp_path, exported):
     om = OrtModel(old, spinning=False)
     assert om.prefill_rows([[1, 2], [3, 4]])[0].shape == (2, om.vocab_size)   # equal lengths still work
     with pytest.raises(EdgekitError, match="re-export"):
-        om.prefill_rows([[1], [2, 3]])
+        om.prefill_rows([[1, 2], [3, 4, 5]])
 
 
 @pytest.mark.parametrize("moe", MOE_PATHS)
@@ -159,6 +186,9 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
     past = proto.graph.input[1].type.tensor_type.shape.dim
     assert [x.dim_param for x in past[:2]] == ["batch", "past_seq"] and past[2].dim_value == W
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    row_ifs = sorted(n.name for n in proto.graph.node if n.op_type == "If" and n.name.startswith("rowattn."))
+    assert row_ifs == [f"rowattn.{i}" for i in range(a.num_hidden_layers)], row_ifs   # one per layer
+    assert all(dom != "edgekit" for dom, _ in ops) and all(o.domain != "edgekit" for o in proto.opset_import)
     moe_layers = [i for i in range(a.num_hidden_layers) if a.for_layer(i).is_moe]
     if moe == "contrib":
         inits = {i.name: list(i.dims) for i in proto.graph.initializer}
@@ -169,7 +199,7 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
             assert inits[node["fc2"]] == [a.n_routed_experts, a.hidden_size, a.moe_intermediate_size]
     else:
         assert not any(dom for dom, _ in ops), f"portable graph uses non-standard ops: {ops}"
-        ifs = {n.name for n in proto.graph.node if n.op_type == "If"}
+        ifs = {n.name for n in proto.graph.node if n.op_type == "If" and not n.name.startswith("rowattn.")}
         assert ifs == {f"experts.{i}" for i in moe_layers} == {e["node"] for e in spec["sparse_experts"]}
         assert spec["moe_nodes"] == []
 

@@ -198,6 +198,18 @@ def test_prefill_groups_minimise_padding_plus_calls():
     assert len(groups_of([10, 12, 500], 64)) == 2                 # a long prompt does not pad the short ones
 
 
+def test_int8_rows_batched_equal_rows_alone_bit_for_bit(int8_bundle):
+    """int8 graph (per-token activation scales, grouped int8 experts): a row's logits do not depend
+    on the rows it is batched with, padded or not, prefill and decode."""
+    from edgekit.runtime import OrtModel
+    from tests.test_export import _rows_vs_alone
+    om = OrtModel(int8_bundle, spinning=False)
+    g = np.random.default_rng(7)
+    rows = [g.integers(0, om.vocab_size, n).tolist() for n in (3, 40, 1, 17, 60)]
+    worst = _rows_vs_alone(om, rows)
+    assert worst == 0.0, f"int8 batched vs alone max abs {worst:.3e}"
+
+
 def test_client_gone_detects_a_closed_peer():
     app = _app()
     a, b = socket.socketpair()

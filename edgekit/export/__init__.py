@@ -126,7 +126,7 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> N
         warnings.simplefilter("ignore")
         torch.onnx.export(dec, (ids, *past, keep, pad), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
-                          custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else {"edgekit": 1})
+                          custom_opsets={"com.microsoft": 1, "edgekit": 1} if cfg.moe == "contrib" else {"edgekit": 1})
 
 
 def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,

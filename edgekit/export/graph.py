@@ -18,28 +18,33 @@ Why absorbed, and why past and new entries are kept apart:
 
 Batching rows of different lengths: LEFT padding, one optional input ``left_pad`` [B] (int64; its
 default, a [1] zero initializer, means "no padding" and broadcasts over any batch). Row b's real
-tokens are the last ``P + T - left_pad[b]`` of the concatenated ``[past | new]`` columns; key
-column j is visible to row b's query t iff ``left_pad[b] <= j <= P + t``, and that query's
-position is ``P + t - left_pad[b]``. Why left and not right padding:
+tokens are the last ``P + T - left_pad[b]`` of the concatenated ``[past | new]`` columns, and its
+query t sits at position ``P + t - left_pad[b]``. Why left and not right padding:
 - every row appends at the same column P, so the caller writes all T new rows with one slice per
   layer (``edgekit.runtime.OrtModel``) and the graph keeps one scalar P;
 - the last input position is real for every row, so ``logits_keep=1`` still yields each row's
-  next-token logits (right padding would need a per-row gather of the last real position);
-- the mask costs no node per layer: the [B, 1, T, P+T] mask is built once per call and replaces
-  the [T, T] causal mask the graph already applied per layer (now on the concatenated scores).
-The price: pad columns are attended over (masked) and a row joining a longer batch starts with
-more padding; the runtime trims padding every row shares (``LatentCache.trim``). Pad positions
-compute finite garbage (a fully masked query row softmaxes to uniform weights, never NaN) that no
-real position ever reads. A batch-1 caller that passes nothing gets the unpadded graph's values.
+  next-token logits (right padding would need a per-row gather of the last real position).
+The attention core of a batch with padding runs row by row on each row's own columns
+(``row_attention.py``: a Scan, behind an ``If`` that keeps the batched core when no row is
+padded), so a padded row gets the same float operations on the same shapes as the row run alone:
+its logits are bit-identical, not just close (masking instead changes summation order, which int8
+re-quantization turns into visible differences). Everything else in the graph is per token. The
+price: padded columns are carried in the cache; the runtime trims padding every row shares
+(``LatentCache.trim``). Pad positions compute finite garbage that no real position reads.
 
 Per-token cost at small sizes is largely onnxruntime's per-node overhead, so values every layer
-needs (B, T, P, RoPE rows, attention mask) are computed once per call (``_Shared``): 833 -> 735
-nodes on v3-nano, decode ~7-12% faster (median of 7 interleaved rounds, noisy machine).
+needs (B, T, P, RoPE rows, causal mask, per-row slice starts) are computed once per call
+(``_Shared``, and row_attention's shared nodes): 833 -> 735 nodes on v3-nano, decode ~7-12%
+faster (median of 7 interleaved rounds, noisy machine).
 
-Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6) for unpadded rows, and for a
-padded row the logits of the same row run alone (float-rounding differences only: reductions
-see extra masked zeros); positions are ``P + arange(T) - left_pad``, so the caller must keep
-every row's ``P + T - left_pad`` <= max_position_embeddings. No Python branching on tensor values.
+Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); a row's logits do not
+depend on the other rows of the call, bit for bit, wherever onnxruntime's kernels compute rows
+independently (its GEMMs do for >= 2 query rows; a one-token prompt takes a single-row kernel, so
+``OrtModel.prefill_rows`` runs those in a call of their own; fp32 MoE kernels do not, so fp32
+graphs with routed experts match to ~1e-6 rather than exactly; int8 graphs with grouped experts
+match exactly, tests/test_export.py); positions are ``P + arange(T) - left_pad``, so the caller
+must keep every row's ``P + T - left_pad`` <= max_position_embeddings. No Python branching on
+tensor values.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from torch import nn
 from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
 from .moe_portable import PortableMoE
+from .row_attention import RowAttention
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -78,7 +84,8 @@ class _Shared(NamedTuple):
     sin: torch.Tensor
     cos4: torch.Tensor      # [b, T, 1, rope/2]
     sin4: torch.Tensor
-    hidden: torch.Tensor    # [b, 1, T, P+T] bool, True where a query must not attend (pad or future)
+    future: torch.Tensor    # [T, T] bool, True where a new token must not attend
+    pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
@@ -122,7 +129,7 @@ class LatentDecoder(nn.Module):
         layer shares (B, T, P, RoPE rows, attention mask), computed once so that the graph's shape
         plumbing is not repeated per layer (onnxruntime's per-node cost matters per token)."""
         a = self.model.args
-        B, T, P, cos, sin, hidden = ctx.B, ctx.T, ctx.P, ctx.cos4, ctx.sin4, ctx.hidden
+        B, T, cos, sin = ctx.B, ctx.T, ctx.cos4, ctx.sin4
         H = attn.n_heads
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))) if a.q_lora_rank else attn.q_proj(x)
         q_nope, q_pe = q.view(B, T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
@@ -133,11 +140,7 @@ class LatentDecoder(nn.Module):
         q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
         past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
-        s_past = torch.matmul(q, past4.transpose(-1, -2))                       # [B, H, T, P]
-        s_new = torch.matmul(q, new4.transpose(-1, -2))                         # [B, H, T, T]
-        s = torch.cat([s_past, s_new], dim=-1).masked_fill(hidden, torch.finfo(q.dtype).min)
-        p = s.softmax(dim=-1)                                                   # [B, H, T, P+T]
-        o = torch.matmul(p[..., :P], past4) + torch.matmul(p[..., P:], new4)    # [B, H, T, W]
+        o = RowAttention.apply(q, past4, new4, ctx.future, ctx.pad)             # [B, H, T, W]
         o = torch.matmul(o[..., :a.kv_lora_rank], ab.w_uv)                      # [B, H, T, v]
         o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
@@ -145,8 +148,10 @@ class LatentDecoder(nn.Module):
     def attention_expanded(self, attn, ab, x, ctx, past):
         """The model's own MLA (re-expands all P + T latent rows to per-head K/V through kv_b_proj).
         Kept to measure the absorbed graph against (benchmarks/expert_scaling.py --design)."""
-        kvl, P = self.model.args.kv_lora_rank, ctx.P
-        out, c_kv, k_pe = attn(x, ctx.cos, ctx.sin, ~ctx.hidden, past[..., :kvl], past[..., kvl:])
+        kvl, P, T = self.model.args.kv_lora_rank, ctx.P, ctx.T
+        col, q_col = torch.arange(P + T, device=x.device), torch.arange(T, device=x.device) + P
+        visible = (col[None, None, :] <= q_col[None, :, None]) & (col[None, None, :] >= ctx.pad[:, None, None])
+        out, c_kv, k_pe = attn(x, ctx.cos, ctx.sin, visible.unsqueeze(1), past[..., :kvl], past[..., kvl:])
         return out, torch.cat([c_kv[:, P:], k_pe[:, P:]], dim=-1)
 
     def forward(self, input_ids: torch.Tensor, *past_keep_pad: torch.Tensor):
@@ -161,9 +166,8 @@ class LatentDecoder(nn.Module):
         pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
         freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        col = torch.arange(P + T, device=input_ids.device)                      # key columns
-        hidden = (col[None, None, :] > q_col[None, :, None]) | (col[None, None, :] < pad[:, None, None])
-        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), hidden.unsqueeze(1))
+        future = idx[None, :] > idx[:, None]                                    # [T, T] masked
+        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), future, pad)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):

@@ -15,6 +15,7 @@ import sys
 import onnx
 
 from .moe_portable import expand_sparse_experts
+from .row_attention import expand_row_attention
 
 
 def model_hash(model) -> str:
@@ -68,6 +69,7 @@ def _moe_nodes(proto: onnx.ModelProto) -> list[dict]:
 def finish_graph(proto: onnx.ModelProto, simplify: bool, meta: dict[str, str]) -> dict[str, list[dict]]:
     """Expand portable expert placeholders, simplify (optionally), name MoE nodes and set metadata,
     in place; returns {"moe_nodes": [contrib MoE nodes], "sparse_experts": [portable If nodes]}."""
+    expand_row_attention(proto)                # before the sparse experts, which drop the edgekit opset
     sparse = expand_sparse_experts(proto)
     if simplify:
         proto.CopyFrom(_simplify(proto))

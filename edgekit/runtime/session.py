@@ -157,11 +157,21 @@ class OrtModel:
 
     def prefill_rows(self, rows: list, capacity: int | None = None) -> tuple[np.ndarray, LatentCache]:
         """Prompts of any lengths (lists of ids) in one call, left-padded -> (logits of each row's
-        last position [B, V], cache with ``pad`` set). Equals ``prefill`` of each row alone up to
-        float rounding (the padding is masked)."""
+        last position [B, V], cache with ``pad`` set). Each row's logits and cache equal its own
+        ``prefill`` (graph.py computes padded rows on their own columns). One-token prompts run in
+        a call of their own when longer ones are present: onnxruntime's batched MatMul takes a
+        different kernel for a single query row, whose rounding differs (checked in tests)."""
         lens = np.array([len(r) for r in rows], np.int64)
         if not len(rows) or lens.min() < 1:
             raise EdgekitError("prefill_rows needs at least one row, each with >= 1 token id")
+        if lens.min() == 1 < lens.max():
+            ones, rest = np.flatnonzero(lens == 1), np.flatnonzero(lens > 1)
+            la, ca = self.prefill_rows([rows[i] for i in rest], capacity)
+            lb, cb = self.prefill_rows([rows[i] for i in ones], capacity)
+            cache = LatentCache.join(ca, cb, max(ca.capacity, cb.capacity))
+            back = np.argsort(np.concatenate([rest, ones]))              # original row order
+            cache.take(back)
+            return np.concatenate([la, lb])[back], cache
         T = int(lens.max())
         ids = np.zeros((len(rows), T), np.int64)
         for i, r in enumerate(rows):

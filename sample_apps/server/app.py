@@ -252,6 +252,11 @@ def make_handler(engine: Engine, batcher: Batcher, limits: dict):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128   # listen backlog; the stdlib's 5 resets connections of a burst of clients
+
+
 def _usage(end: dict) -> dict:
     p, c = end["prompt_tokens"], end["completion_tokens"]
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -267,8 +272,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 0, max_batch: int
               "request_tokens": request_tokens or engine.max_positions, "max_stops": max_stops,
               "stop_chars": stop_chars, "read_timeout_s": read_timeout_s}
     batcher = Batcher(engine, max_batch, batch_wait_ms, queue_size).start()
-    httpd = ThreadingHTTPServer((host, port), make_handler(engine, batcher, limits))
-    httpd.daemon_threads = True
+    httpd = Server((host, port), make_handler(engine, batcher, limits))
     return httpd, batcher
 
 
