@@ -196,7 +196,7 @@ def test_tokenizer_copied_and_dir_replaced(tmp_path, tiny_ckpt):
     m = edgekit.load(tiny_ckpt)
     (tiny_ckpt / "tokenizer.json").write_text("{}")
     out = tmp_path / "o"
-    out.mkdir()
+    export(m, out, ExportConfig(simplify=False))      # an earlier export (edgekit's own output: replaceable)
     (out / "stale.txt").write_text("x")
     export(m, out, ExportConfig(simplify=False), tokenizer_from=tiny_ckpt)
     assert (out / "tokenizer.json").read_text() == "{}" and not (out / "stale.txt").exists()
