@@ -220,13 +220,13 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
     from .prune import PruneConfig, prune_checkpoint
     from .recipes import build, load_recipe
 
-    _output(out, force, model)
     if recipe_path:
         cfg = load_recipe(recipe_path).prune
     else:
         cfg = build(PruneConfig, dict(experts=experts, heads=heads, ffn=ffn, layers=layers,
                                       recover_steps=recover_steps), "prune")
     with dist.session() as w:
+        dist.main_first(lambda: _output(out, force, model))  # under torchrun only rank 0 writes, so only it checks
         d = prune_checkpoint(model, out, cfg, calib=calib, progress=w.is_main)
     if w.is_main:
         rec = json.loads((d / "prune.json").read_text())

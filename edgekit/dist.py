@@ -9,7 +9,8 @@ NCCL). The rest of the library calls helpers that are no-ops in a plain process:
 - ``world()``: rank, size, local rank (``World()`` = one process when no group is initialized);
 - ``shard_range(n)``: this rank's contiguous share of n items (calibration windows, batch rows);
 - ``all_reduce_sums(values)``: sums tensors / numbers over ranks in one float64 collective;
-- ``mean_over_ranks(x)``, ``agree(ok)``, ``broadcast(obj)``;
+- ``mean_over_ranks(x)``, ``agree(ok)``, ``broadcast(obj)``, ``main_first(check)`` (a check of
+  ``-o`` and the like on rank 0 alone, its error raised on every rank);
 - ``fsdp_copy(model, device)`` / ``copy_full_(dst, sharded)``: an FSDP2 (``fully_shard``) copy of a
   ``Transformer`` (one unit per decoder block plus the root) and the way back to a plain model;
 - ``publish(out, write)``: rank 0 alone writes ``out`` through a staging dir beside it; it is renamed
@@ -189,6 +190,25 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def main_first(fn: Callable[[], object]):
+    """Run ``fn`` (a check before any work, e.g. of ``-o``) on rank 0 alone and share its verdict:
+    an ``EdgekitError`` there is raised on every rank with the same one-line message, instead of
+    leaving the others in a collective. Returns ``fn()`` on rank 0 (and in one process), else None."""
+    w = world()
+    if not w.enabled:
+        return fn()
+    result = err = None
+    if w.is_main:
+        try:
+            result = fn()
+        except EdgekitError as e:
+            err = str(e)
+    err = broadcast(err)
+    if err is not None:
+        raise EdgekitError(err)
+    return result
 
 
 def publish(out: str | os.PathLike, write: Callable[[Path], object]) -> Path:

@@ -42,7 +42,7 @@ from .evaluate import evaluate
 from .mobile import prepare_bundle
 from .recipes import Recipe, drop_budget, load_recipe, recipe_to_toml
 from .report import write_report
-from .stagecache import StageCache, dir_digest
+from .stagecache import StageCache, dir_digest, seal
 from .validate import graph_bytes, validate
 
 
@@ -128,30 +128,38 @@ def _prune_key(src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray
     return [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
 
 
-def _prune_to(out: Path, src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray) -> None:
-    """Prune (+recover) ``src`` and save it to ``out`` (on rank 0 only under torchrun)."""
+def _prune_to(out: Path, src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray,
+              seal_as: str | None = None) -> None:
+    """Prune (+recover) ``src`` and save it to ``out`` (on rank 0 only under torchrun); ``seal_as``:
+    also write the stage cache's content record, for an entry written outside ``StageCache.get``."""
     from .prune import prune_
 
     m = load(src)
     before = _params(m)
     prune_(m, recipe.prune, calib, recover_tokens=recover)
     record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
-    dist.publish(out, lambda tmp: save(m, tmp, tokenizer_from=src,
-                                       extra_files={"prune.json": json.dumps(record, indent=2)}))
+
+    def write(tmp: Path):
+        save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
+        if seal_as:
+            seal(tmp, seal_as)
+
+    dist.publish(out, write)
 
 
 def prune_on_all_ranks(src: Path, recipe: Recipe, calib: np.ndarray, recover: np.ndarray, cache: StageCache,
                        console=None) -> dict:
-    """Under torchrun: the prune (+recover) stage on every rank, its cache entry written by rank 0
-    (skipped when rank 0 has it cached). Returns the stage's timing row."""
-    out = cache.path("prune", _prune_key(src, recipe, calib, recover))
+    """Under torchrun: the prune (+recover) stage on every rank, its cache entry written (and sealed)
+    by rank 0, skipped when rank 0 holds an intact one. Returns the stage's timing row."""
+    key = _prune_key(src, recipe, calib, recover)
     n = dist.world().size
-    row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(out.is_dir()))}
+    hit = cache.lookup("prune", key) is not None if dist.world().is_main else None
+    row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(hit))}
     if console:
         console.print(f"[bold cyan][dist][/] prune + recover on {n} ranks ...")
     t = time.perf_counter()
     if not row["cached"]:
-        _prune_to(out, src, recipe, calib, recover)
+        _prune_to(cache.path("prune", key), src, recipe, calib, recover, seal_as="prune")
     row["seconds"] = round(time.perf_counter() - t, 2)
     if console:
         console.print(f"      done in {row['seconds']:.1f}s")
@@ -261,8 +269,8 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     w = dist.world()
     if w.enabled and auto:
         raise EdgekitError("--auto runs many candidate prunes in one process; drop --auto or run without torchrun")
-    out = prepare(out or f"edgekit-out/{src.name}-{recipe.target.name}", force, inputs=[src]) if w.is_main \
-        else Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
+    out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
+    out = dist.main_first(lambda: prepare(out, force, inputs=[src])) or out  # rank 0 alone writes the bundle
     tok = load_tokenizer(src)
     # a target domain (--calib DOMAIN or the recipe's [data] domain) supplies calib/recover/eval text
     plan = plan_data(src, recipe, calib, eval_data, recover)

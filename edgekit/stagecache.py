@@ -135,16 +135,24 @@ class StageCache:
         """Where the entry for ``key_parts`` lives (whether or not it exists yet)."""
         return self.root / stage / digest(stage, key_parts)
 
-    def get(self, stage: str, key_parts, build: Callable[[Path], None]) -> Path:
+    def lookup(self, stage: str, key_parts) -> Path | None:
+        """The intact entry for ``key_parts``, or None (a damaged one is removed with a warning)."""
         out = self.path(stage, key_parts)
         if out.is_dir() and not out.is_symlink():
             why = verify_entry(out)
             if why is None:
-                self.hits.append(stage)
                 return out
             self.log(f"warning: stage cache entry {stage}/{out.name} is not intact ({why}); rebuilding it")
             self.rebuilt.append(stage)
             shutil.rmtree(out)
+        return None
+
+    def get(self, stage: str, key_parts, build: Callable[[Path], None]) -> Path:
+        out = self.lookup(stage, key_parts)
+        if out is not None:
+            self.hits.append(stage)
+            return out
+        out = self.path(stage, key_parts)
         with atomic_dir(out) as tmp:
             build(tmp)
             seal(tmp, stage)

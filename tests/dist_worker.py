@@ -6,8 +6,7 @@ and receiving ``out/`` (what edgekit writes) and ``result.*`` (what rank 0 repor
 - ``library``: calibration statistics and 3 distillation steps (per-step loss, final weights) on
   both ranks, which rank 0 reports; compress's distributed prune stage into ``out/cache``; then
   ``edgekit prune --recipe WORK/recipe.toml`` (the CLI, as torchrun would start it) writes
-  ``out/pruned``. The recipe's recovery runs under int8 fake quantization (edgekit/qat.py), so
-  that path is checked on FSDP2 copies too.
+  ``out/pruned``.
 - ``kill-commit``: rank 1 dies (SIGKILL) once rank 0 has begun writing the checkpoint.
 - ``kill-step``: rank 1 dies (SIGKILL) in its second distillation step.
 
@@ -44,7 +43,7 @@ VOCAB = 4096  # the shipped tokenizer's, so the shipped calib split tokenizes in
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 3000)
 DISTILL = DistillConfig(steps=3, lr=1e-3, batch_size=4, seq_len=32, hidden_weight=0.1, progress=False)
 PRUNE = dict(experts=0.5, heads=0.25, ffn=0.25, recover_steps=3, calib_seq_len=32, calib_max_tokens=1024,
-             recover_seq_len=32, recover_batch_size=4, recover_fake_quant="int8")
+             recover_seq_len=32, recover_batch_size=4)
 RECIPE = tomli_w.dumps({"target": {"name": "dist-test"}, "prune": PRUNE})
 CKPT_PRUNE = PruneConfig(**PRUNE)
 

@@ -21,6 +21,7 @@ from edgekit.distill import distill_
 from edgekit.errors import EdgekitError
 from edgekit.prune import prune_checkpoint
 from edgekit.prune.stats import collect_stats
+from edgekit.stagecache import verify_entry
 
 from . import dist_worker as W
 
@@ -104,13 +105,12 @@ def test_two_ranks_match_one_process(work):
     assert json.loads((work / "out" / "pruned" / "prune.json").read_text())["world_size"] == 2
     # compress's stage-cache entry for prune + recover: the same model
     entries = list((work / "out" / "cache" / "prune").iterdir())
-    assert len(entries) == 1, entries
+    assert len(entries) == 1 and verify_entry(entries[0]) is None, (entries, verify_entry(entries[0]))
     c = load(entries[0]).state_dict()
     for k, v in b.state_dict().items():
         _close(f"compress prune stage {k}", c[k], v, rtol=1e-4, atol=5e-4)
-    from edgekit.outputs import MARKER  # edgekit's own "written by edgekit" marker is not a leftover
     left = sorted(str(q.relative_to(work / "out")) for q in (work / "out").rglob("*")
-                  if q.name.startswith(".") and q.name != MARKER)
+                  if ".tmp-" in q.name or q.name.endswith(".old"))
     assert left == [], f"staging leftovers: {left}"
 
 
