@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize.emulate import QMAX
+from .int8 import fake_quant
 
 MODES = ("int8",)
 
@@ -54,10 +54,7 @@ class QATConfig:
 def ste_round(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Symmetric int8 fake quantization (max-abs scale over ``dim``; None: whole tensor) with a
     straight-through gradient. The scale is treated as a constant (no gradient through max|x|)."""
-    amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
-    s = amax.clamp_min(1e-12) / QMAX
-    q = torch.round(x / s).clamp(-QMAX, QMAX) * s
-    return x + (q - x).detach()
+    return x + (fake_quant(x.detach(), dim) - x).detach()
 
 
 def _linear_forward(lin: nn.Linear, act: bool):

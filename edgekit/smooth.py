@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import EdgekitError
+from .int8 import fake_quant
 
 GROUPS = ("input_layernorm", "post_attention_layernorm", "q_a_layernorm", "kv_a_layernorm")
 
@@ -100,10 +101,8 @@ def smooth_groups(model) -> list[tuple[str, nn.Module, list[nn.Linear], list[nn.
 
 
 def _fake_q(x: torch.Tensor, dim) -> torch.Tensor:
-    """Symmetric int8 fake quantization with max-abs scales over ``dim`` (None: whole tensor)."""
-    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    s = amax.clamp_min(1e-12) / 127.0
-    return torch.round(x / s).clamp(-127, 127) * s
+    """Symmetric int8 fake quantization (``edgekit.int8``), max-abs scales over ``dim`` (None: whole tensor)."""
+    return fake_quant(x, dim)
 
 
 def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None) -> float:

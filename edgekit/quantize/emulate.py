@@ -29,24 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-QMAX = 127.0
+from ..int8 import QMAX, fake_quant, fake_quant_blocks
 
 
 def fq(x: torch.Tensor, dim=None, scale: float | None = None, qmax: float = QMAX) -> torch.Tensor:
-    """Symmetric int8 fake quantization: max-abs scale over ``dim`` (None: whole tensor) or fixed;
-    ``qmax`` 63 for 7-bit weights (reduce_range)."""
-    if scale is not None:
-        s = torch.tensor(max(scale, 1e-12) / qmax, dtype=x.dtype)
-    else:
-        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-        s = amax.clamp_min(1e-12) / qmax
-    return torch.round(x / s).clamp(-qmax, qmax) * s
+    """Symmetric int8 fake quantization (``edgekit.int8.fake_quant``): max-abs scale over ``dim``
+    (None: whole tensor) or the fixed calibrated range ``scale``; ``qmax`` 63 for 7-bit weights
+    (reduce_range)."""
+    return fake_quant(x, dim, scale, qmax)
 
 
 def fq_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Per block of ``block`` along the last dim (weights [N, K] or activations [.., K])."""
-    shp = x.shape
-    return fq(x.reshape(*shp[:-1], shp[-1] // block, block), dim=-1).reshape(shp)
+    return fake_quant_blocks(x, block)
 
 
 def units(model) -> dict[str, nn.Module]:
