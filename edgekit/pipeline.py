@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import finalize, staging_dir
+from .atomic import atomic_dir
 from .bundle import write_manifest
-from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
+from .checkpoint import load, load_tokenizer, reference_model_dir, resolve
 from .data import load_tokens
 from .evaluate import evaluate
+from .info import param_count
 from .recipes import Recipe, drop_budget, load_recipe, recipe_to_toml
 from .report import write_report
 from .stagecache import StageCache, dir_digest
@@ -74,10 +75,6 @@ def _tokens_hash(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()[:20]
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: np.ndarray, baseline: dict,
                      cache: StageCache, st: Stages, recover: np.ndarray | None = None) -> dict:
     """Prune (+recover) -> fp32 export of the pruned model -> smooth + export + int8 (cached).
@@ -87,20 +84,14 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     between the calibration text quantize_ measures on and the eval text the gate uses, but never
     less than a quarter of the goal."""
     from .export import export
-    from .prune import prune_
+    from .prune import prune_checkpoint
     from .quantize import quantize_
 
     recover = calib if recover is None else recover
     key = [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
 
-    def do_prune(tmp: Path):
-        m = load(src)
-        before = _params(m)
-        prune_(m, recipe.prune, calib, recover_tokens=recover)
-        record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
-        save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
-
-    pruned = st.run("prune + recover", lambda: cache.get("prune", key, do_prune))
+    pruned = st.run("prune + recover", lambda: cache.get("prune", key, lambda tmp: prune_checkpoint(
+        src, tmp, recipe.prune, calib_tokens=calib, recover_tokens=recover)))
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
@@ -140,7 +131,7 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
         lat = measure(tmp / "onnx", threads=min(t.threads, usable_cores()), spinning=t.spinning,
                       prefill_tokens=recipe.goals.prefill_tokens,
                       decode_tokens=v.decode_tokens, runs=max(5, v.runs // 2), warmup=v.warmup)
-        meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": _params(m), "latency": lat,
+        meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": param_count(m), "latency": lat,
                 "note": "fp32 torch accuracy; size and latency of the unpruned fp32 ONNX export"}
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -169,8 +160,7 @@ def reference_outputs(model_dir: Path, tok, n: int = 16) -> dict:
 
 def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: dict, features: list[str],
                  model_name: str, tok) -> Path:
-    tmp = staging_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         for p in quantized.iterdir():
             if p.is_file() and p.name != "meta.json":
                 shutil.copy(p, tmp / p.name)
@@ -185,10 +175,7 @@ def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: 
                                                           "max_position_embeddings", "vocab_size")},
                        extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning})
         write_report(tmp, report)
-        return finalize(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
 
 
 def features_of(recipe: Recipe) -> list[str]:
@@ -253,7 +240,7 @@ def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, 
         auto_info = None
     recipe = dataclasses.replace(recipe, quantize=dirs["quant_config"])  # as applied (effective int8 budget)
     report = st.run("validate", lambda: validate(dirs["quantized"], recipe, baseline, eval_tokens))
-    pruned_params = _params(load(dirs["pruned"]))
+    pruned_params = json.loads((dirs["pruned"] / "prune.json").read_text())["params_after"]
     stages_rows += [
         {"name": "pruned fp32", "params": pruned_params, "size_bytes": graph_bytes(dirs["exported"]),
          "accuracy": dirs["pruned_accuracy"]},

@@ -169,26 +169,31 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     return model.eval()
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, config: PruneConfig,
                      calib: str | os.PathLike = "calib", recover: str | os.PathLike | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, calib_tokens: np.ndarray | None = None,
+                     recover_tokens: np.ndarray | None = None) -> Path:
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
-    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record."""
+    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record:
+    ``{source, config, calib, recover, calib_tokens, recover_tokens, params_before, params_after}``.
+    ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit compress``
+    passes them; ``calib``/``recover`` then only name them in the record)."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
+    from ..info import param_count
 
     model = load(src)
-    tok = load_tokenizer(src)
-    calib_ids = load_tokens(calib, tok)
-    recover_ids = load_tokens(recover, tok) if recover is not None else None
+    if calib_tokens is None or (recover is not None and recover_tokens is None):
+        tok = load_tokenizer(src)
+        calib_tokens = load_tokens(calib, tok) if calib_tokens is None else calib_tokens
+        recover_tokens = load_tokens(recover, tok) if recover is not None and recover_tokens is None \
+            else recover_tokens
     before = param_count(model)
-    prune_(model, config, calib_ids, recover_ids, progress=progress)
+    prune_(model, config, calib_tokens, recover_tokens, progress=progress)
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
-              "recover": str(recover or calib), "params_before": before, "params_after": param_count(model)}
+              "recover": str(recover or calib), "calib_tokens": int(len(calib_tokens)),
+              "recover_tokens": int(len(calib_tokens if recover_tokens is None else recover_tokens)),
+              "params_before": before, "params_after": param_count(model)}
     extra = {"prune.json": json.dumps(record, indent=2) + "\n"}
     return save(model, out, tokenizer_from=src or "v3-nano", extra_files=extra)

@@ -203,20 +203,6 @@ def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25
     return out
 
 
-def _ort_accuracy(export_dir, rows: np.ndarray, batch_size: int = 8) -> tuple[float, np.ndarray]:
-    from ..runtime.session import OrtModel
-
-    m = OrtModel(export_dir)
-    preds, correct, n = [], 0, 0
-    for i in range(0, len(rows), batch_size):
-        b = rows[i: i + batch_size]
-        p = m.logits(b[:, :-1]).argmax(-1)
-        correct += int((p == b[:, 1:]).sum())
-        n += b[:, 1:].size
-        preds.append(p.reshape(-1))
-    return correct / n, np.concatenate(preds)
-
-
 def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: np.ndarray | None = None,
               tokenizer_from=None, fp32_export_dir=None, log=print) -> dict:
     """Smooth ``model`` in place, plan precision, export and rewrite to int8 in ``out_dir``.
@@ -226,9 +212,11 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     import torch
 
     from ..data import windows
+    from ..evaluate import score_rows
     from ..export import ExportConfig, export
+    from ..runtime.session import OrtModel
     from ..smooth import SmoothConfig, smooth_
-    from .emulate import agreement, emulated, input_absmax, routing, score, units
+    from .emulate import agreement, emulated, input_absmax, routing, units
     from .mixed import next_to_revert, plan_precision
 
     cfg = config or QuantConfig()
@@ -244,7 +232,8 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     model.eval()
     torch.manual_seed(0)
     ref = copy.deepcopy(model)
-    acc_fp32, _, ref_logp = score(ref, rows)
+    ref_scores = score_rows(ref, rows, as_reference=True)
+    acc_fp32 = ref_scores.accuracy
     ref_routes = routing(ref, rows)
     report = {"config": asdict(cfg)}
     if cfg.smooth:
@@ -266,10 +255,10 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
             export(model, fp32_dir, ExportConfig(moe=cfg.export_moe), tokenizer_from=tokenizer_from)
         in_graph = _units_in_graph(fp32_dir, model)
         plan = plan_precision(model, rows, cfg.overrides, cfg.max_drop, rank_always=cfg.rank_always,
-                              ref_logp=ref_logp, in_graph=in_graph, log=log, **kw)
+                              ref=ref_scores.reference, in_graph=in_graph, log=log, **kw)
         with emulated(model, plan.int8, **kw):
             routes_q = routing(model, rows)
-            acc_emul = score(model, rows)[0]
+            acc_emul = score_rows(model, rows).accuracy
         ort_rows = rows[: max(1, min(len(rows), 16))]
         rounds = []
         for _ in range(cfg.max_ort_rounds + 1):
@@ -277,8 +266,9 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
                                       cfg.reduce_range)
             if not cfg.verify_ort:
                 break
-            a32, p32 = _ort_accuracy(fp32_dir, ort_rows)
-            a8, p8 = _ort_accuracy(out, ort_rows)
+            s32 = score_rows(OrtModel(fp32_dir), ort_rows, predictions=True)
+            s8 = score_rows(OrtModel(out), ort_rows, predictions=True)
+            a32, p32, a8, p8 = s32.accuracy, s32.predictions, s8.accuracy, s8.predictions
             rounds.append({"fp32": a32, "int8": a8, "drop": a32 - a8, "top1_agreement": float((p32 == p8).mean())})
             log(f"quantize: onnxruntime accuracy fp32 {a32:.4f} int8 {a8:.4f} (drop {(a32 - a8) * 100:+.2f} points)")
             if a32 - a8 <= cfg.max_drop:
@@ -286,7 +276,7 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
             if not plan.sensitivity:
                 for n in sorted(plan.int8):
                     with emulated(model, {n}, **kw):
-                        plan.sensitivity[n] = score(model, rows, ref_logp)[1]
+                        plan.sensitivity[n] = score_rows(model, rows, ref=ref_scores.reference).kl
             n = next_to_revert(plan)
             if n is None:
                 break

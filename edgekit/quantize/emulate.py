@@ -13,8 +13,8 @@ computes what the rewritten ONNX graph computes (see rewrite.py):
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
 Why emulate: one forward pass per trial on the calibration tokens instead of an export + session;
-the final quantized graph is still scored on onnxruntime (``edgekit.quantize.quantize_``) and its
-top-1 agreement with this emulation is reported.
+trials are scored like everything else (``edgekit.evaluate.score_rows``); the planned int8 graph is
+still scored on onnxruntime (``edgekit.quantize.mixed``) and its top-1 agreement is reported.
 
 Invariants: weights are restored and hooks removed on exit, even on error.
 """
@@ -26,7 +26,6 @@ import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..int8 import QMAX, fake_quant, fake_quant_blocks
@@ -145,23 +144,6 @@ def routing(model, rows: np.ndarray, batch_size: int = 8) -> dict[int, torch.Ten
 def agreement(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, float]:
     """Fraction of tokens whose chosen expert SET is identical, per layer."""
     return {i: float((a[i] == b[i]).all(dim=-1).float().mean()) for i in a}
-
-
-@torch.no_grad()
-def score(model, rows: np.ndarray, ref_logp: list | None = None, batch_size: int = 8):
-    """(accuracy vs next tokens, mean KL(ref || model) or None, per-batch log-probs)."""
-    correct = n = 0
-    kl, logps = 0.0, []
-    for j in range(0, len(rows), batch_size):
-        b = torch.from_numpy(rows[j: j + batch_size])
-        lp = F.log_softmax(model(b[:, :-1]).float(), dim=-1)
-        correct += int((lp.argmax(-1) == b[:, 1:]).sum())
-        n += b[:, 1:].numel()
-        if ref_logp is not None:
-            r = ref_logp[len(logps)]
-            kl += float((r.exp() * (r - lp)).sum())
-        logps.append(lp)
-    return correct / n, (kl / n if ref_logp is not None else None), logps
 
 
 def match(name: str, pattern: str) -> bool:

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .emulate import emulated, match, score, units
+from ..evaluate import Reference, score_rows
+from .emulate import emulated, match, units
 
 
 @dataclass
@@ -55,7 +56,7 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
                    experts_as_linears: bool = False, wmax: float = 127.0, rank_always: bool = False,
-                   ref_logp: list | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
+                   ref: Reference | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
     whose products the absorbed attention precomputes, stay fp32 and are not emulated as int8)."""
     names = list(units(model))
@@ -66,14 +67,16 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}})
     kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax)
-    if ref_logp is None:
-        plan.accuracy_fp32, _, ref_logp = score(model, rows)
+    if ref is None:
+        fp32 = score_rows(model, rows, as_reference=True)
+        ref = fp32.reference
     else:
-        plan.accuracy_fp32 = score(model, rows)[0]
+        fp32 = score_rows(model, rows)
+    plan.accuracy_fp32 = fp32.accuracy
 
     def measure(int8: set[str]) -> float:
         with emulated(model, int8, **kw):
-            return score(model, rows)[0]
+            return score_rows(model, rows).accuracy
 
     plan.accuracy_int8 = measure(plan.int8)
     plan.steps.append({"fp32_units": len(plan.fp32), "accuracy": plan.accuracy_int8})
@@ -83,7 +86,7 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
         return plan
     for n in sorted(plan.int8):
         with emulated(model, {n}, **kw):
-            plan.sensitivity[n] = score(model, rows, ref_logp)[1]
+            plan.sensitivity[n] = score_rows(model, rows, ref=ref).kl
     ranked = sorted(plan.int8, key=lambda n: -plan.sensitivity[n])
     for n in ranked:
         if plan.drop <= max_drop:
