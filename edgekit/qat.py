@@ -20,7 +20,7 @@ forward is the stock one again and no parameter was replaced (only their values 
 model saves and exports as usual. The weight scale is recomputed from the current weights at every
 step, exactly as the int8 rewrite computes it from the final weights. SmoothQuant rescaling after
 QAT moves weights off the grid they trained on; recipes using ``recover_fake_quant`` set
-``[quantize] smooth = false``.
+``[smooth] enabled = false``.
 
 Failure modes: ``ValueError`` for an unknown mode.
 """

@@ -5,8 +5,9 @@ What: one ONNX graph (``model.onnx``) that serves both prompt processing and per
 ``logits`` [batch, seq, vocab] + ``new_latent.{i}`` [batch, seq, W] out, W = kv_lora_rank +
 qk_rope_head_dim (MLA's compressed latent | shared rotary key). Prefill = the same graph with
 past_seq = 0. Beside it: ``export.json`` (the I/O spec, cache widths, max positions, MoE path,
-opset), ``config.json`` and, with ``tokenizer_from``, ``tokenizer.json``. Run it with
-``edgekit.runtime.OrtModel`` (no torch).
+opset, and ``units``: every weight-carrying module of the model by name -> the graph node and
+initializers holding it, see onnx_io.py), ``config.json`` and, with ``tokenizer_from``,
+``tokenizer.json``. Run it with ``edgekit.runtime.OrtModel`` (no torch).
 
 Why one graph (measured with ``benchmarks/expert_scaling.py --design`` on v3-nano's shape, 2
 shared, heavily loaded cores; two runs, medians of 3 and 5 rounds): absorbed attention is what
@@ -49,7 +50,7 @@ import onnx.numpy_helper
 from ..atomic import atomic_dir
 from ..errors import EdgekitError
 from ..info import cache_bytes_per_token
-from .onnx_io import finish_graph, model_hash
+from .onnx_io import finish_graph, graph_units, model_hash
 
 PROTOBUF_LIMIT = 2**31          # one serialized ModelProto cannot exceed 2 GiB
 GRAPH_FILE, SPEC_FILE = "model.onnx", "export.json"
@@ -104,10 +105,11 @@ def io_spec(args) -> dict:
     }
 
 
-def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> None:
+def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> set[str]:
+    """Trace the decoder graph to ``path``; returns the module names whose linears it calls."""
     import torch
 
-    from .graph import LatentDecoder, dynamic_axes, io_names
+    from .graph import LatentDecoder, dynamic_axes, io_names, name_keyed_weights
     a = model.args
     dec = LatentDecoder(model, cfg.moe, attention).eval()
     W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
@@ -116,11 +118,12 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> N
     past = [torch.zeros(2, 2, W) for _ in range(L)]
     keep = torch.tensor(2)                                   # < seq, so the row selection is traced
     ins, outs = io_names(L)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(model) as used:
         warnings.simplefilter("ignore")
         torch.onnx.export(dec, (ids, *past, keep), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
                           custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else {"edgekit": 1})
+    return used
 
 
 def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,
@@ -139,7 +142,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         weight_bytes = sum(t.numel() * t.element_size() for t in unique)
         large = weight_bytes > cfg.external_data_threshold
         (tmp / "raw").mkdir()
-        _trace(model, cfg, tmp / "raw" / GRAPH_FILE)
+        linears = _trace(model, cfg, tmp / "raw" / GRAPH_FILE)
         proto = onnx.load(str(tmp / "raw" / GRAPH_FILE))
         simplify = cfg.simplify and not large
         if cfg.simplify and large:
@@ -149,6 +152,11 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         spec = io_spec(a)
         experts = finish_graph(proto, simplify=simplify, meta={
             "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
+        units = graph_units(proto, experts, a.num_hidden_layers)
+        lost = sorted(linears - set(units))
+        if lost:
+            raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
+                               "graph_units cannot map it")
         # logits_keep becomes optional: an initializer of the same name is its default (all rows)
         proto.graph.initializer.append(onnx.numpy_helper.from_array(
             np.array(a.max_position_embeddings, np.int64), "logits_keep"))
@@ -169,7 +177,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
             "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
                      "logits_keep=1 for generation (omitted: logits for every position); "
                      "positions are past_seq + arange(seq) and must stay < max_position_embeddings",
-            **spec, **experts, "config": asdict(cfg),
+            **spec, **experts, "units": units, "config": asdict(cfg),
         }
         (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
