@@ -185,13 +185,10 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
-    """The ``tokenizer.json`` beside a checkpoint (or inside a bundle)."""
-    from tokenizers import Tokenizer
+    """The ``tokenizer.json`` beside a checkpoint (or inside a bundle); ``None``/"v3-nano": the shipped one."""
+    from .data import load_tokenizer as read
 
-    f = resolve(path) / "tokenizer.json"
-    if not f.exists():
-        raise EdgekitError(f"{f} not found; copy the model's tokenizer.json next to its weights")
-    return Tokenizer.from_file(str(f))
+    return read(resolve(path))
 
 
 # ---------------------------------------------------------------------------------------------

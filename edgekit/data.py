@@ -1,14 +1,17 @@
 """Text data for evaluation, calibration and recovery: the shipped splits or any user text file.
 
-What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named split
-(``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
-shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
+What: ``load_tokenizer(dir)`` reads the ``tokenizer.json`` in a checkpoint, export or bundle
+directory; ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named
+split (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for
+distillation) shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
 ``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
 ``recover``; see ``edgekit/nano/mixed.py``), or a path to a UTF-8 text file;
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
 the next-token target). ``DomainData.of(domain)`` names the four splits of one domain for
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
 ``eval``).
+
+Device side: numpy and tokenizers only (``edgekit validate`` reads its eval text through here).
 
 Invariants: the eval, calibration and dev splits are disjoint from each other and from the text
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
@@ -96,6 +99,16 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
     if not text.strip():
         raise EdgekitError(f"{p} is empty; pass a text file with at least a few hundred tokens")
     return text
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The ``tokenizer.json`` in ``directory`` (a checkpoint, an export or a bundle)."""
+    from tokenizers import Tokenizer
+
+    f = Path(directory) / "tokenizer.json"
+    if not f.exists():
+        raise EdgekitError(f"{f} not found; copy the model's tokenizer.json next to its weights")
+    return Tokenizer.from_file(str(f))
 
 
 def load_tokens(source: str | os.PathLike | None, tokenizer, max_tokens: int | None = None) -> np.ndarray:

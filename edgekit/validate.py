@@ -79,8 +79,7 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
 def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: str | None = None) -> dict:
     """Re-validate a bundle on this machine (writes nothing; the caller decides where the report goes)."""
     from .bundle import verify
-    from .checkpoint import load_tokenizer
-    from .data import load_tokens
+    from .data import load_tokenizer, load_tokens
     from .recipes import load_recipe
 
     b = Path(bundle)
@@ -89,7 +88,7 @@ def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: st
     if not built.exists():
         raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
     baseline = json.loads(built.read_text())["baseline"]
-    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
+    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"))
     default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
     tokens = load_tokens(eval_data or default, load_tokenizer(b), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)
