@@ -38,7 +38,6 @@ import json
 import os
 import shutil
 import sys
-import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -195,14 +194,3 @@ def verify(model, export_dir, prompt_lens=(1, 7, 128), steps: int = 32, seed: in
     length; ``passed`` = diff <= 1e-4 and identical tokens everywhere (see parity.py)."""
     from .parity import verify as _verify
     return _verify(model, export_dir, prompt_lens, steps, seed, ort_model)
-
-
-class _CallableModule(types.ModuleType):
-    """``edgekit.export(model, dir)`` keeps working after ``import edgekit.export`` replaced the lazy
-    attribute on ``edgekit`` with this package."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
