@@ -3,9 +3,10 @@
 What: ``with fake_quantized(model, QATConfig()):`` makes ``model`` compute what the int8 graph
 computes (``edgekit/quantize/rewrite.py``, emulated without gradients in ``quantize/emulate.py``)
 while staying differentiable: every quantizable ``Linear`` outside the routed experts sees its
-input rounded to symmetric int8 with one scale per call (``max|x| / 127``, the dynamic mode) and its
-weight rounded per output channel; routed expert weights are rounded per row (QMoE ``moe = "row"``,
-weights only); the embedding per row. Rounding uses the straight-through estimator
+input rounded to symmetric int8 with one scale per token (``max|x| / 127`` over the last axis, the
+dynamic mode, as rewrite.py's graph and emulate.py do) and its weight rounded per output channel;
+routed expert weights are rounded per row (QMoE ``moe = "row"``, weights only); the embedding per
+row. Rounding uses the straight-through estimator
 ``x + (q(x) - x).detach()``: the forward sees ``q(x)``, the gradient flows as if ``q`` were the
 identity, so the fp32 latent weights learn to sit where their rounding costs least.
 ``distill_`` runs under this when ``DistillConfig.fake_quant == "int8"`` (recipe:
@@ -42,7 +43,7 @@ MODES = ("int8",)
 @dataclass
 class QATConfig:
     mode: str = "int8"
-    activations: bool = True          # fake-quantize Linear inputs (dynamic per-call scale), as the graph does
+    activations: bool = True          # fake-quantize Linear inputs (dynamic per-token scale), as the graph does
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
 
@@ -59,7 +60,7 @@ def ste_round(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 def _linear_forward(lin: nn.Linear, act: bool):
     def forward(x):
-        return F.linear(ste_round(x) if act else x, ste_round(lin.weight, dim=1), lin.bias)
+        return F.linear(ste_round(x, dim=-1) if act else x, ste_round(lin.weight, dim=1), lin.bias)
     return forward
 
 
