@@ -12,8 +12,12 @@ expects is present with the configured shape and finite values; writes go to a t
 into place when complete, so a failure leaves no half-written checkpoint.
 
 Failure modes (all ``EdgekitError``, one line naming the fix): missing/empty dir, ``.bin``/``.pt``
-weights, corrupt or truncated safetensors, unknown ``model_type``, missing tensors, shape
-mismatches, NaN/Inf weights. Multi-token-prediction layers are skipped with a note on stderr.
+weights, corrupt or truncated safetensors, a config.json that is not an object or has mistyped
+values, unknown ``model_type``, missing tensors, shape mismatches (checked from the safetensors
+headers before anything is allocated, ``edgekit.configcheck``), weights with more layers than the
+config, shard names leaving the directory, NaN/Inf weights, a corrupt tokenizer.json.
+Multi-token-prediction layers (their own tensors, or ``num_nextn_predict_layers``) are skipped with
+a note on stderr.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
+from .bundle import member
+from .configcheck import check_types, precheck
 from .errors import EdgekitError
 from .model import ModelArgs, Transformer
 
@@ -74,6 +80,7 @@ def args_from_config(cfg: dict) -> ModelArgs:
     kw = {k: v for k, v in cfg.items() if k in _ARG_FIELDS and v is not None or k == "q_lora_rank"}
     if isinstance(kw.get("eos_token_id"), list):
         kw["eos_token_id"] = kw["eos_token_id"][0]
+    check_types(kw)
     try:
         return ModelArgs(**kw)
     except (TypeError, ValueError) as e:
@@ -99,8 +106,10 @@ def _weight_files(d: Path) -> list[Path]:
     if index.exists():
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise EdgekitError(f"{index} is corrupt; re-save the checkpoint with save_pretrained") from None
+        for n in names:  # shard names must stay inside the checkpoint directory
+            member(d, n, "model.safetensors.index.json")
         missing = [n for n in names if not (d / n).exists()]
         if missing:
             raise EdgekitError(f"{d} lacks shard {missing[0]} named in model.safetensors.index.json; copy all shards")
@@ -150,14 +159,17 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
         raise EdgekitError(f"{d} has no config.json; pass a Hugging Face checkpoint directory")
     try:
         cfg = json.loads((d / "config.json").read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise EdgekitError(f"{d / 'config.json'} is not valid JSON ({e}); fix or re-save it") from None
+    if not isinstance(cfg, dict):
+        raise EdgekitError(f"{d / 'config.json'} is a JSON {type(cfg).__name__}, not an object; fix or re-save it")
     args = args_from_config(cfg)
-    sd = _unfuse_experts(read_tensors(_weight_files(d)))
+    files = _weight_files(d)
+    mtp = precheck(d, args, cfg, files)  # shapes from headers vs config, before anything is allocated
+    sd = _unfuse_experts(read_tensors(files))
     model = Transformer(args)
     expected = model.state_dict()
     n = args.num_hidden_layers
-    mtp = {k for k in sd if k.startswith("model.layers.") and int(k.split(".")[2]) >= n}
     if mtp:
         print(f"note: skipped {len(mtp)} multi-token-prediction tensors (layers >= {n}); "
               "edgekit runs the main model only", file=sys.stderr)
@@ -185,10 +197,10 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
-    """The ``tokenizer.json`` beside a checkpoint (or inside a bundle); ``None``/"v3-nano": the shipped one."""
-    from .data import load_tokenizer as read
+    """The ``tokenizer.json`` beside a checkpoint (or inside a bundle)."""
+    from .bundle import read_tokenizer
 
-    return read(resolve(path))
+    return read_tokenizer(resolve(path))
 
 
 # ---------------------------------------------------------------------------------------------

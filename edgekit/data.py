@@ -1,9 +1,8 @@
 """Text data for evaluation, calibration and recovery: the shipped splits or any user text file.
 
-What: ``load_tokenizer(dir)`` reads the ``tokenizer.json`` in a checkpoint, export or bundle
-directory; ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named
-split (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for
-distillation) shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
+What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids for a named split
+(``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
+shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
 ``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
 ``recover``; see ``edgekit/nano/mixed.py``), or a path to a UTF-8 text file;
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
@@ -17,8 +16,8 @@ Invariants: the eval, calibration and dev splits are disjoint from each other an
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
 ``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.
 
-Failure modes: a missing file, a non-UTF-8 file or text too short for one window raise
-``EdgekitError`` naming the fix.
+Failure modes: a missing file, a non-UTF-8 file, text too short for one window (``windows``) or
+for one full calibration window (``require_tokens``) raise ``EdgekitError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -101,20 +100,20 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
     return text
 
 
-def load_tokenizer(directory: str | os.PathLike):
-    """The ``tokenizer.json`` in ``directory`` (a checkpoint, an export or a bundle)."""
-    from tokenizers import Tokenizer
-
-    f = Path(directory) / "tokenizer.json"
-    if not f.exists():
-        raise EdgekitError(f"{f} not found; copy the model's tokenizer.json next to its weights")
-    return Tokenizer.from_file(str(f))
-
-
 def load_tokens(source: str | os.PathLike | None, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of a split or text file, optionally truncated to ``max_tokens``."""
+    if max_tokens is not None and max_tokens < 0:
+        raise EdgekitError(f"max_tokens={max_tokens}: pass a positive number of tokens")
     ids = np.asarray(tokenizer.encode(load_text(source or "eval")).ids, dtype=np.int64)
     return ids[:max_tokens] if max_tokens else ids
+
+
+def require_tokens(tokens: np.ndarray, n: int, what: str) -> np.ndarray:
+    """At least ``n`` tokens (e.g. one full calibration window), or a one-line error naming the fix."""
+    if len(tokens) < n:
+        raise EdgekitError(f"the {what} has {len(tokens)} tokens; it needs at least {n} (one full window): "
+                           "pass a longer text file")
+    return tokens
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:

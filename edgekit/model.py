@@ -209,13 +209,14 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x [B, T, H, R]; cos/sin [T, R/2]. Output layout is [rotated evens, rotated odds] when
-    interleaved (as transformers does); q and k get the same layout, so scores are unchanged."""
+    """x [B, T, H, R]; cos/sin [T, R/2] (or [B, T, R/2]: per-row positions). Output layout is
+    [rotated evens, rotated odds] when interleaved (as transformers does); q and k get the same
+    layout, so scores are unchanged."""
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 

@@ -31,6 +31,12 @@ checked before any stage runs).
 Invariants: the bundle directory appears only when complete (``edgekit.atomic``); the accuracy
 gate compares the bundle (onnxruntime) with the fp32 torch model on the same eval tokens, and no
 stage that fits or selects the model reads those tokens under ``--auto``.
+
+Under torchrun (``edgekit.dist``) every rank runs the prune (+recover) stage, calibration and
+distillation split over ranks (``prune_on_all_ranks``); rank 0 writes that stage's cache entry once
+all ranks succeeded and runs the remaining stages alone (the cached prune is then a hit); the other
+ranks return ``None`` and write nothing. All ranks leave the process group after that stage, so
+nothing later can wait on a peer that has gone. ``auto`` is single-process only.
 """
 
 from __future__ import annotations
@@ -39,21 +45,22 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_dir
-from .bundle import write_manifest
+from . import dist
+from .atomic import atomic_dir, scratch_dir
+from .bundle import baseline_digest, write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve
-from .data import load_tokens
+from .data import load_tokens, require_tokens
 from .errors import EdgekitError
 from .evaluate import evaluate
 from .export import ExportConfig
 from .info import param_count
+from .mobile import prepare_bundle
 from .prune import PruneConfig
 from .quantize import QuantConfig
 from .recipes import Recipe, load_recipe, recipe_to_toml, with_overrides
@@ -132,22 +139,19 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     The int8 budget is ``recipe.goals.int8_budget`` of what pruning cost on ``score_tokens``
     (``fp32_accuracy`` is the unpruned fp32 accuracy on the same tokens)."""
     from .export import export
-    from .prune import prune_checkpoint
     from .quantize.apply import quantize_export
     from .quantize.mixed import plan_
     from .smooth import smooth_checkpoint
 
-    key = [dir_digest(src), _tokens_hash(texts.calib), _tokens_hash(texts.recover), dataclasses.asdict(recipe.prune)]
-    pruned = st.run("prune + recover", lambda: cache.get("prune", key, lambda tmp: prune_checkpoint(
-        src, tmp, recipe.prune, calib=texts.calib_name, recover=texts.recover_name,
-        calib_tokens=texts.calib, recover_tokens=texts.recover)))
+    key = _prune_key(src, recipe, texts)
+    pruned = st.run("prune + recover", lambda: cache.get("prune", key, lambda tmp: _prune_to(tmp, src, recipe, texts)))
     key.append(dataclasses.asdict(recipe.smooth))
     smoothed = st.run("smooth (SmoothQuant scales into the norms)", lambda: cache.get(
         "smooth", key, lambda tmp: smooth_checkpoint(pruned, tmp, recipe.smooth, texts.calib)))
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(smoothed), tmp, recipe.export, tokenizer_from=smoothed)))
-    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, score_tokens, recipe))
+    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, score_tokens, recipe, cache))
     budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)
     st.log(f"pruning cost {100 * (fp32_accuracy - pruned_acc):.2f} points; int8 budget {100 * budget:.2f} points")
     key.append([dataclasses.asdict(recipe.quantize), budget])
@@ -156,6 +160,35 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     quantized = st.run("quantize int8 (graph pass)", lambda: cache.get(
         "quantize", key, lambda tmp: quantize_export(exported, tmp, planned)))
     return Built(pruned, smoothed, exported, planned, quantized, pruned_acc, budget)
+
+
+def _prune_key(src: Path, recipe: Recipe, texts: Texts) -> list:
+    return [dir_digest(src), _tokens_hash(texts.calib), _tokens_hash(texts.recover), dataclasses.asdict(recipe.prune)]
+
+
+def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts) -> None:
+    """The prune (+recover) stage: ``prune_checkpoint`` on the loaded texts (rank 0 writes under torchrun)."""
+    from .prune import prune_checkpoint
+
+    prune_checkpoint(src, out, recipe.prune, calib=texts.calib_name, recover=texts.recover_name,
+                     calib_tokens=texts.calib, recover_tokens=texts.recover)
+
+
+def prune_on_all_ranks(src: Path, recipe: Recipe, texts: Texts, cache: StageCache, console=None) -> dict:
+    """Under torchrun: the prune (+recover) stage on every rank, its cache entry written by rank 0
+    (skipped when rank 0 has it cached). Returns the stage's timing row."""
+    out = cache.path("prune", _prune_key(src, recipe, texts))
+    n = dist.world().size
+    row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(out.is_dir()))}
+    if console:
+        console.print(f"[bold cyan][dist][/] prune + recover on {n} ranks ...")
+    t = time.perf_counter()
+    if not row["cached"]:
+        _prune_to(out, src, recipe, texts)
+    row["seconds"] = round(time.perf_counter() - t, 2)
+    if console:
+        console.print(f"      done in {row['seconds']:.1f}s")
+    return row
 
 
 def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: StageCache, st: Stages) -> dict:
@@ -215,18 +248,20 @@ def write_bundle(out: Path, quantized: Path, src: Path, recipe: Recipe, report: 
                  model_name: str, tok) -> Path:
     with atomic_dir(out) as tmp:
         for p in quantized.iterdir():
-            if p.is_file() and p.name != "meta.json":
+            if p.is_file() and p.name != "meta.json" and not p.name.startswith("."):
                 shutil.copy(p, tmp / p.name)
         if not (tmp / "tokenizer.json").exists():
             shutil.copy(resolve(src) / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "recipe.toml").write_text(recipe_to_toml(recipe))
         (tmp / "reference.json").write_text(json.dumps(reference_outputs(tmp, tok), indent=1))
         spec = json.loads((tmp / "export.json").read_text())
+        formats = prepare_bundle(tmp, recipe.target)       # operator list; .ort + operator config for mobile
         write_manifest(tmp, model_name=model_name, target=recipe.target.name, features=features,
                        hardware_recommendation=recipe.target.hardware_recommendation,
                        io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs", "cache", "moe",
                                                           "max_position_embeddings", "vocab_size")},
-                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning})
+                       extra={"threads": recipe.target.threads, "spinning": recipe.target.spinning,
+                              "baseline_sha256": baseline_digest(report["baseline"]), **formats})
         write_report(tmp, report)
     return out
 
@@ -247,6 +282,8 @@ def features_of(recipe: Recipe) -> list[str]:
     f.append(f"symmetric-int8:{q.mode}-activations")
     f.append(f"mixed-precision:max_drop={q.max_drop}")
     f += [f"moe:{recipe.export.moe}", "mla-latent-kv-cache", "onnx"]
+    if recipe.target.format == "ort":
+        f += ["ort-format", "reduced-operator-config"]
     return f
 
 
@@ -281,34 +318,51 @@ def load_texts(src: Path, tok, recipe: Recipe, plan, auto: bool) -> Texts:
 
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
              recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
-             use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult:
+             use_cache: bool = True, console=None, recipe: Recipe | None = None,
+             force: bool = False) -> CompressResult | None:
     from .domains import plan_data
+    from .outputs import prepare
+    from .prune import check_prunable
 
     src = resolve(model)
     recipe = recipe or load_recipe(target, STAGE_CONFIGS)
+    w = dist.world()
+    if w.enabled and auto:
+        raise EdgekitError("--auto runs many candidate prunes in one process; drop --auto or run without torchrun")
     if auto and not recipe.auto.candidates:
         raise EdgekitError(f"{recipe.source or recipe.target.name} has no [auto] candidates; add an "
                            "[auto.candidates] table (see export_recipes/cpu4.toml) or drop --auto")
-    load(src)  # validate the checkpoint (one-line errors) before any work
+    out = prepare(out or f"edgekit-out/{src.name}-{recipe.target.name}", force, inputs=[src]) if w.is_main \
+        else Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     tok = load_tokenizer(src)
     # a target domain (--calib DOMAIN or the recipe's [data] domain) supplies calib/recover/dev/eval text
     plan = plan_data(src, recipe, calib, eval_data, recover)
     if plan.domain:  # the applied recipe (bundle's recipe.toml) names the domain the gate read
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     texts = load_texts(src, tok, recipe, plan, auto)
-    out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
-    scratch = None if use_cache else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
+    # validate the checkpoint, the recipe against it and the calibration text (one-line errors) before any work
+    check_prunable(load(src), recipe.prune, texts.calib)
+    require_tokens(texts.calib, recipe.quantize.seq_len + 1, "calibration text for quantization")
+    scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")
     try:
-        return _compress(src, recipe, tok, texts, out, strict, auto, StageCache(scratch), console, plan)
+        cache, rows = StageCache(scratch), []
+        if w.enabled:
+            rows = [prune_on_all_ranks(src, recipe, texts, cache, console if w.is_main else None)]
+            dist.shutdown()  # every rank leaves the group: rank 0 goes on alone, no collective can wait on a peer
+            if not w.is_main:
+                return None
+        return _compress(src, recipe, tok, texts, out, strict, auto, cache, console, plan, rows)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console, plan) -> CompressResult:
+def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console, plan,
+              dist_rows=()) -> CompressResult:
     n_builds = len(recipe.auto.candidates) if auto else 1
     st = Stages(console, total=3 + BUILD_STAGES * n_builds + (2 + n_builds if auto else 0)
                 + (1 if plan.out_of_domain else 0))
+    st.rows.extend(dist_rows)
     baseline = baseline_for(src, recipe, texts.eval, cache, st)
     if auto:
         from .autosearch import search
@@ -323,7 +377,8 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         recipe, built, auto_info = search(
             recipe, lambda r: build(src, r, texts, texts.dev, dev_fp32, cache, st), measure, st.log)
         auto_info.update(dev={"source": texts.dev_name, "tokens": int(len(texts.dev)), "fp32_accuracy": dev_fp32})
-        pruned_eval = st.run("score pruned fp32 on eval", lambda: _cached_accuracy(built.exported, texts.eval, recipe))
+        pruned_eval = st.run("score pruned fp32 on eval",
+                             lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
     else:
         built = build(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
         auto_info, pruned_eval = None, built.pruned_accuracy
@@ -347,6 +402,8 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
     report.update(records)
     if auto_info:
         report["auto"] = auto_info
+    if dist_rows:
+        report["distributed"] = dist_rows[0]
     if plan.domain:
         from .domains import ood_report
 
@@ -363,12 +420,12 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
     return CompressResult(report, bundle, code)
 
 
-def _cached_accuracy(export_dir: Path, tokens: np.ndarray, recipe: Recipe) -> float:
-    """Accuracy of an fp32 export on ``tokens`` (cached next to it), for the budget and the stage table."""
-    f = export_dir / "meta.json"
-    meta = json.loads(f.read_text()) if f.exists() else {}
-    key = f"accuracy:{_tokens_hash(tokens)}:{recipe.validate.seq_len}"
-    if key not in meta:
-        meta[key] = score(export_dir, tokens, recipe.validate.seq_len)["accuracy"]
-        f.write_text(json.dumps(meta))
-    return meta[key]
+def _cached_accuracy(export_dir: Path, tokens: np.ndarray, recipe: Recipe, cache: StageCache) -> float:
+    """Accuracy of an fp32 export on ``tokens``, for the int8 budget and the stage table (its own
+    cache entry: entries are never modified once built, so their content hashes hold)."""
+    def do(tmp: Path):
+        acc = score(export_dir, tokens, recipe.validate.seq_len)["accuracy"]
+        (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
+
+    d = cache.get("score", [export_dir.name, _tokens_hash(tokens), recipe.validate.seq_len], do)
+    return json.loads((d / "meta.json").read_text())["accuracy"]

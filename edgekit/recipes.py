@@ -22,6 +22,7 @@ from the CLI), before any stage runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -41,9 +42,10 @@ SELECT = ("smallest", "most_accurate")
 
 
 def recipes_dir() -> Path:
-    """``export_recipes/`` at the repo root; a copy ships inside the package for installed use."""
-    repo = Path(__file__).resolve().parent.parent / "export_recipes"
-    return repo if repo.is_dir() else Path(__file__).parent / "data" / "export_recipes"
+    """``export_recipes/``: inside the package in an installed wheel (pyproject.toml maps the top-level
+    directory to ``edgekit.export_recipes``), else at the root of the checkout (editable install)."""
+    packaged = Path(__file__).resolve().parent / "export_recipes"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "export_recipes"
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Target:
     spinning: bool = True             # intra-op thread spinning (faster alone, worse when sharing cores)
     arch: str = "any"                 # "any", "x86_64" or "arm64": the host must match to verify latency
     ops: str = "full"                 # operator set: full ORT CPU (com.microsoft), mobile, web
+    format: str = "onnx"              # "onnx" or "ort" (onnxruntime mobile's flatbuffer format)
     hardware_recommendation: str = ""
 
     def __post_init__(self):
@@ -62,6 +65,8 @@ class Target:
             raise ValueError(f"threads={self.threads}: use >= 1")
         if self.ops not in OPS:
             raise ValueError(f"ops={self.ops!r}: use one of {OPS}")
+        if self.format not in ("onnx", "ort"):
+            raise ValueError(f"format={self.format!r}: use 'onnx' or 'ort'")
         if self.arch not in ("any", "x86_64", "arm64"):
             raise ValueError(f"arch={self.arch!r}: use 'any', 'x86_64' or 'arm64'")
 
@@ -88,7 +93,7 @@ class Goals:
             raise ValueError(f"accuracy_drop_relative={self.accuracy_drop_relative}: a fraction of the fp32 "
                              "accuracy, e.g. 0.008 for 0.8%")
         for k in ("latency_prefill_p95_ms", "latency_decode_p95_ms", "size_ratio", "prefill_tokens"):
-            if getattr(self, k) <= 0:
+            if not getattr(self, k) > 0:  # NaN fails too
                 raise ValueError(f"{k}={getattr(self, k)}: must be > 0")
         for k in ("int8_margin", "int8_floor"):
             if not 0 <= getattr(self, k) <= 1:
@@ -190,6 +195,9 @@ def build(cls: type, table: dict, where: str):
     errors naming the fix."""
     if not isinstance(table, dict):
         raise EdgekitError(f"{where} must be a table ([{where}]), got {type(table).__name__}")
+    bad = _non_finite(table)
+    if bad:
+        raise EdgekitError(f"bad value in [{where}]: {bad[0]}={bad[1]}: use a finite number")
     if cls is dict:
         return dict(table)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -200,6 +208,18 @@ def build(cls: type, table: dict, where: str):
         return cls(**table)
     except (TypeError, ValueError) as e:
         raise EdgekitError(f"bad value in [{where}]: {e}") from None
+
+
+def _non_finite(table: dict, prefix: str = "") -> tuple[str, float] | None:
+    """The first NaN/inf value (TOML allows ``nan`` and ``inf``), nested tables included."""
+    for k, v in table.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{prefix}{k}", v
+        if isinstance(v, dict):
+            found = _non_finite(v, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
 
 
 def parse_recipe(data: dict, source: str = "", stages: Mapping[str, type] | None = None) -> Recipe:

@@ -107,6 +107,33 @@ def test_compress_writes_a_valid_bundle(ckpt, tmp_path, monkeypatch, cache_dir):
     assert {"prune", "export", "quantize"} <= set(again.report["stage_cache_hits"])
 
 
+def test_corrupt_cache_entries_are_rebuilt_never_used(ckpt, tmp_path, monkeypatch, cache_dir, capsys):
+    """Issue "Trust boundaries" item 2: a cached int8 model with a zeroed span and a baseline meta.json
+    with an edited accuracy are both rebuilt (with a warning); the bundle is built from intact files."""
+    from edgekit.bundle import sha256
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    first = compress(ckpt, _recipe(tmp_path), out=tmp_path / "b1")
+    model = next(d for d in (cache_dir / "quantize").iterdir()
+                 if (d / "model.onnx").exists() and sha256(d / "model.onnx") == sha256(first.bundle / "model.onnx"))
+    data = bytearray((model / "model.onnx").read_bytes())
+    half = len(data) // 2
+    data[half // 2: half // 2 + half // 2] = bytes(half // 2)              # same size: only a hash can tell
+    (model / "model.onnx").write_bytes(bytes(data))
+    for meta in (cache_dir / "baseline").glob("*/meta.json"):
+        m = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**m, "accuracy": m["accuracy"] + 0.5}))   # would turn a failing drop into a pass
+    capsys.readouterr()
+    again = compress(ckpt, _recipe(tmp_path), out=tmp_path / "b2")
+    err = capsys.readouterr().err
+    assert "stage cache entry quantize/" in err and "stage cache entry baseline/" in err, err
+    hits = again.report["stage_cache_hits"]
+    assert "quantize" not in hits and "baseline" not in hits and {"prune", "export"} <= set(hits), hits
+    assert again.report["baseline"]["accuracy"] == first.report["baseline"]["accuracy"]
+    verify(again.bundle)
+    assert sha256(again.bundle / "model.onnx") == sha256(model / "model.onnx"), "built from the rebuilt entry"
+
+
 def test_budget_that_cannot_be_met_exits_1_naming_the_gate(ckpt, tmp_path, monkeypatch, cache_dir):
     monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
     res = compress(ckpt, _recipe(tmp_path, prefill=0.001), out=tmp_path / "b")

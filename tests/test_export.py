@@ -2,6 +2,7 @@
 the export directory's spec and metadata, external data, and a torch-free runtime."""
 
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -61,6 +62,61 @@ def test_batch_prefill_then_decode(tiny_m, exported):
     last = om.session.run(["logits"], {**feed, "logits_keep": np.array(1, np.int64)})[0]
     assert all_rows.shape == (3, 9, om.vocab_size) and last.shape == (3, 1, om.vocab_size)
     assert np.abs(last[:, 0] - all_rows[:, -1]).max() <= 1e-5
+
+
+def test_rows_of_any_length_share_calls_like_each_row_alone(tiny_m, exported):
+    """Left-padded prefill of prompts of 3 lengths, decode, a row joining mid-way, rows leaving:
+    every row's logits equal its unbatched run (torch and onnxruntime batch 1) and its greedy
+    tokens are identical."""
+    moe, _, om = exported
+    g = np.random.default_rng(4)
+    rows = [g.integers(0, tiny_m.args.vocab_size, n).tolist() for n in (3, 11, 6, 1)]
+    steps = [9, 4, 12, 7]                                    # tokens per row: rows leave at different steps
+    want = [om.generate_greedy(np.array([r]), n)[0, len(r):].tolist() for r, n in zip(rows, steps)]
+    ref = [torch_greedy(tiny_m, torch.tensor([r]), n)[0, len(r):].tolist() for r, n in zip(rows, steps)]
+    assert want == ref, f"{moe}: onnxruntime batch 1 differs from torch"
+    logits, cache = om.prefill_rows(rows[:3])
+    assert cache.pad.tolist() == [8, 0, 5] and cache.length == 11
+    solo = np.stack([om.prefill(np.array([r]))[0][0] for r in rows[:3]])
+    diff = np.abs(logits - solo).max()
+    assert diff <= 1e-5, f"{moe}: padded prefill vs alone max abs {diff:.2e}"
+    got, logs, active, worst = [[int(t)] for t in logits.argmax(-1)], [[] for _ in rows], [0, 1, 2], 0.0
+    for step in range(16):
+        if step == 2:                                        # a 1-token prompt joins an 11-column batch
+            lg, c = om.prefill_rows([rows[3]])
+            got.append([int(lg[0].argmax())])
+            cache = cache.join(cache, c)
+            active.append(3)
+        keep = [i for i, r in enumerate(active) if len(got[r]) < steps[r]]
+        if len(keep) < len(active):
+            cache.take(keep)
+            active = [active[i] for i in keep]
+        if not active:
+            break
+        lg = om.decode(np.array([got[r][-1] for r in active]), cache)
+        for i, r in enumerate(active):
+            got[r].append(int(lg[i].argmax()))
+            logs[r].append(lg[i])
+    assert got == want, f"{moe}: batched {got} vs alone {want}"
+    for r, n in zip(rows, steps):                            # decode logits vs the row alone
+        _, c = om.prefill(np.array([r]))
+        for t in range(n - 1):
+            worst = max(worst, float(np.abs(om.decode(np.array([want[rows.index(r)][t]]), c)
+                                            - logs[rows.index(r)][t]).max()))
+    assert worst <= 1e-5, f"{moe}: batched decode logits vs alone max abs {worst:.2e}"
+
+
+def test_graph_without_left_pad_refuses_mixed_lengths(tmp_path, exported):
+    _, d, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    spec = json.loads((old / "export.json").read_text())
+    spec["inputs"] = [i for i in spec["inputs"] if i["name"] != "left_pad"]
+    (old / "export.json").write_text(json.dumps(spec))
+    om = OrtModel(old, spinning=False)
+    assert om.prefill_rows([[1, 2], [3, 4]])[0].shape == (2, om.vocab_size)   # equal lengths still work
+    with pytest.raises(EdgekitError, match="re-export"):
+        om.prefill_rows([[1], [2, 3]])
 
 
 @pytest.mark.parametrize("moe", MOE_PATHS)

@@ -100,6 +100,21 @@ def test_stats_see_dead_heads_experts_and_identity_layers():
         [s.block_influence for s in st]
 
 
+def test_stats_hooks_leave_the_forward_alone_and_ignore_batching():
+    """Block influence from the hooks equals the one from the model's own hidden states, whatever the
+    batch size (a pre-hook that returned a value used to replace down_proj's input)."""
+    from edgekit.data import windows
+
+    m = tiny_model()
+    rows = torch.from_numpy(windows(CALIB[:97], 32)[:, :-1])
+    with torch.no_grad():
+        hid = m.forward_cached(rows, return_hidden=True)[3]
+    ref = [float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean()) for a, b in zip(hid, hid[1:])]
+    for bs in (1, 3):
+        got = [s.block_influence for s in collect_stats(m, CALIB[:97], seq_len=32, batch_size=bs)]
+        assert np.allclose(got, ref, rtol=1e-5), f"batch {bs}: block influence {got} vs hidden states {ref}"
+
+
 # -- surgery: removing zero-importance parts leaves logits unchanged -----------------------------
 @pytest.mark.parametrize("kind", ["heads", "experts", "ffn", "layers"])
 def test_pruning_dead_units_keeps_logits(kind):

@@ -179,3 +179,68 @@ def test_config_errors():
         QuantConfig(overrides={"lm_head": "fp16"})
     with pytest.raises(ValueError, match="max_drop"):
         QuantConfig(max_drop=-1)
+
+
+def test_quantize_portable_experts_int8(tmp_path):
+    """--export-moe portable: experts int8 inside the If/Loop subgraphs (the rewrite used to drop the
+    weights those subgraphs read), a valid graph on onnxruntime, equal to the torch emulation and close to
+    fp32 on prefill (Loop branch) and decode (gathered branch). Experts only, so the check is about them."""
+    from edgekit.export import ExportConfig, export
+
+    m = tiny_model()
+    calib = np.random.default_rng(0).integers(0, 128, 600)
+    cfg = QuantConfig(seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=True,
+                      overrides={"re:.*mlp\\.experts": "int8", "_default": "fp32"})
+    rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
+                    smooth=SmoothConfig(enabled=False), export_config=ExportConfig(moe="portable"))
+    assert rep["graph"]["moe"] == {"model.layers.1.mlp.experts": "w8-col", "model.layers.2.mlp.experts": "w8-col"}
+    proto = onnx.load(str(tmp_path / "q8" / "model.onnx"))
+    onnx.checker.check_model(proto)
+    assert not any(t.name.endswith(("fc1", "fc2")) for t in proto.graph.initializer), "fp32 experts left"
+    q8 = [t for t in proto.graph.initializer if t.name.endswith(".q8")]
+    assert len(q8) == 4 and all(t.data_type == TensorProto.INT8 for t in q8), [t.name for t in q8]
+    assert not [n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")], "non-standard ops"
+    fp32 = export(m, tmp_path / "fp32", ExportConfig(moe="portable"))
+    ids = np.random.default_rng(1).integers(0, 128, (2, 24))
+    a, b = OrtModel(fp32).logits(ids), OrtModel(tmp_path / "q8").logits(ids)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    # tiny random model: a routing flip can move one token (min printed); the rest must be near-exact
+    assert np.median(cos) > 0.9999 and (cos < 0.99).sum() <= 1, \
+        f"int8 vs fp32 portable logits cosine median {np.median(cos):.5f} min {cos.min():.4f}"
+    with emulated(m, set(rep["graph"]["moe"]), experts_as_linears=True, expert_act_int8=False,
+                  wmax=rep["graph"]["weight_max"]), torch.no_grad():
+        e = m(torch.from_numpy(ids)).numpy()
+    d = np.abs(e - b).max()
+    assert d < 1e-3, f"emulation vs onnxruntime max abs diff {d:.2e}"
+    om = OrtModel(tmp_path / "q8")                                  # decode: the gathered branch
+    last, cache = om.prefill(ids[:1, :-1])
+    step = om.decode(ids[:1, -1], cache)
+    full = om.logits(ids[:1])[:, -1]
+    assert np.abs(step - full).max() < 1e-3, f"int8 decode vs prefill max diff {np.abs(step - full).max():.2e}"
+
+
+def test_failed_quantize_leaves_nothing(tmp_path, monkeypatch):
+    import edgekit.runtime.session as session
+
+    def broken(*a, **k):
+        raise EdgekitError("onnxruntime cannot load the graph")
+    monkeypatch.setattr(session, "OrtModel", broken)        # the planning step's onnxruntime check fails
+    m = tiny_model()
+    calib = np.random.default_rng(0).integers(0, 128, 600)
+    with pytest.raises(EdgekitError):
+        quantize_(m, tmp_path / "q8", QuantConfig(seq_len=64, calib_max_tokens=512), smooth=SmoothConfig(enabled=False),
+                  calib_tokens=calib, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_unloadable_portable_graph_does_not_suggest_portable(tmp_path):
+    """The load error names a fix, never the option the graph was already made with."""
+    from edgekit.errors import EdgekitError
+    from edgekit.export import ExportConfig, export
+
+    d = export(tiny_model(), tmp_path / "p", ExportConfig(moe="portable"))
+    data = (d / "model.onnx").read_bytes()
+    (d / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgekitError) as e:
+        OrtModel(d)
+    assert "cannot load" in str(e.value) and "moe='portable'" not in str(e.value), str(e.value)

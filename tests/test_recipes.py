@@ -35,7 +35,7 @@ def test_cpu4_budgets_are_the_v3x_guide_numbers():
     ({"target": {"name": "x"}, "bogus": {}}, "unknown table"),
     ({"goals": {}}, "missing \\[target\\] name"),
     ({"target": {"name": "x", "ops": "gpu"}}, "ops"),
-    ({"target": {"name": "x", "format": "ort"}}, "unknown key target.format"),
+    ({"target": {"name": "x", "format": "flatbuffer"}}, "format"),
     ({"target": {"name": "x"}, "auto": {"select": "biggest"}}, "select"),
     ({"target": {"name": "x"}, "auto": {"candidates": {"a": {"prune": {"expert": 0.5}}}}},
      "candidate 'a'.*prune.expert"),

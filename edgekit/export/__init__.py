@@ -4,10 +4,12 @@ What: one ONNX graph (``model.onnx``) that serves both prompt processing and per
 ``input_ids`` [batch, seq] + ``past_latent.{i}`` [batch, past_seq, W] per layer in,
 ``logits`` [batch, seq, vocab] + ``new_latent.{i}`` [batch, seq, W] out, W = kv_lora_rank +
 qk_rope_head_dim (MLA's compressed latent | shared rotary key). Prefill = the same graph with
-past_seq = 0. Beside it: ``export.json`` (the I/O spec, cache widths, max positions, MoE path,
-opset, and ``units``: every weight-carrying module of the model by name -> the graph node and
-initializers holding it, see onnx_io.py), ``config.json`` and, with ``tokenizer_from``,
-``tokenizer.json``. Run it with ``edgekit.runtime.OrtModel`` (no torch).
+past_seq = 0. Two optional inputs: ``logits_keep`` (logits of the last positions only) and
+``left_pad`` [batch] (leading padding columns per row, so rows of any prompt and cache length
+share one call; see graph.py). Beside it: ``export.json`` (the I/O spec, cache widths, max
+positions, MoE path, opset, and ``units``: every weight-carrying module of the model by name ->
+the graph node and initializers holding it, see onnx_io.py), ``config.json`` and, with
+``tokenizer_from``, ``tokenizer.json``. Run it with ``edgekit.runtime.OrtModel`` (no torch).
 
 Why one graph (measured with ``benchmarks/expert_scaling.py --design`` on v3-nano's shape, 2
 shared, heavily loaded cores; two runs, medians of 3 and 5 rounds): absorbed attention is what
@@ -95,10 +97,13 @@ def io_spec(args) -> dict:
     ins, outs = io_names(args.num_hidden_layers)
     return {
         "inputs": [{"name": ins[0], "dtype": "int64", "shape": ["batch", "seq"]}]
-        + [{"name": n, "dtype": "float32", "shape": ["batch", "past_seq", W]} for n in ins[1:-1]]
-        + [{"name": ins[-1], "dtype": "int64", "shape": [], "optional": True,
+        + [{"name": n, "dtype": "float32", "shape": ["batch", "past_seq", W]} for n in ins[1:-2]]
+        + [{"name": ins[-2], "dtype": "int64", "shape": [], "optional": True,
             "default": args.max_position_embeddings,
-            "doc": "logits are returned for the last min(seq, logits_keep) positions (generation: 1)"}],
+            "doc": "logits are returned for the last min(seq, logits_keep) positions (generation: 1)"},
+           {"name": ins[-1], "dtype": "int64", "shape": ["batch"], "optional": True, "default": [0],
+            "doc": "per row, the number of leading padding columns of [past | new] (left padding): "
+                   "row b sees columns >= left_pad[b]; its positions are past_seq + arange(seq) - left_pad[b]"}],
         "outputs": [{"name": outs[0], "dtype": "float32", "shape": ["batch", "logits_seq", args.vocab_size]}]
         + [{"name": n, "dtype": "float32", "shape": ["batch", "seq", W]} for n in outs[1:]],
     }
@@ -116,10 +121,11 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> s
     ids = torch.randint(0, a.vocab_size, (2, 3), generator=gen)   # batch/seq/past > 1: nothing specialises
     past = [torch.zeros(2, 2, W) for _ in range(L)]
     keep = torch.tensor(2)                                   # < seq, so the row selection is traced
+    pad = torch.tensor([0, 1])                               # per row, so nothing folds to a constant
     ins, outs = io_names(L)
     with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(model) as used:
         warnings.simplefilter("ignore")
-        torch.onnx.export(dec, (ids, *past, keep), str(path), dynamo=False, opset_version=cfg.opset,
+        torch.onnx.export(dec, (ids, *past, keep, pad), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
                           custom_opsets={"com.microsoft": 1} if cfg.moe == "contrib" else {"edgekit": 1})
     return used
@@ -156,9 +162,11 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         if lost:
             raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
                                "graph_units cannot map it")
-        # logits_keep becomes optional: an initializer of the same name is its default (all rows)
-        proto.graph.initializer.append(onnx.numpy_helper.from_array(
-            np.array(a.max_position_embeddings, np.int64), "logits_keep"))
+        # logits_keep and left_pad become optional: an initializer of the same name is the default
+        # (all rows; no padding, a [1] zero that broadcasts over the batch)
+        proto.graph.initializer.extend([
+            onnx.numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep"),
+            onnx.numpy_helper.from_array(np.zeros(1, np.int64), "left_pad")])
         shutil.rmtree(tmp / "raw")
         onnx.save_model(proto, str(tmp / GRAPH_FILE), save_as_external_data=large,
                         all_tensors_to_one_file=True, location=GRAPH_FILE + ".data")
@@ -175,7 +183,9 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
                       "bytes_per_token": cache_bytes_per_token(a)},
             "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
                      "logits_keep=1 for generation (omitted: logits for every position); "
-                     "positions are past_seq + arange(seq) and must stay < max_position_embeddings",
+                     "batching rows of different lengths: left-pad them and pass left_pad [batch] "
+                     "(omitted: no padding); positions are past_seq + arange(seq) - left_pad and must "
+                     "stay < max_position_embeddings",
             **spec, **experts, "units": units, "config": asdict(cfg),
         }
         (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")

@@ -19,6 +19,8 @@ TOML keys are strings) to its own ``{experts, heads, ffn}`` ratios, overriding t
 Invariants: all statistics come from the unpruned model in one calibration pass; at least one unit
 of each kind stays; the pruned model loads with the plain model class (``layer_overrides`` carry
 per-layer sizes when they differ); the teacher used for recovery is an untouched copy.
+Under torchrun (``edgekit.dist``) calibration and distillation are split over ranks with the same
+result on every rank; ``prune_checkpoint`` is then written by rank 0 alone (``dist.publish``).
 
 Failure modes: ratios outside [0, 1), removing every layer, unknown per-layer keys or layer
 indices raise ``ValueError`` (config) or ``EdgekitError`` (input) with the fix in the message.
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import dist
 from ..errors import EdgekitError
 from .importance import EXPERT_CRITERIA, keep_channels, keep_experts, keep_heads, keep_layers
 from .stats import LayerStats, collect_stats
@@ -111,14 +114,23 @@ def _fill_unrouted(act_sq, count):
     return torch.where(routed[:, None], act_sq, fill)
 
 
-def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
-    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+def check_prunable(model, config: PruneConfig, calib_tokens: np.ndarray | None = None) -> None:
+    """Config vs this model (and enough calibration text), before any statistics are collected."""
     n_layers = len(model.model.layers)
     bad = [i for i in (config.per_layer or {}) if int(i) >= n_layers]
     if bad:
         raise EdgekitError(f"prune per_layer names layer {bad[0]} but the model has {n_layers}; use 0..{n_layers - 1}")
     if config.layers >= n_layers:
         raise EdgekitError(f"cannot remove {config.layers} of {n_layers} layers; use layers <= {n_layers - 1}")
+    if calib_tokens is not None:
+        from ..data import require_tokens
+
+        require_tokens(calib_tokens, config.calib_seq_len + 1, "calibration text for pruning")
+
+
+def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
+    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+    check_prunable(model, config)
     plan = Plan(keep_layers([s.block_influence for s in stats], config.layers))
     for i in plan.layers:
         r, st, layer = config.ratios(i), stats[i], model.model.layers[i]
@@ -159,6 +171,7 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     ``config.recover_steps > 0``."""
     from ..distill import distill_
 
+    check_prunable(model, config, calib_tokens)
     teacher = copy.deepcopy(model).eval() if config.recover_steps else None
     stats = collect_stats(model, calib_tokens, seq_len=config.calib_seq_len,
                           max_tokens=config.calib_max_tokens, progress=progress)
@@ -176,9 +189,10 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
     Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record:
-    ``{source, config, calib, recover, calib_tokens, recover_tokens, params_before, params_after}``.
-    ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit compress``
-    passes them; ``calib``/``recover`` then only name them in the record)."""
+    ``{source, config, calib, recover, calib_tokens, recover_tokens, params_before, params_after,
+    world_size}``. ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit
+    compress`` passes them; ``calib``/``recover`` then only name them in the record). Under torchrun
+    every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
     from ..info import param_count
@@ -194,6 +208,6 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
               "recover": str(recover or calib), "calib_tokens": int(len(calib_tokens)),
               "recover_tokens": int(len(calib_tokens if recover_tokens is None else recover_tokens)),
-              "params_before": before, "params_after": param_count(model)}
+              "params_before": before, "params_after": param_count(model), "world_size": dist.world().size}
     extra = {"prune.json": json.dumps(record, indent=2) + "\n"}
-    return save(model, out, tokenizer_from=src or "v3-nano", extra_files=extra)
+    return dist.publish(out, lambda tmp: save(model, tmp, tokenizer_from=src or "v3-nano", extra_files=extra))

@@ -38,13 +38,12 @@ Failure modes: a non-export directory, an unknown mode/override value or a budge
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgekitError
+from ..atomic import scratch_dir
 from .apply import quantize_export
 from .plan import Plan
 
@@ -92,6 +91,7 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
     """Smooth ``model`` in place (``smooth``: a ``SmoothConfig``; default: searched alphas on the
     calibration rows this config plans on), export it once (``export_config``), plan precision and
     write the int8 export to ``out_dir``. Returns the report (also ``out_dir/quantize.json``)."""
+    from ..data import require_tokens
     from ..export import ExportConfig, export
     from ..smooth import SmoothConfig, smooth_
     from .mixed import plan_
@@ -102,12 +102,11 @@ def quantize_(model, out_dir, config: QuantConfig | None = None, calib_tokens: n
         from ..data import load_tokens
         calib_tokens = load_tokens(cfg.calib, load_tokenizer(tokenizer_from))
     toks = np.asarray(calib_tokens, dtype=np.int64)
-    if len(toks) < 2:
-        raise EdgekitError("quantize needs calibration tokens; pass a text file with a few thousand tokens")
+    require_tokens(toks, min(cfg.seq_len, model.args.max_position_embeddings) + 1, "calibration text for quantization")
     scfg = smooth or SmoothConfig(calib_seq_len=cfg.seq_len, calib_max_tokens=cfg.calib_max_tokens)
     smoothing = smooth_(model, toks, scfg)
     out = Path(out_dir)
-    work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
+    work = scratch_dir(".quantize.", out.parent if out.parent.exists() else None)
     try:
         export(model, work / "fp32", export_config or ExportConfig(), tokenizer_from=tokenizer_from)
         plan = plan_(model, work / "fp32", cfg, toks, log=log)

@@ -4,7 +4,8 @@ What: reads ``src/export.json``'s ``units`` (module name -> graph node and initi
 ``edgekit.export``) and rewrites the units the plan puts in int8 (rewrite.py): linears (``MatMul``
 on ``<module>.weight_t``) -> ``MatMulIntegerToFloat``, the embedding ``Gather`` -> int8 rows,
 contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py) or ``QMoE``, as ``plan.moe_path``
-says. ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
+says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
+(portable.py). ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
 ``dtype: "int8"`` and a ``quantization`` section, and ``quantize.json`` (the plan's report + what
 the pass did + the graph size).
 
@@ -28,7 +29,7 @@ from ..atomic import atomic_dir
 from ..errors import EdgekitError
 from .plan import Plan
 
-QUANTIZABLE = ("MatMul", "Gather", "MoE")   # export.json unit ops this pass can rewrite
+QUANTIZABLE = ("MatMul", "Gather", "MoE", "If")   # export.json unit ops this pass can rewrite
 
 
 def quantizable_units(spec: dict) -> set[str]:
@@ -53,6 +54,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     import onnx
 
     from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
+    from .portable import rewrite_sparse_experts
     from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
 
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -77,6 +79,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold)
     moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg) if plan.moe_path == "grouped"
                else rewrite_moe(proto, units[u]["node"], plan.moe_block)) for u in by_op["MoE"]}
+    moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax)
+                for u in by_op["If"]})
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

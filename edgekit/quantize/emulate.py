@@ -8,7 +8,8 @@ computes what the rewritten ONNX graph computes (see rewrite.py):
   last axis; or the calibrated static scale), weights symmetric int8 per output channel;
 - routed experts: grouped int8 GEMMs (``experts_as_linears``: each expert Linear as a Linear unit,
   as on the portable path), or QMoE weights int8 per row (weights only), or per block of K with
-  int8 activations per token and block when ``moe_block`` > 0;
+  int8 activations per token and block when ``moe_block`` > 0; on the portable path
+  (``expert_act_int8=False``) int8 per output column, weights only;
 - embedding: int8 per row.
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
@@ -61,9 +62,10 @@ def units(model) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
-             experts_as_linears: bool = False, wmax: float = QMAX):
+             experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True):
     """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
-    ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul."""
+    ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul;
+    ``expert_act_int8=False`` (portable.py): expert activations stay fp32."""
     static_scales = static_scales or {}
     saved, hooks = [], []
 
@@ -84,7 +86,8 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                 if name.endswith("mlp.experts") and experts_as_linears:
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
                         swap(lin.weight, fq(lin.weight.data, dim=1, qmax=wmax))
-                        hooks.append(lin.register_forward_pre_hook(act_hook(None)))
+                        if expert_act_int8:
+                            hooks.append(lin.register_forward_pre_hook(act_hook(None)))
                 elif name.endswith("mlp.experts"):
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
                         if moe_block and lin.weight.shape[1] % moe_block == 0:

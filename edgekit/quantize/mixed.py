@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgekitError
 from ..evaluate import Reference, score_rows
 from .apply import quantizable_units, quantize_export
 from .emulate import agreement, emulated, input_absmax, match, routing, units
@@ -58,7 +56,8 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
-                   experts_as_linears: bool = False, wmax: float = 127.0, rank_always: bool = False,
+                   experts_as_linears: bool = False, wmax: float = 127.0, expert_act_int8: bool = True,
+                   rank_always: bool = False,
                    ref: Reference | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
     whose products the absorbed attention precomputes, stay fp32 and are not emulated as int8)."""
@@ -70,7 +69,8 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
                 static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax)
-    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax)
+    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax,
+              expert_act_int8=expert_act_int8)
     if ref is None:
         fp32 = score_rows(model, rows, as_reference=True)
         ref = fp32.reference
@@ -147,15 +147,15 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     """The planning step (see module doc). ``model`` is the fp32 model ``export_dir`` was exported
     from (smoothed already); ``max_drop`` defaults to ``config.max_drop``. Leaves ``model`` as it
     found it."""
-    from ..data import windows
+    from ..atomic import scratch_dir
+    from ..data import require_tokens, windows
     from ..runtime.session import OrtModel
 
     budget = config.max_drop if max_drop is None else max_drop
     toks = np.asarray(calib_tokens, dtype=np.int64)[: config.calib_max_tokens + 1]
-    if len(toks) < 2:
-        raise EdgekitError("quantize needs calibration tokens; pass a text file with a few thousand tokens")
     spec = json.loads((Path(export_dir) / "export.json").read_text())
-    seq = min(config.seq_len, model.args.max_position_embeddings, len(toks) - 1)
+    seq = min(config.seq_len, model.args.max_position_embeddings)
+    require_tokens(toks, seq + 1, "calibration text for quantization")
     rows = windows(toks, seq)
     model.eval()
     ref = score_rows(model, rows, as_reference=True)
@@ -167,7 +167,8 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     portable = spec.get("moe") == "portable"
     path = choose_moe_path(config, model.args)
     kw = dict(static_scales=static, moe_block=0 if portable else _moe_block(config, model.args),
-              experts_as_linears=portable or path == "grouped", wmax=63.0 if config.reduce_range else 127.0)
+              experts_as_linears=portable or path == "grouped", wmax=63.0 if config.reduce_range else 127.0,
+              expert_act_int8=not portable)
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
     plan.merge, plan.moe_path = config.merge, path
@@ -178,7 +179,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     if config.verify_ort:
         ort_rows = rows[: max(1, min(len(rows), 16))]
         s32 = score_rows(OrtModel(export_dir), ort_rows, predictions=True)
-        work = Path(tempfile.mkdtemp(prefix=".plan-check."))
+        work = scratch_dir(".plan-check.")
         try:
             for _ in range(config.max_ort_rounds + 1):
                 quantize_export(export_dir, work / "int8", plan)
