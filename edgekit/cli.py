@@ -221,7 +221,7 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
     from .recipes import build, load_recipe
 
     if recipe_path:
-        cfg = load_recipe(recipe_path).prune
+        cfg = load_recipe(recipe_path, {"prune": PruneConfig}).prune
     else:
         cfg = build(PruneConfig, dict(experts=experts, heads=heads, ffn=ffn, layers=layers,
                                       recover_steps=recover_steps), "prune")
@@ -259,14 +259,19 @@ def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force
         edgekit eval edgekit-out/nano-int8
     """
     from .checkpoint import load, resolve
+    from .export import ExportConfig
     from .quantize import DEFAULT_OVERRIDES, QuantConfig, quantize_
     from .recipes import build
+    from .smooth import SmoothConfig
 
     _output(out, force, model)
     overrides = {**DEFAULT_OVERRIDES, **{p: "fp32" for p in keep_fp32}, **{p: "int8" for p in force_int8}}
-    cfg = build(QuantConfig, dict(mode=mode, alpha=alpha, smooth=not no_smooth, max_drop=max_drop, moe=moe,
-                                  overrides=overrides, export_moe=export_moe, calib=calib), "quantize")
-    r = quantize_(load(model), out, cfg, tokenizer_from=resolve(model), log=lambda m: click.echo(m, err=True))
+    cfg = build(QuantConfig, dict(mode=mode, max_drop=max_drop, moe=moe, overrides=overrides, calib=calib),
+                "quantize")
+    scfg = build(SmoothConfig, dict(enabled=not no_smooth, search=alpha is None, alpha=0.5 if alpha is None else alpha,
+                                    calib_seq_len=cfg.seq_len, calib_max_tokens=cfg.calib_max_tokens), "smooth")
+    r = quantize_(load(model), out, cfg, tokenizer_from=resolve(model), smooth=scfg,
+                  export_config=ExportConfig(moe=export_moe), log=lambda m: click.echo(m, err=True))
     ort = r["accuracy"]["ort"][-1] if r["accuracy"]["ort"] else {}
     click.echo(f"wrote {out}: {r['size_bytes'] / 1e6:.2f} MB; kept fp32: {len(r['fp32_units'])} units; "
                f"calib accuracy fp32 {ort.get('fp32', float('nan')):.4f} int8 {ort.get('int8', float('nan')):.4f}")
@@ -284,7 +289,7 @@ def targets():
 
     runs_dir = Path(__file__).resolve().parent.parent / "device_runs"   # a checkout; an installed wheel has none
     where = validated_where(collect(runs_dir)) if runs_dir.is_dir() else None
-    render_targets([load_recipe(n, stages=False) for n in target_names()], where)
+    render_targets([load_recipe(n) for n in target_names()], where)
 
 
 @cli.command()
@@ -302,7 +307,7 @@ def targets():
 def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, force):
     """Compress MODEL for a target and validate it: the main job.
 
-    load -> prune (+recover) -> scale -> export -> simplify -> quantize -> validate -> bundle.
+    prune (+recover) -> smooth -> export (once) -> plan int8 -> quantize the graph -> validate -> bundle.
     Exit code 0: no gate failed (unverified gates warn); 1: a gate failed (bundle still written);
     2: bad input.
 

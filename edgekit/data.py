@@ -10,6 +10,8 @@ the next-token target). ``DomainData.of(domain)`` names the four splits of one d
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
 ``eval``).
 
+Device side: numpy and tokenizers only (``edgekit validate`` reads its eval text through here).
+
 Invariants: the eval, calibration and dev splits are disjoint from each other and from the text
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
 ``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.

@@ -1,15 +1,21 @@
-"""Next-token evaluation: top-1 accuracy (with standard error), perplexity and token count.
+"""Next-token scoring: the one loop every stage of the pipeline is scored with.
 
-What: ``evaluate(model, data)`` scores any "logits function" on token windows. ``model`` is either a
-torch ``nn.Module`` (called as ``model(ids) -> logits``) or an object with
-``logits(ids: np.ndarray[B, T]) -> np.ndarray[B, T, V]`` (an onnxruntime runner, a bundle), so every
-stage of the pipeline is scored on the same data the same way.
+What: ``score_rows(model, rows)`` runs token rows [N, T + 1] through any "logits function" and
+returns ``RowScores``: correct top-1 predictions, token count, summed negative log-likelihood and,
+on request, the mean KL divergence from a reference (``Reference``), the predictions or the
+per-batch log-probabilities. ``model`` is either a torch ``nn.Module`` (called as
+``model(ids) -> logits``) or an object with ``logits(ids: np.ndarray[B, T]) -> np.ndarray[B, T, V]``
+(an onnxruntime runner, a bundle), so torch, the int8 emulation and onnxruntime are scored by the
+same code. ``evaluate(model, tokens)`` cuts 1-D tokens into windows and reports
+``EvalResult`` (accuracy with standard error, perplexity, token count).
 
 Why top-1 accuracy: it is the metric the 0.8-point gate is written in; perplexity is reported
 beside it. ``accuracy_stderr`` = sqrt(p(1-p)/n) treats tokens as independent (optimistic, but the
-comparison that matters, fp32 vs compressed, is paired: see ``agreement``).
+comparison that matters, fp32 vs compressed, is paired: see ``agreement``). The KL (mean over
+tokens of KL(reference || model)) is what mixed precision ranks units by.
 
-Failure modes: empty data raises ``EdgekitError``.
+Invariants: numpy only (torch is imported only to call a torch module); logits are scored in
+float32. Failure modes: empty data raises ``EdgekitError``.
 """
 
 from __future__ import annotations
@@ -41,8 +47,70 @@ def _logits_fn(model):
 
     def run(ids):
         with torch.no_grad():
-            return model(torch.from_numpy(ids)).float().numpy()
+            return model(torch.from_numpy(np.ascontiguousarray(ids))).float().numpy()
     return run
+
+
+def _log_z(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(-1, keepdims=True)
+    return m[..., 0] + np.log(np.exp(logits - m).sum(-1))
+
+
+@dataclass
+class Reference:
+    """A reference model's next-token distributions on some rows, per batch: probabilities and
+    sum(p * log p) (so KL against it is one product per trial)."""
+    probs: list[np.ndarray]
+    neg_entropy: list[float]
+
+
+@dataclass
+class RowScores:
+    correct: int
+    tokens: int
+    nll: float
+    kl: float | None = None                     # mean KL(reference || model) per token
+    predictions: np.ndarray | None = None       # [n_tokens] argmax, row-major
+    reference: Reference | None = None          # this model's distributions, to score others against
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens
+
+
+def score_rows(model, rows: np.ndarray, batch_size: int = 8, ref: Reference | None = None,
+               predictions: bool = False, as_reference: bool = False, progress: bool = False) -> RowScores:
+    """Score ``model`` on ``rows`` [N, T + 1] (inputs and next-token targets); see the module doc."""
+    rows = np.asarray(rows, dtype=np.int64)
+    fn = _logits_fn(model)
+    correct, nll, n, kl, preds = 0, 0.0, 0, 0.0, []
+    keep = Reference([], []) if as_reference else None
+    it = range(0, len(rows), batch_size)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="eval", unit="batch", leave=False)
+    for b, i in enumerate(it):
+        batch = rows[i: i + batch_size]
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = fn(x)
+        logz = _log_z(logits)
+        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
+        nll += float((logz - picked).sum())
+        pred = logits.argmax(-1)
+        correct += int((pred == y).sum())
+        n += y.size
+        if predictions:
+            preds.append(pred.reshape(-1))
+        if ref is not None or keep is not None:
+            logp = logits - logz[..., None]
+            if ref is not None:
+                kl += ref.neg_entropy[b] - float((ref.probs[b] * logp).sum(dtype=np.float64))
+            if keep is not None:
+                p = np.exp(logp)
+                keep.probs.append(p)
+                keep.neg_entropy.append(float((p * logp).sum(dtype=np.float64)))
+    return RowScores(correct, n, nll, kl / n if ref is not None else None,
+                     np.concatenate(preds) if predictions else None, keep)
 
 
 def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
@@ -50,26 +118,8 @@ def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
     """Score ``model`` on ``tokens`` (1-D ids) in non-overlapping windows of ``seq_len``."""
     if tokens is None or len(tokens) < 2:
         raise EdgekitError("evaluation data is empty; pass a text file with at least a few hundred tokens")
-    rows = windows(np.asarray(tokens, dtype=np.int64), seq_len)
-    fn = _logits_fn(model)
-    correct, nll, n, preds = 0, 0.0, 0, []
-    it = range(0, len(rows), batch_size)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="eval", unit="batch", leave=False)
-    for i in it:
-        batch = rows[i: i + batch_size]
-        x, y = batch[:, :-1], batch[:, 1:]
-        logits = fn(x)
-        m = logits.max(-1, keepdims=True)
-        logz = (m[..., 0] + np.log(np.exp(logits - m).sum(-1)))
-        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
-        nll += float((logz - picked).sum())
-        pred = logits.argmax(-1)
-        correct += int((pred == y).sum())
-        n += y.size
-        if return_predictions:
-            preds.append(pred.reshape(-1))
-    p = correct / n
-    res = EvalResult(p, math.sqrt(p * (1 - p) / n), math.exp(nll / n), n)
-    return (res, np.concatenate(preds)) if return_predictions else res
+    r = score_rows(model, windows(np.asarray(tokens, dtype=np.int64), seq_len), batch_size,
+                   predictions=return_predictions, progress=progress)
+    p = r.accuracy
+    res = EvalResult(p, math.sqrt(p * (1 - p) / r.tokens), math.exp(r.nll / r.tokens), r.tokens)
+    return (res, r.predictions) if return_predictions else res

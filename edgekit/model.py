@@ -415,17 +415,6 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.model.norm(x))
         return (logits, kvs, pes, hiddens) if return_hidden else (logits, kvs, pes)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the latent cache (reference for export parity tests)."""
-        logits, kv, pe = self.forward_cached(input_ids)
-        out = [input_ids]
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1:].argmax(-1)
-            out.append(nxt)
-            logits, kv, pe = self.forward_cached(nxt, kv, pe)
-        return torch.cat(out, dim=1)
-
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ forward is the stock one again and no parameter was replaced (only their values 
 model saves and exports as usual. The weight scale is recomputed from the current weights at every
 step, exactly as the int8 rewrite computes it from the final weights. SmoothQuant rescaling after
 QAT moves weights off the grid they trained on; recipes using ``recover_fake_quant`` set
-``[quantize] smooth = false``.
+``[smooth] enabled = false``.
 
 Failure modes: ``ValueError`` for an unknown mode.
 """
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize.emulate import QMAX
+from .int8 import QMAX, fake_quant
 
 MODES = ("int8",)
 
@@ -43,7 +43,7 @@ MODES = ("int8",)
 @dataclass
 class QATConfig:
     mode: str = "int8"
-    activations: bool = True          # fake-quantize Linear inputs (dynamic per-call scale), as the graph does
+    activations: bool = True          # fake-quantize Linear inputs (dynamic per-token scale), as the graph does
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
     weight_qmax: float = 63.0         # 63: 7-bit weights (quantize's default reduce_range); 127: 8-bit
@@ -56,10 +56,7 @@ class QATConfig:
 def ste_round(x: torch.Tensor, dim: int | None = None, qmax: float = QMAX) -> torch.Tensor:
     """Symmetric int8 fake quantization (max-abs scale over ``dim``; None: whole tensor) with a
     straight-through gradient. The scale is treated as a constant (no gradient through max|x|)."""
-    amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
-    s = amax.clamp_min(1e-12) / qmax
-    q = torch.round(x / s).clamp(-qmax, qmax) * s
-    return x + (q - x).detach()
+    return x + (fake_quant(x.detach(), dim, qmax=qmax) - x).detach()
 
 
 def _linear_forward(lin: nn.Linear, act: bool, wmax: float):

@@ -87,7 +87,7 @@ def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: st
     b = Path(bundle)
     manifest = verify(b)
     baseline = build_baseline(b, manifest)
-    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
+    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"))
     default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
     tokens = load_tokens(eval_data or default, read_tokenizer(b, "bundle"), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)

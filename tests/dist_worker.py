@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgekit import atomic, checkpoint, dist  # noqa: E402
 from edgekit.data import load_tokens  # noqa: E402
 from edgekit.distill import DistillConfig, distill_  # noqa: E402
-from edgekit.pipeline import prune_on_all_ranks  # noqa: E402
+from edgekit.pipeline import STAGE_CONFIGS, Texts, prune_on_all_ranks  # noqa: E402
 from edgekit.prune import PruneConfig, prune_, prune_checkpoint  # noqa: E402
 from edgekit.prune.stats import collect_stats  # noqa: E402
 from edgekit.recipes import load_recipe  # noqa: E402
@@ -79,9 +79,10 @@ def library(work: Path):
         save_file({k: v.contiguous() for k, v in s.state_dict().items()}, str(work / "result.student.safetensors"))
         (work / "result.json").write_text(json.dumps({"losses": losses, "world_size": dist.world().size}))
     # compress's distributed stage: the prune (+recover) stage-cache entry, written by rank 0
-    src, recipe = work / "src", load_recipe(str(work / "recipe.toml"))
+    src, recipe = work / "src", load_recipe(str(work / "recipe.toml"), STAGE_CONFIGS)
     calib = load_tokens("calib", checkpoint.load_tokenizer(src))
-    row = prune_on_all_ranks(src, recipe, calib, calib, StageCache(work / "out" / "cache"))
+    texts = Texts(calib, calib, calib, None, "calib", "calib")
+    row = prune_on_all_ranks(src, recipe, texts, StageCache(work / "out" / "cache"))
     assert row["world_size"] == 2 and not row["cached"], row
     from edgekit.cli import cli  # last: the command leaves the process group when done
 

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import onnx
@@ -256,14 +257,44 @@ def test_evaluate_scores_ort_like_torch(tiny_m, exported):
     assert abs(a.perplexity - b.perplexity) / a.perplexity < 1e-4, (a, b)
 
 
+def test_export_json_maps_every_unit_by_name(tiny_m, exported):
+    """export.json ``units``: every quantizable module -> the node and initializer holding it. The
+    map is read off names; here (test only) each linear's initializer is checked by value."""
+    from onnx import numpy_helper
+
+    from edgekit.quantize.emulate import units
+
+    moe, d, _ = exported
+    spec = json.loads((d / "export.json").read_text())
+    proto = onnx.load(str(d / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    mods = units(tiny_m)
+    assert set(mods) <= set(spec["units"]), sorted(set(mods) - set(spec["units"]))
+    for name, e in spec["units"].items():
+        w = mods[name].weight.detach().numpy() if hasattr(mods[name], "weight") else None
+        if e["op"] == "MatMul":
+            assert nodes[e["node"]].input[1] == e["weights"][0]
+            np.testing.assert_array_equal(inits[e["weights"][0]], w.T, err_msg=name)
+        elif e["op"] == "Gather":
+            assert nodes[e["node"]].input[0] == e["weights"][0]
+            np.testing.assert_array_equal(inits[e["weights"][0]], w, err_msg=name)
+        elif e["op"] == "absorbed":
+            assert name.endswith("kv_b_proj") and e["node"] is None and all(x in inits for x in e["weights"])
+        else:
+            assert name.endswith("mlp.experts") and e["node"] in nodes and all(x in inits for x in e["weights"])
+    assert {e["op"] for e in spec["units"].values()} == {"MatMul", "Gather", "absorbed",
+                                                        "MoE" if moe == "contrib" else "If"}
+
+
 def test_runtime_imports_without_torch():
     code = "import sys, edgekit.runtime; assert 'torch' not in sys.modules, 'runtime imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cache_bytes_and_callable_module(tiny_m):
+def test_cache_bytes_and_export_api(tiny_m):
     c = cache_bytes_per_token(tiny_m.args)
     a = tiny_m.args
     assert c["latent"] == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
     assert c["per_head_kv"] > c["latent"]
-    assert callable(edgekit.export)
+    assert callable(edgekit.export.export) and type(edgekit.export) is types.ModuleType  # no module hacks

@@ -7,7 +7,8 @@ import torch
 import edgekit.prune.importance as imp
 from edgekit.checkpoint import load, save
 from edgekit.errors import EdgekitError
-from edgekit.prune import PruneConfig, param_count, prune_, prune_checkpoint
+from edgekit.info import param_count
+from edgekit.prune import PruneConfig, prune_, prune_checkpoint
 from edgekit.prune.importance import channel_scores, expert_scores, top_indices
 from edgekit.prune.stats import collect_stats
 from edgekit.prune.surgery import regroup

@@ -36,9 +36,11 @@ def build_tiny_bundle(out: Path, max_positions: int = 96, n: int = 8, moe: str =
     export(model, out.with_name(out.name + "-fp32") if int8 else out, ExportConfig(moe=moe),
            tokenizer_from=TOKENIZER_SRC)
     if int8:
-        from edgekit.quantize import _units_in_graph, quantize_export
+        from edgekit.quantize import Plan, quantize_export
+        from edgekit.quantize.apply import quantizable_units, read_spec
         src = out.with_name(out.name + "-fp32")
-        quantize_export(src, out, model, {u for u in _units_in_graph(src, model) if not u.endswith("mlp.gate")})
+        units = quantizable_units(read_spec(src))
+        quantize_export(src, out, Plan(int8={u for u in units if not u.endswith("mlp.gate")}))
     (out / "recipe.toml").write_text(RECIPE)
     m, cases = OrtModel(out), []
     for p in PROMPTS:

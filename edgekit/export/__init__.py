@@ -6,9 +6,10 @@ What: one ONNX graph (``model.onnx``) that serves both prompt processing and per
 qk_rope_head_dim (MLA's compressed latent | shared rotary key). Prefill = the same graph with
 past_seq = 0. Two optional inputs: ``logits_keep`` (logits of the last positions only) and
 ``left_pad`` [batch] (leading padding columns per row, so rows of any prompt and cache length
-share one call; see graph.py). Beside it: ``export.json`` (the I/O spec, cache widths, max positions, MoE path,
-opset), ``config.json`` and, with ``tokenizer_from``, ``tokenizer.json``. Run it with
-``edgekit.runtime.OrtModel`` (no torch).
+share one call; see graph.py). Beside it: ``export.json`` (the I/O spec, cache widths, max
+positions, MoE path, opset, and ``units``: every weight-carrying module of the model by name ->
+the graph node and initializers holding it, see onnx_io.py), ``config.json`` and, with
+``tokenizer_from``, ``tokenizer.json``. Run it with ``edgekit.runtime.OrtModel`` (no torch).
 
 Why one graph (measured with ``benchmarks/expert_scaling.py --design`` on v3-nano's shape, 2
 shared, heavily loaded cores; two runs, medians of 3 and 5 rounds): absorbed attention is what
@@ -39,7 +40,6 @@ import json
 import os
 import shutil
 import sys
-import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +51,7 @@ import onnx.numpy_helper
 from ..atomic import atomic_dir
 from ..errors import EdgekitError
 from ..info import cache_bytes_per_token
-from .onnx_io import finish_graph, model_hash
+from .onnx_io import finish_graph, graph_units, model_hash
 
 PROTOBUF_LIMIT = 2**31          # one serialized ModelProto cannot exceed 2 GiB
 GRAPH_FILE, SPEC_FILE = "model.onnx", "export.json"
@@ -109,10 +109,11 @@ def io_spec(args) -> dict:
     }
 
 
-def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> None:
+def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> set[str]:
+    """Trace the decoder graph to ``path``; returns the module names whose linears it calls."""
     import torch
 
-    from .graph import LatentDecoder, dynamic_axes, io_names
+    from .graph import LatentDecoder, dynamic_axes, io_names, name_keyed_weights
     a = model.args
     dec = LatentDecoder(model, cfg.moe, attention).eval()
     W, L = a.kv_lora_rank + a.qk_rope_head_dim, a.num_hidden_layers
@@ -122,11 +123,12 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> N
     keep = torch.tensor(2)                                   # < seq, so the row selection is traced
     pad = torch.tensor([0, 1])                               # per row, so nothing folds to a constant
     ins, outs = io_names(L)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(model) as used:
         warnings.simplefilter("ignore")
         torch.onnx.export(dec, (ids, *past, keep, pad), str(path), dynamo=False, opset_version=cfg.opset,
                           input_names=ins, output_names=outs, dynamic_axes=dynamic_axes(L),
                           custom_opsets={"com.microsoft": 1, "edgekit": 1} if cfg.moe == "contrib" else {"edgekit": 1})
+    return used
 
 
 def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,
@@ -145,7 +147,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         weight_bytes = sum(t.numel() * t.element_size() for t in unique)
         large = weight_bytes > cfg.external_data_threshold
         (tmp / "raw").mkdir()
-        _trace(model, cfg, tmp / "raw" / GRAPH_FILE)
+        linears = _trace(model, cfg, tmp / "raw" / GRAPH_FILE)
         proto = onnx.load(str(tmp / "raw" / GRAPH_FILE))
         simplify = cfg.simplify and not large
         if cfg.simplify and large:
@@ -155,6 +157,11 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         spec = io_spec(a)
         experts = finish_graph(proto, simplify=simplify, meta={
             "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
+        units = graph_units(proto, experts, a.num_hidden_layers)
+        lost = sorted(linears - set(units))
+        if lost:
+            raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
+                               "graph_units cannot map it")
         # logits_keep and left_pad become optional: an initializer of the same name is the default
         # (all rows; no padding, a [1] zero that broadcasts over the batch)
         proto.graph.initializer.extend([
@@ -179,7 +186,7 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
                      "batching rows of different lengths: left-pad them and pass left_pad [batch] "
                      "(omitted: no padding); positions are past_seq + arange(seq) - left_pad and must "
                      "stay < max_position_embeddings",
-            **spec, **experts, "config": asdict(cfg),
+            **spec, **experts, "units": units, "config": asdict(cfg),
         }
         (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
@@ -197,14 +204,3 @@ def verify(model, export_dir, prompt_lens=(1, 7, 128), steps: int = 32, seed: in
     length; ``passed`` = diff <= 1e-4 and identical tokens everywhere (see parity.py)."""
     from .parity import verify as _verify
     return _verify(model, export_dir, prompt_lens, steps, seed, ort_model)
-
-
-class _CallableModule(types.ModuleType):
-    """``edgekit.export(model, dir)`` keeps working after ``import edgekit.export`` replaced the lazy
-    attribute on ``edgekit`` with this package."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

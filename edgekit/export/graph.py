@@ -37,6 +37,12 @@ needs (B, T, P, RoPE rows, causal mask, per-row slice starts) are computed once 
 (``_Shared``, and row_attention's shared nodes): 833 -> 735 nodes on v3-nano, decode ~7-12%
 faster (median of 7 interleaved rounds, noisy machine).
 
+Names: while the graph is traced (``name_keyed_weights``), every ``F.linear`` on a model weight runs
+as ``x @ W_t`` with ``W_t`` a transposed view registered on that module as ``weight_t``, so each
+linear's MatMul reads an initializer named ``model.<module>.weight_t`` (torch would otherwise fold
+the transpose into an anonymous ``onnx::MatMul_N``). ``export.json``'s ``units`` is read off these
+names (``onnx_io.graph_units``); the graph and its values are the same either way.
+
 Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); a row's logits do not
 depend on the other rows of the call, bit for bit, wherever onnxruntime's kernels compute rows
 independently (its GEMMs do for >= 2 query rows; a one-token prompt takes a single-row kernel, so
@@ -49,10 +55,13 @@ tensor values.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
@@ -73,6 +82,48 @@ def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     axes["left_pad"] = {0: "pad_batch"}          # batch, or 1 (the default broadcasts)
     axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
     return axes
+
+
+WEIGHT_T = "weight_t"     # the transposed-weight buffer each linear's MatMul reads while tracing
+
+
+class _NamedLinears(TorchFunctionMode):
+    """``F.linear(x, W)`` -> ``x @ W_t`` for the weights in ``table`` (id(W) -> (name, W_t)); records
+    the names it replaced in ``used``."""
+
+    def __init__(self, table: dict, used: set):
+        super().__init__()
+        self.table, self.used = table, used
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and id(args[1]) in self.table:
+            name, wt = self.table[id(args[1])]
+            self.used.add(name)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = torch.matmul(args[0], wt)
+            return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def name_keyed_weights(model: nn.Module):
+    """While active, linears of ``model`` (nn.Linear, the routers) multiply by ``<module>.weight_t``
+    buffers (views, no copy); yields the set of module names whose linear was called. The buffers
+    are removed on exit, even on error."""
+    table, used, owners = {}, set(), []
+    try:
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(mod, nn.Embedding):
+                mod.register_buffer(WEIGHT_T, w.detach().t())
+                owners.append(mod)
+                table[id(w)] = (name, getattr(mod, WEIGHT_T))
+        with _NamedLinears(table, used):
+            yield used
+    finally:
+        for mod in owners:
+            delattr(mod, WEIGHT_T)
 
 
 class _Shared(NamedTuple):

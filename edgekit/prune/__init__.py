@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -182,28 +183,39 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     return model.eval()
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, config: PruneConfig,
                      calib: str | os.PathLike = "calib", recover: str | os.PathLike | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, calib_tokens: np.ndarray | None = None,
+                     recover_tokens: np.ndarray | None = None,
+                     after_write: Callable[[Path], None] | None = None) -> Path:
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
-    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record. Under torchrun
-    every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing."""
+    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record:
+    ``{source, config, calib, recover, calib_tokens, recover_tokens, params_before, params_after,
+    world_size}``. ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit
+    compress`` passes them; ``calib``/``recover`` then only name them in the record). Under torchrun
+    every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing.
+    ``after_write(tmp)`` runs on the staged directory before it is renamed into place."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
+    from ..info import param_count
 
     model = load(src)
-    tok = load_tokenizer(src)
-    calib_ids = load_tokens(calib, tok)
-    recover_ids = load_tokens(recover, tok) if recover is not None else None
+    if calib_tokens is None or (recover is not None and recover_tokens is None):
+        tok = load_tokenizer(src)
+        calib_tokens = load_tokens(calib, tok) if calib_tokens is None else calib_tokens
+        recover_tokens = load_tokens(recover, tok) if recover is not None and recover_tokens is None \
+            else recover_tokens
     before = param_count(model)
-    prune_(model, config, calib_ids, recover_ids, progress=progress)
+    prune_(model, config, calib_tokens, recover_tokens, progress=progress)
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
-              "recover": str(recover or calib), "params_before": before, "params_after": param_count(model),
-              "world_size": dist.world().size}
+              "recover": str(recover or calib), "calib_tokens": int(len(calib_tokens)),
+              "recover_tokens": int(len(calib_tokens if recover_tokens is None else recover_tokens)),
+              "params_before": before, "params_after": param_count(model), "world_size": dist.world().size}
     extra = {"prune.json": json.dumps(record, indent=2) + "\n"}
-    return dist.publish(out, lambda tmp: save(model, tmp, tokenizer_from=src or "v3-nano", extra_files=extra))
+    def write(tmp: Path):
+        save(model, tmp, tokenizer_from=src or "v3-nano", extra_files=extra)
+        if after_write:
+            after_write(tmp)
+
+    return dist.publish(out, write)

@@ -8,8 +8,8 @@ several requests in one batch (sample_apps/server).
 
 Why: the device has onnxruntime, numpy and tokenizers, not torch. This module imports only those
 plus the stdlib and torch-free edgekit modules (errors, bundle, runtime.session); the target's
-threads/spinning come from the bundle's ``recipe.toml`` through ``tomllib`` (``edgekit.recipes``
-pulls torch-dependent stage configs).
+threads/spinning come from the bundle's ``recipe.toml`` read as plain TOML (only ``[target]``
+threads/spinning are needed, so a recipe from another edgekit version still loads).
 
 Invariants:
 - the prompt is encoded without special tokens (as ``reference.json`` was recorded), so

@@ -4,7 +4,9 @@ What: ``OrtModel(export_dir, threads=None, spinning=None)``
 - ``logits(ids [B, T]) -> [B, T, V]``: full-sequence prefill logits (what ``edgekit.evaluate`` scores);
 - ``prefill(ids) -> (logits [B, V] of the last position, cache)`` and
   ``decode(tokens [B], cache) -> logits [B, V]``: incremental generation with the latent cache;
-- ``generate_greedy(ids, n) -> [B, T + n]``;
+- ``generate_greedy(ids, n) -> [B, T + n]``, through ``greedy(model, ids, n)``: the one greedy
+  loop, for any model with this ``prefill``/``decode`` pair (``edgekit.export.parity`` runs the
+  torch model through it too);
 - ``prefill_rows(rows)``: prompts of different lengths in one call (left-padded; ``cache.pad``
   holds each row's padding), and ``LatentCache.take`` / ``LatentCache.join``: rows leave a
   running batch and new ones join it, whatever their cache lengths (continuous batching).
@@ -43,6 +45,20 @@ import onnxruntime as ort
 
 from ..bundle import read_export_spec
 from ..errors import EdgekitError
+
+
+def greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
+    """Greedy decoding: ids [B, T] -> [B, T + n], the prompt and n argmax tokens, with n - 1 cached
+    steps (T + n - 1 positions). ``model`` has ``prefill(ids, capacity) -> (logits [B, V], cache)``
+    and ``decode(tokens [B], cache) -> logits [B, V]``."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if n < 1:
+        return ids
+    logits, cache = model.prefill(ids, capacity=ids.shape[1] + n - 1)
+    out = [ids, np.asarray(logits).argmax(-1)[:, None]]
+    for _ in range(n - 1):
+        out.append(np.asarray(model.decode(out[-1], cache)).argmax(-1)[:, None])
+    return np.concatenate(out, axis=1)
 
 
 @dataclass
@@ -189,16 +205,10 @@ class OrtModel:
     def generate_greedy(self, ids: np.ndarray, n: int) -> np.ndarray:
         """ids [B, T] -> [B, T + n]: the prompt and n greedy tokens (needs T + n - 1 <= max positions)."""
         ids = self._ids(ids)
-        if n < 1:
-            return ids
-        if ids.shape[1] + n - 1 > self.max_positions:
+        if n >= 1 and ids.shape[1] + n - 1 > self.max_positions:
             raise EdgekitError(f"a {ids.shape[1]}-token prompt + {n} new tokens need {ids.shape[1] + n - 1} "
                                f"positions, over the model's {self.max_positions}; shorten the prompt or lower n")
-        logits, cache = self.prefill(ids, capacity=ids.shape[1] + n - 1)
-        out = [ids, logits.argmax(-1)[:, None]]
-        for _ in range(n - 1):
-            out.append(self.decode(out[-1], cache).argmax(-1)[:, None])
-        return np.concatenate(out, axis=1)
+        return greedy(self, ids, n)
 
     # -- internals -----------------------------------------------------------------------------
     def _ids(self, ids) -> np.ndarray:
