@@ -44,6 +44,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..int8 import quantize_sym
+from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
 MS = "com.microsoft"
@@ -53,6 +54,7 @@ MS = "com.microsoft"
 class GroupedMoEConfig:
     wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
     fold: bool = True            # column scales as the kernel's per-column b_scale instead of a Mul (faster prefill)
+    nbits: NBitsConfig | None = None   # set: each expert GEMM is one MatMulNBits (block scales, int8 compute)
 
 
 class _Emit:
@@ -104,6 +106,24 @@ def _expert_branch(em: _Emit, e: int, xq: str, sx: str, w: str, W1: str, s1: str
                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
 
+def _expert_branch_nbits(em: _Emit, e: int, xs: str, w: str, w1: np.ndarray, w2: np.ndarray,
+                         c: dict, cfg: NBitsConfig) -> onnx.GraphProto:
+    """The then-branch for expert ``e`` on the MatMulNBits path: fp32 rows xs [n, D] and routing
+    weights w [n, 1] -> y [n, D]; the kernel quantizes its inputs per row and block itself."""
+    sub = _Emit(f"{em.prefix}e{e}")
+    add = lambda arr, hint: em.const(arr, f"e{e}.{hint}")                                      # noqa: E731
+    a = sub.name("gu")
+    sub.nodes.append(matmul_nbits(xs, w1, a, a, add, cfg, "w1"))
+    g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
+    h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
+    y = sub.name("dn")
+    sub.nodes.append(matmul_nbits(h, w2, y, y, add, cfg, "w2"))
+    out = f"{em.prefix}e{e}.y"
+    sub.nodes.append(helper.make_node("Mul", [y, w], [out], name=out))
+    return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
+                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+
 def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: GroupedMoEConfig,
                   qmax: float = 127.0, eps: float = 1e-12) -> tuple[list, list]:
     """Pure core: the nodes and initializers that compute ``node``'s output from int8 experts."""
@@ -115,10 +135,11 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     inter = two_i // 2
     x, probs, out = node.input[0], node.input[1], node.output[0]
     em = _Emit("m" + (node.name or "moe").replace("moe.", ""))
-    c = {"one": em.const(np.array(1.0, np.float32), "one"), "zp": em.const(np.array(128, np.uint8), "zp"),
-         "inv_qmax": em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
-         "eps": em.const(np.array(eps, np.float32), "eps"),
-         "split_gu": em.const(np.array([inter, inter], np.int64), "split_gu")}
+    c = {"split_gu": em.const(np.array([inter, inter], np.int64), "split_gu")}
+    if cfg.nbits is None:                       # the MatMulIntegerToFloat path's quantization constants
+        c.update(one=em.const(np.array(1.0, np.float32), "one"), zp=em.const(np.array(128, np.uint8), "zp"),
+                 inv_qmax=em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
+                 eps=em.const(np.array(eps, np.float32), "eps"))
     k_t = em.const(np.array([k], np.int64), "k")
     vals, idx = em.op("TopK", [probs, k_t], "topk", n_out=2, axis=-1, largest=1, sorted=1)   # [N, k]
     if normalize:
@@ -135,26 +156,38 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     onehot = em.op("OneHot", [flat, em.const(np.array(E, np.int64), "E"), em.const(np.array([0, 1], np.int64), "oh")],
                    "onehot", axis=-1)                                                              # [N*k, E]
     counts = em.op("ReduceSum", [onehot, em.const(np.array([0], np.int64), "ax0")], "counts", keepdims=0)  # [E]
-    xq, sx = token_quant(em, x, c)
-    xs = em.op("Gather", [xq, token], "xs", axis=0)
-    ss = em.op("Gather", [sx, token], "ss", axis=0)
+    nb = cfg.nbits
+    if nb is not None and (D % nb.block or inter % nb.block):
+        raise ValueError(f"{node.name}: expert sizes {D}, {inter} are not multiples of the MatMulNBits "
+                         f"block {nb.block}")
+    if nb is None:
+        xq, sx = token_quant(em, x, c)
+        xs = em.op("Gather", [xq, token], "xs", axis=0)
+        ss = em.op("Gather", [sx, token], "ss", axis=0)
+        ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
+    else:
+        xs = em.op("Gather", [x, token], "xs", axis=0)
+        ss_e = [None] * E
     ws = em.op("Gather", [em.op("Reshape", [w, em.const(np.array([-1, 1], np.int64), "col")]), order], "ws",
                axis=0)
     xs_e = em.op("Split", [xs, counts], "xs_e", n_out=E, axis=0)
-    ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
     ws_e = em.op("Split", [ws, counts], "ws_e", n_out=E, axis=0)
     if E == 1:
-        xs_e, ss_e, ws_e = [xs_e], [ss_e], [ws_e]
+        xs_e, ws_e = [xs_e], [ws_e]
+        ss_e = ss_e if nb is not None else [ss_e]
     has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
     empty = numpy_helper.from_array(np.zeros((0, D), np.float32), f"{em.prefix}.empty")   # [0, D]
     ys = []
     for e in range(E):
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
-        q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
-        q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
-        W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
-        W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
-        then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, c, cfg.fold)
+        if nb is not None:
+            then = _expert_branch_nbits(em, e, xs_e[e], ws_e[e], w1, fc2[e].T, c, nb)
+        else:
+            q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                      # per column
+            q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                # [I, D]
+            W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
+            W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
+            then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, c, cfg.fold)
         # an If per expert: one without tokens costs a Gather and an If, not a GEMM chain over 0 rows
         cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
         y_empty = f"{em.prefix}e{e}.0"
