@@ -244,3 +244,69 @@ def test_unloadable_portable_graph_does_not_suggest_portable(tmp_path):
     with pytest.raises(EdgekitError) as e:
         OrtModel(d)
     assert "cannot load" in str(e.value) and "moe='portable'" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("moe", ["contrib", "portable"])
+def test_fp16_float_weights(tmp_path, moe):
+    """float_weights = "fp16": every unit the plan keeps in float (here: the experts, routers, absorbed
+    attention, the rest of the linears) is stored fp16 with a Cast to fp32. Two implementations: the
+    graph pass on onnxruntime vs the fp32 graph whose initializers numpy rounded to fp16 (same kernels,
+    so equal up to summation order); both close to fp32; the float bytes halve; the int8 units are untouched."""
+    from edgekit.export import ExportConfig
+    from edgekit.quantize.fp16 import store_fp16_
+
+    m = tiny_model()
+    d = export(m, tmp_path / "fp32", ExportConfig(moe=moe))
+    spec = json.loads((d / "export.json").read_text())
+    one = "model.layers.1.self_attn.o_proj"
+    plan = Plan(int8={one}, moe_path="row", float_weights="fp16")
+    rep = quantize_export(d, tmp_path / "h", plan)
+    f16 = rep["graph"]["fp16"]
+    floats = [u for u in spec["units"] if u != one]
+    assert rep["graph"]["float_weights"] == "fp16" and f16["units"] == sorted(floats) and not f16["kept_fp32"], f16
+    assert f16["initializers"] == sum(len(spec["units"][u]["weights"]) for u in floats), f16
+    assert f16["bytes_fp16"] * 2 == f16["bytes_fp32"] > 0, f16
+    proto = onnx.load(str(tmp_path / "h" / "model.onnx"))
+    onnx.checker.check_model(proto)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for u in floats:
+        for w in spec["units"][u]["weights"]:
+            assert w not in inits and inits[w + ".f16"].data_type == TensorProto.FLOAT16, w
+    # the int8-only graph (same plan in fp32 storage): fp16 storage shrinks the file by the bytes saved
+    rep32 = quantize_export(d, tmp_path / "f", Plan(int8={one}, moe_path="row"))
+    assert "fp16" not in rep32["graph"] and rep32["size_bytes"] - rep["size_bytes"] >= 0.95 * f16["bytes_fp16"], \
+        (rep32["size_bytes"], rep["size_bytes"], f16)
+    # second implementation: the int8 graph with its float weights rounded by numpy, no Cast nodes
+    ref = onnx.load(str(tmp_path / "f" / "model.onnx"))
+    names = {w for u in floats for w in spec["units"][u]["weights"]}
+    for t in ref.graph.initializer:
+        if t.name in names:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32), t.name))
+    onnx.save(ref, str(tmp_path / "f" / "model.onnx"))
+    ids = np.random.default_rng(1).integers(0, 128, (2, 24))
+    a, b, c = (OrtModel(p).logits(ids) for p in (tmp_path / "h", tmp_path / "f", d))
+    diff = np.abs(a - b).max()
+    assert diff < 1e-4 * np.abs(b).max(), f"fp16 storage vs numpy-rounded weights max abs diff {diff:.3e}"
+    cos = (a * c).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(c, axis=-1)
+    assert np.median(cos) > 0.9999 and (cos < 0.99).sum() <= 1, \
+        f"fp16+int8 vs fp32 logits cosine median {np.median(cos):.5f} min {cos.min():.4f}"
+    om = OrtModel(tmp_path / "h")                                   # decode reads the same weights
+    last, cache = om.prefill(ids[:1, :-1])
+    step = om.decode(ids[:1, -1], cache)
+    assert np.abs(step - a[:1, -1]).max() < 1e-3, f"fp16 decode vs prefill {np.abs(step - a[:1, -1]).max():.2e}"
+    # out of fp16's range: left fp32 and named, never saturated
+    p2 = onnx.load(str(d / "model.onnx"))
+    w0 = spec["units"][one]["weights"][0]
+    t = next(t for t in p2.graph.initializer if t.name == w0)
+    big = numpy_helper.to_array(t).copy()
+    big[0, 0] = 1e6
+    t.CopyFrom(numpy_helper.from_array(big, w0))
+    s = store_fp16_(p2, [w0])
+    assert s["kept_fp32"] == [w0] and s["initializers"] == 0, s
+
+
+def test_float_weights_config():
+    with pytest.raises(ValueError, match="float_weights"):
+        QuantConfig(float_weights="bf16")
+    with pytest.raises(ValueError, match="float_weights"):
+        Plan(int8=set(), float_weights="int4")

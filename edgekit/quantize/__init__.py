@@ -26,7 +26,10 @@ Choices per op kind (measured on the 2-core AVX-512-VNNI dev VM, ORT 1.32; bench
   only). QMoE's CPU kernel dequantizes expert weights to fp32 per call: on the 1.6B V3 shape it was
   ~70% of prefill time (benchmarks/moe_kernels.py, benchmarks/results/).
 - Embedding: int8 rows + per-row scale (Gather, Cast, Mul). Routers, norms, RoPE tables and the
-  absorbed-attention products stay fp32 (routers overridable).
+  absorbed-attention products stay fp32 (routers overridable); with ``float_weights = "fp16"`` the
+  weights of every unit kept in float (routers, absorbed products, reverted units) are stored fp16
+  with a Cast to fp32 (fp16.py: half their bytes, fp32 kernels), for targets where download and
+  storage size matter (mobile-arm64, web).
 
 Invariants: the output dir appears only when complete; the fp32 logits of the smoothed model
 match the original (edgekit.smooth); every unit kept in fp32 is listed with its reason.
@@ -45,7 +48,7 @@ import numpy as np
 
 from ..atomic import scratch_dir
 from .apply import quantize_export
-from .plan import Plan
+from .plan import FLOAT_WEIGHTS, Plan
 
 __all__ = ["DEFAULT_OVERRIDES", "MODES", "MOE_PATHS", "Plan", "QuantConfig", "quantize_", "quantize_export"]
 
@@ -71,6 +74,7 @@ class QuantConfig:
     verify_ort: bool = True           # score the int8 graph on onnxruntime; revert more units if over budget
     max_ort_rounds: int = 4
     rank_always: bool = False         # rank sensitivity even when the budget already holds (for the report)
+    float_weights: str = "fp32"       # units kept in float: "fp32", or "fp16" storage + Cast (half the bytes; fp16.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +86,8 @@ class QuantConfig:
         bad = {k: v for k, v in self.overrides.items() if v not in ("int8", "fp32")}
         if bad:
             raise ValueError(f"quantize overrides {bad}: values must be 'int8' or 'fp32'")
+        if self.float_weights not in FLOAT_WEIGHTS:
+            raise ValueError(f"quantize float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
         if self.moe_block and (self.moe_block < 16 or self.moe_block & (self.moe_block - 1)):
             raise ValueError(f"quantize moe_block={self.moe_block}: use 0 (auto) or a power of two >= 16")
 

@@ -5,7 +5,8 @@ What: reads ``src/export.json``'s ``units`` (module name -> graph node and initi
 on ``<module>.weight_t``) -> ``MatMulIntegerToFloat``, the embedding ``Gather`` -> int8 rows,
 contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py) or ``QMoE``, as ``plan.moe_path``
 says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
-(portable.py). ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
+(portable.py); with ``plan.float_weights == "fp16"`` the weights of every unit not in int8 are stored
+fp16 with a Cast to fp32 (fp16.py). ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
 ``dtype: "int8"`` and a ``quantization`` section, and ``quantize.json`` (the plan's report + what
 the pass did + the graph size).
 
@@ -53,6 +54,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     ``plan.json`` path) says; returns the ``quantize.json`` report."""
     import onnx
 
+    from .fp16 import store_fp16_
     from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
     from .nbits import NBitsConfig
     from .portable import rewrite_sparse_experts
@@ -83,6 +85,9 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                else rewrite_moe(proto, units[u]["node"], plan.moe_block)) for u in by_op["MoE"]}
     moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax)
                 for u in by_op["If"]})
+    floats = sorted(u for u in units if u not in plan.int8)
+    f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]]) \
+        if plan.float_weights == "fp16" else None
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +102,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
                    "kernel": plan.kernel, **({"nbits_block": plan.nbits_block} if nb else {}),
                    "activation_scales": "static" if static else "dynamic",
-                   "static_units": static, "merged_siblings": plan.merge}
+                   "static_units": static, "merged_siblings": plan.merge,
+                   **({"float_weights": "fp16", "fp16": {**f16, "units": floats}} if f16 else {})}
         spec.update(dtype="int8", external_data=large, quantization=summary)
         (tmp / "export.json").write_text(json.dumps(spec, indent=2) + "\n")
         size = sum(p.stat().st_size for p in tmp.glob(spec["graph"] + "*"))

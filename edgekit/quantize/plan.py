@@ -7,7 +7,9 @@ absent units quantize activations per token), ``moe_path`` (routed experts: "gro
 QMoE "row"/"block"), ``moe_block`` (QMoE weights per block of K; 0: per row), ``wmax`` (weight
 range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the kernel), ``merge``
 (one matmul for int8 linears sharing an input) and ``kernel`` ("integer": per-token int8 into
-``MatMulIntegerToFloat``; "nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``).
+``MatMulIntegerToFloat``; "nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``) and
+``float_weights`` (how the units kept in float are stored: "fp32", or "fp16" with a Cast to fp32 in
+the graph, fp16.py).
 What the planning measured rides along in ``sensitivity``, ``steps`` and ``report``.
 ``plan.save(dir)`` / ``Plan.load(dir)`` round-trip it through ``plan.json``.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 PLAN_FILE = "plan.json"
 KERNELS = ("integer", "nbits8", "nbits4")   # int8 linears/experts: MatMulIntegerToFloat, or MatMulNBits 8/4-bit
+FLOAT_WEIGHTS = ("fp32", "fp16")            # storage of the weights of units kept in float (fp16.py)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Plan:
     merge: bool = True                                           # one matmul for int8 linears sharing an input
     kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
     nbits_block: int = 32                                        # MatMulNBits block along K
+    float_weights: str = "fp32"                                  # units kept in float: stored fp32 or fp16
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
     accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
     accuracy_int8: float = 0.0
@@ -53,6 +57,8 @@ class Plan:
             raise ValueError(f"plan lists {sorted(both)[0]} as both int8 and fp32")
         if self.kernel not in KERNELS:
             raise ValueError(f"plan kernel={self.kernel!r}: use one of {KERNELS}")
+        if self.float_weights not in FLOAT_WEIGHTS:
+            raise ValueError(f"plan float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
         if self.moe_path not in ("grouped", "row", "block"):
             raise ValueError(f"plan moe_path={self.moe_path!r}: use 'grouped', 'row' or 'block'")
 
