@@ -90,6 +90,7 @@ def test_plan_reverts_most_sensitive_first():
     assert all(plan.sensitivity[a] >= plan.sensitivity[b] for a, b in zip(reverted, reverted[1:])), reverted
     assert plan.drop <= 0.0 or not plan.int8, f"budget not met: drop {plan.drop}"
     assert all("mlp.gate" in n for n, why in plan.fp32.items() if why == "override")
+    assert plan.pinned_fp32 == {n for n, why in plan.fp32.items() if why == "override"} and plan.pinned_fp32
     if reverted:
         assert reverted[0] == top and top in plan.fp32
 
@@ -248,21 +249,22 @@ def test_unloadable_portable_graph_does_not_suggest_portable(tmp_path):
 
 @pytest.mark.parametrize("moe", ["contrib", "portable"])
 def test_fp16_float_weights(tmp_path, moe):
-    """float_weights = "fp16": every unit the plan keeps in float (here: the experts, routers, absorbed
-    attention, the rest of the linears) is stored fp16 with a Cast to fp32. Two implementations: the
-    graph pass on onnxruntime vs the fp32 graph whose initializers numpy rounded to fp16 (same kernels,
-    so equal up to summation order); both close to fp32; the float bytes halve; the int8 units are untouched."""
+    """float_weights = "fp16": every unit the plan keeps in float and no override pins to fp32 (here: the
+    experts, absorbed attention, routers but one, the rest of the linears) is stored fp16 with a Cast to
+    fp32. Two implementations: the graph pass on onnxruntime vs the fp32 graph whose initializers numpy
+    rounded to fp16 (same kernels, so equal up to summation order); both close to fp32; the float bytes
+    halve; the int8 units are untouched."""
     from edgekit.export import ExportConfig
     from edgekit.quantize.fp16 import store_fp16_
 
     m = tiny_model()
     d = export(m, tmp_path / "fp32", ExportConfig(moe=moe))
     spec = json.loads((d / "export.json").read_text())
-    one = "model.layers.1.self_attn.o_proj"
-    plan = Plan(int8={one}, moe_path="row", float_weights="fp16")
+    one, router = "model.layers.1.self_attn.o_proj", "model.layers.2.mlp.gate"
+    plan = Plan(int8={one}, moe_path="row", float_weights="fp16", pinned_fp32={router})
     rep = quantize_export(d, tmp_path / "h", plan)
     f16 = rep["graph"]["fp16"]
-    floats = [u for u in spec["units"] if u != one]
+    floats = [u for u in spec["units"] if u not in (one, router)]
     assert rep["graph"]["float_weights"] == "fp16" and f16["units"] == sorted(floats) and not f16["kept_fp32"], f16
     assert f16["initializers"] == sum(len(spec["units"][u]["weights"]) for u in floats), f16
     assert f16["bytes_fp16"] * 2 == f16["bytes_fp32"] > 0, f16
@@ -272,8 +274,10 @@ def test_fp16_float_weights(tmp_path, moe):
     for u in floats:
         for w in spec["units"][u]["weights"]:
             assert w not in inits and inits[w + ".f16"].data_type == TensorProto.FLOAT16, w
+    pinned = spec["units"][router]["weights"][0]                      # an override's fp32 stays fp32 storage
+    assert inits[pinned].data_type == TensorProto.FLOAT and pinned + ".f16" not in inits
     # the int8-only graph (same plan in fp32 storage): fp16 storage shrinks the file by the bytes saved
-    rep32 = quantize_export(d, tmp_path / "f", Plan(int8={one}, moe_path="row"))
+    rep32 = quantize_export(d, tmp_path / "f", Plan(int8={one}, moe_path="row", pinned_fp32={router}))
     assert "fp16" not in rep32["graph"] and rep32["size_bytes"] - rep["size_bytes"] >= 0.95 * f16["bytes_fp16"], \
         (rep32["size_bytes"], rep["size_bytes"], f16)
     # second implementation: the int8 graph with its float weights rounded by numpy, no Cast nodes

@@ -27,7 +27,7 @@ Choices per op kind (measured on the 2-core AVX-512-VNNI dev VM, ORT 1.32; bench
   ~70% of prefill time (benchmarks/moe_kernels.py, benchmarks/results/).
 - Embedding: int8 rows + per-row scale (Gather, Cast, Mul). Routers, norms, RoPE tables and the
   absorbed-attention products stay fp32 (routers overridable); with ``float_weights = "fp16"`` the
-  weights of every unit kept in float (routers, absorbed products, reverted units) are stored fp16
+  weights of units kept in float and not pinned by an override (absorbed products, reverted units) are stored fp16
   with a Cast to fp32 (fp16.py: half their bytes, fp32 kernels), for targets where download and
   storage size matter (mobile-arm64, web).
 

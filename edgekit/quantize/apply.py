@@ -5,10 +5,11 @@ What: reads ``src/export.json``'s ``units`` (module name -> graph node and initi
 on ``<module>.weight_t``) -> ``MatMulIntegerToFloat``, the embedding ``Gather`` -> int8 rows,
 contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py) or ``QMoE``, as ``plan.moe_path``
 says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
-(portable.py); with ``plan.float_weights == "fp16"`` the weights of every unit not in int8 are stored
-fp16 with a Cast to fp32 (fp16.py). ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
-``dtype: "int8"`` and a ``quantization`` section, and ``quantize.json`` (the plan's report + what
-the pass did + the graph size).
+(portable.py); with ``plan.float_weights == "fp16"`` the weights of every unit neither in int8 nor
+pinned to fp32 by an override are stored fp16 with a Cast to fp32 (fp16.py). ``out`` gets the same
+files as ``src`` (graph I/O unchanged), ``export.json`` with ``dtype: "int8"`` and a
+``quantization`` section, and ``quantize.json`` (the plan's report + what the pass did + the graph
+size).
 
 Why a pure pass keyed by names: no model and no torch are needed, nothing is re-exported or
 matched by value, and the same plan on the same export always writes the same graph.
@@ -85,7 +86,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                else rewrite_moe(proto, units[u]["node"], plan.moe_block)) for u in by_op["MoE"]}
     moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax)
                 for u in by_op["If"]})
-    floats = sorted(u for u in units if u not in plan.int8)
+    floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
     f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]]) \
         if plan.float_weights == "fp16" else None
     ensure_ms_opset(proto)

@@ -6,8 +6,11 @@ the main graph produces the original name, so every reader (a ``MatMul``, the co
 the portable experts' ``If``/``Loop`` subgraphs, which read outer-scope names) sees the fp32 tensor it
 read before, rounded to fp16. ``to_fp16(w)`` is the pure core (round to nearest fp16; ``None`` when a
 value does not fit fp16's range). ``quantize_export`` calls it for the units a plan with
-``float_weights = "fp16"`` keeps in float (routers, the absorbed attention products, any unit the
-planner reverted), after the int8 rewrite.
+``float_weights = "fp16"`` keeps in float (the absorbed attention products, any unit the planner
+reverted; not the units the recipe's overrides pin to fp32, such as the routers), after the int8
+rewrite. Measured on v3-nano (benchmarks/fp16_weights.py): fp16 router weights flip the top-1 token
+on 1.4% of eval tokens, as much as all of int8 does, so routers stay pinned; the absorbed products
+(from bf16 checkpoint weights) round exactly.
 
 Why a Cast in the graph and not fp16 kernels: onnxruntime's CPU ``MatMul``/``MoE`` kernels are fp32
 (fp16 GEMMs exist only for some arm64 builds), the contrib ``MoE`` needs every input in one type, and

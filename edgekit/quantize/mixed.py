@@ -68,7 +68,7 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
-                static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax)
+                static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax, pinned_fp32=forced)
     kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax,
               expert_act_int8=expert_act_int8)
     if ref is None:

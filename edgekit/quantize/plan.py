@@ -9,7 +9,8 @@ range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the ker
 (one matmul for int8 linears sharing an input) and ``kernel`` ("integer": per-token int8 into
 ``MatMulIntegerToFloat``; "nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``) and
 ``float_weights`` (how the units kept in float are stored: "fp32", or "fp16" with a Cast to fp32 in
-the graph, fp16.py).
+the graph, fp16.py; units in ``pinned_fp32``, those the recipe's overrides put in fp32, keep fp32
+storage: routers, where fp16 rounding flips expert choices).
 What the planning measured rides along in ``sensitivity``, ``steps`` and ``report``.
 ``plan.save(dir)`` / ``Plan.load(dir)`` round-trip it through ``plan.json``.
 
@@ -44,6 +45,7 @@ class Plan:
     kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
     nbits_block: int = 32                                        # MatMulNBits block along K
     float_weights: str = "fp32"                                  # units kept in float: stored fp32 or fp16
+    pinned_fp32: set[str] = field(default_factory=set)           # overridden to fp32: fp32 storage too
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
     accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
     accuracy_int8: float = 0.0
@@ -52,6 +54,7 @@ class Plan:
 
     def __post_init__(self):
         self.int8 = set(self.int8)
+        self.pinned_fp32 = set(self.pinned_fp32)
         both = self.int8 & set(self.fp32)
         if both:
             raise ValueError(f"plan lists {sorted(both)[0]} as both int8 and fp32")
@@ -67,7 +70,7 @@ class Plan:
         return self.accuracy_fp32 - self.accuracy_int8
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "int8": sorted(self.int8)}
+        return {**asdict(self), "int8": sorted(self.int8), "pinned_fp32": sorted(self.pinned_fp32)}
 
     def save(self, out_dir: str | Path) -> Path:
         f = Path(out_dir) / PLAN_FILE
