@@ -17,8 +17,18 @@ from .conftest import tiny_model
 MOBILE = SimpleNamespace(name="mobile-arm64", ops="mobile", format="ort")
 
 
-def test_portable_export_becomes_ort_with_operator_config(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True])
+def test_portable_export_becomes_ort_with_operator_config(tmp_path, fp16):
+    """fp16: the int8 + fp16-stored graph the mobile recipe writes (experts int8, the rest of the float
+    units fp16 behind a Cast) converts too and its .ort model gives the same logits."""
     d = export(tiny_model(), tmp_path / "b", ExportConfig(moe="portable"))
+    if fp16:
+        from edgekit.quantize import Plan, quantize_export
+        spec = json.loads((d / "export.json").read_text())
+        experts = {u for u, e in spec["units"].items() if e["op"] == "If"}
+        rep = quantize_export(d, tmp_path / "h", Plan(int8=experts, float_weights="fp16"))
+        assert rep["graph"]["fp16"]["initializers"] > 0, rep["graph"]
+        d = tmp_path / "h"
     info = prepare_bundle(d, MOBILE)
     assert (d / "model.ort").stat().st_size > 0 and (d / "required_operators.config").exists()
     assert "If" in info["operators"]["ai.onnx"] and "Loop" in info["operators"]["ai.onnx"], info["operators"]
