@@ -100,7 +100,7 @@ arm /bin/sh -c 'uname -m; python -c "import platform, onnxruntime, numpy; print(
 
 say "runtime_tests on arm64 (emulated)"
 set +e
-arm /bin/sh -c 'cd /work/edgekit && python -m pytest runtime_tests --bundle /work/bundle -v -p no:cacheprovider' 2>&1 \
+arm /bin/sh -c 'cd /work/edgekit && python -m pytest runtime_tests --bundle /work/bundle -vv -rs -p no:cacheprovider' 2>&1 \
   | tee "$HERE/runtime_tests.txt"
 rt=${PIPESTATUS[0]}
 
