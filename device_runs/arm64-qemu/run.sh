@@ -2,7 +2,7 @@
 # arm64 device validation run of the mobile-arm64 bundle on an x86-64 Debian host, under emulation:
 # an arm64 Debian userland (mmdebstrap) run through qemu-user-static (binfmt), the aarch64
 # onnxruntime wheel inside it, no torch. Runs there:
-#   python -m pytest runtime_tests --bundle B -v      -> runtime_tests.txt
+#   python -m pytest runtime_tests --bundle B -vv -rs -> runtime_tests.txt
 #   edgekit validate B --report-dir ...               -> validate.txt, report.json, report.html
 #     (the device side imports no torch; torch is not installed in the arm64 venv)
 # Correctness gates are real (greedy tokens vs reference.json, hashes, .ort vs .onnx logits, accuracy
