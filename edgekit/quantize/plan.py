@@ -38,6 +38,7 @@ class Plan:
     wmax: float = 63.0                                           # weight range: 63 = 7-bit (reduce_range), 127
     fold: bool = True                                            # column scales as the kernel's b_scale
     merge: bool = True                                           # one matmul for int8 linears sharing an input
+    expert_scales: dict[str, list] = field(default_factory=dict)  # MoE unit -> [x amax, [h amax per expert]]
     kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
     nbits_block: int = 32                                        # MatMulNBits block along K
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
