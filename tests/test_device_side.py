@@ -58,7 +58,7 @@ experts = 0.25
 def device(tmp_path_factory):
     """A tiny bundle with a build-time report, and an environment whose Python refuses torch
     (``sitecustomize`` on PYTHONPATH, so subprocesses inherit it)."""
-    from edgekit.bundle import write_manifest
+    from edgekit.bundle import baseline_digest, write_manifest
     from edgekit.validate import graph_bytes
     from tests.test_runtime_engine import build_tiny_bundle
 
@@ -66,9 +66,11 @@ def device(tmp_path_factory):
     b = build_tiny_bundle(root / "bundle")
     (b / "recipe.toml").write_text(RECIPE)
     spec = json.loads((b / "export.json").read_text())
+    baseline = {"accuracy": 0.0, "onnx_bytes": graph_bytes(b)}
     write_manifest(b, model_name="tiny", target="tiny", features=["onnx"], hardware_recommendation="any",
-                   io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs")})
-    (b / "report.json").write_text(json.dumps({"baseline": {"accuracy": 0.0, "onnx_bytes": graph_bytes(b)}}))
+                   io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs")},
+                   extra={"baseline_sha256": baseline_digest(baseline)})   # validate checks the baseline's hash
+    (b / "report.json").write_text(json.dumps({"baseline": baseline}))
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(NO_TORCH)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "site"), str(ROOT)])}
