@@ -375,13 +375,16 @@ def test_tampered_bundles_are_refused_everywhere(how, words, bundle, tmp_path, m
     assert snapshot(t) == before
 
 
-def test_server_refuses_a_tampered_bundle_with_one_line(bundle, tmp_path):
-    b = tampered(tmp_path, bundle, "model tampered")
+@pytest.mark.parametrize("how, words", [("model tampered", "manifest hash"),
+                                        ("tokenizer corrupt (rehashed)", "not a valid tokenizer"),
+                                        ("baseline edited", "baseline does not match")])
+def test_server_refuses_a_tampered_bundle_with_one_line(how, words, bundle, tmp_path):
+    b = tampered(tmp_path, bundle, how)
     app = Path(__file__).resolve().parents[1] / "sample_apps" / "server" / "app.py"
     p = subprocess.run([sys.executable, str(app), "--bundle", b, "--port", "0"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "manifest hash" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
 
 
 # -- accepted counterparts -----------------------------------------------------------------------
