@@ -46,7 +46,7 @@ warmup = 1
 runs = 2
 decode_tokens = 4
 eval_max_tokens = 600
-seq_len = 64
+seq_len = {seq_len}
 [prune]
 experts = 0.25
 layers = {layers}
@@ -98,8 +98,8 @@ def a_file(t):
     return str(t / "notes.txt")
 
 
-def recipe(t, prefill="1000.0", layers=0):
-    (t / "r.toml").write_text(RECIPE.format(prefill=prefill, layers=layers))
+def recipe(t, prefill="1000.0", layers=0, seq_len=64):
+    (t / "r.toml").write_text(RECIPE.format(prefill=prefill, layers=layers, seq_len=seq_len))
     return str(t / "r.toml")
 
 
@@ -261,6 +261,13 @@ CASES = [
                                                            recipe(t), "-o", str(t / "out")], "not a valid tokenizer"),
     ("eval --seq-len 0", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "0"], "--seq-len"),
     ("eval --seq-len -5", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "-5"], "--seq-len"),
+    ("eval --seq-len over the model's positions", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "512"],
+     "--seq-len 512 is over the model's 128 positions"),
+    ("eval an export with --seq-len over its positions", lambda t, c, b: ["eval", b, "--seq-len", "4096"],
+     "pass --seq-len"),
+    ("recipe [validate] seq_len over the model's positions",
+     lambda t, c, b: ["compress", ck(t, c), "--target", recipe(t, seq_len=512), "-o", str(t / "out")],
+     "[validate] seq_len = 512 is over the model's 128 positions"),
     ("eval --max-tokens -5", lambda t, c, b: ["eval", ck(t, c), "--max-tokens", "-5"], "--max-tokens"),
     ("eval --threads 0", lambda t, c, b: ["eval", b, "--threads", "0"], "--threads"),
     ("corrupt export.json", lambda t, c, b: ["eval", export_dir(t, b, "{")], "not valid JSON"),
