@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from edgekit.bundle import baseline_digest, sha256
 from edgekit.checkpoint import reference_model_dir, save
@@ -151,6 +151,28 @@ def export_dir(t, bundle, spec_edit):
     return str(d)
 
 
+def weights(t, ckpt, how):
+    d = Path(ck(t, ckpt))
+    f = d / "model.safetensors"
+    if how == "missing":
+        f.unlink()
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "pickle":
+        f.unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")        # a pickle: never loaded
+    elif how == "nan":
+        sd = load_file(f)
+        sd["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+        save_file(sd, f)
+    return str(d)
+
+
+def text(t, data: bytes):
+    (t / "text.txt").write_bytes(data)
+    return str(t / "text.txt")
+
+
 def corrupt_tokenizer(t, ckpt):
     d = Path(ck(t, ckpt))
     (d / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2')
@@ -256,6 +278,17 @@ CASES = [
      "position tables"),
     ("fewer layers in config than weights", lambda t, c, b: ["info", more_layers_in_weights(t, c)],
      "num_hidden_layers=3"),
+    ("no weights", lambda t, c, b: ["eval", weights(t, c, "missing")], "model.safetensors"),
+    ("truncated safetensors", lambda t, c, b: ["eval", weights(t, c, "truncated")], "corrupt or truncated"),
+    ("pickle weights only", lambda t, c, b: ["eval", weights(t, c, "pickle")], "never unpickles"),
+    ("NaN weights", lambda t, c, b: ["eval", weights(t, c, "nan")], "NaN"),
+    ("empty eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"")], "empty"),
+    ("non-UTF-8 eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"caf\xe9 \xff\xfe" * 50)],
+     "UTF-8"),
+    ("recipe with an unknown key", lambda t, c, b: ["compress", ck(t, c), "--target", _bad_key_recipe(t),
+                                                    "-o", str(t / "out")], "unknown key target.thread"),
+    ("unknown target", lambda t, c, b: ["compress", ck(t, c), "--target", "cpu5", "-o", str(t / "out")],
+     "unknown target 'cpu5'"),
     ("corrupt tokenizer.json (eval)", lambda t, c, b: ["eval", corrupt_tokenizer(t, c)], "not a valid tokenizer"),
     ("corrupt tokenizer.json (compress)", lambda t, c, b: ["compress", corrupt_tokenizer(t, c), "--target",
                                                            recipe(t), "-o", str(t / "out")], "not a valid tokenizer"),
@@ -300,6 +333,11 @@ CASES = [
                                                                 "-o", str(t / "out")], "cannot remove 6 of 3 layers"),
     ("unknown command", lambda t, c, b: ["frobnicate"], "No such command"),
 ]
+
+
+def _bad_key_recipe(t):
+    (t / "bad.toml").write_text('[target]\nname = "x"\nthread = 4\n')
+    return str(t / "bad.toml")
 
 
 def _link(t):
