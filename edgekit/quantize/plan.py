@@ -23,6 +23,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..int8 import QMAX_7BIT
+
 PLAN_FILE = "plan.json"
 
 
@@ -33,7 +35,7 @@ class Plan:
     static_scales: dict[str, float] = field(default_factory=dict)  # unit -> calibrated max |x|
     moe_path: str = "grouped"                                    # routed experts: "grouped", "row" or "block"
     moe_block: int = 0                                           # QMoE: 0 per-row weights, else block along K
-    wmax: float = 63.0                                           # weight range: 63 = 7-bit (reduce_range), 127
+    wmax: float = QMAX_7BIT                                      # weight range: 7-bit (reduce_range) or QMAX
     fold: bool = True                                            # column scales as the kernel's b_scale
     merge: bool = True                                           # one matmul for int8 linears sharing an input
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
