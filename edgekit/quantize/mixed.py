@@ -172,7 +172,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
               expert_act_int8=not portable)
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
-    plan.merge, plan.moe_path = config.merge, path
+    plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
     with emulated(model, plan.int8, **kw):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy
