@@ -78,7 +78,7 @@ def test_overrides_are_validated():
 def test_shipped_recipes_declare_only_what_applies():
     """A portable export has no com.microsoft expert kernel to pick, so its recipe names none; an
     .ort target (mobile operator set) exports portable experts (edgekit/mobile.py refuses contrib)."""
-    from edgekit.recipes import recipes_dir, tomllib       # tomllib, or tomli on Python 3.10
+    from edgekit.recipes import recipes_dir, tomllib  # tomllib, or tomli on Python 3.10
 
     for name in target_names():
         raw = tomllib.loads((recipes_dir() / f"{name}.toml").read_text())
