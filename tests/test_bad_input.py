@@ -189,6 +189,8 @@ def tampered(t, bundle, how):
         m["files"]["../../../../etc/passwd"] = entry
     elif how == "absolute":
         m["files"]["/etc/shadow"] = entry
+    elif how == "/dev/zero":
+        m["files"]["/dev/zero"] = entry
     elif how == "symlink out":
         (b / "extra.txt").symlink_to("/etc/hostname")
         m["files"]["extra.txt"] = entry
@@ -206,6 +208,8 @@ def tampered(t, bundle, how):
         m["files"]["model.onnx"] = {"bytes": 5}
     elif how == "unlisted tokenizer":
         del m["files"]["tokenizer.json"]
+    elif how == "unlisted graph":
+        del m["files"]["model.onnx"]
     elif how == "wrong format":
         m["format"] = "something-else/9"
     elif how == "model tampered":
@@ -234,9 +238,11 @@ def tampered(t, bundle, how):
 
 BUNDLE_CASES = [
     ("dotdot", "not a plain relative path"), ("absolute", "not a plain relative path"),
+    ("/dev/zero", "not a plain relative path"),
     ("symlink out", "points outside"), ("symlink to /dev/zero", "points outside"), ("fifo", "not a regular file"),
     ("no files", "lists no files"), ("files is a list", "'files'"), ("entry without hash", "needs sha256"),
-    ("unlisted tokenizer", "does not list tokenizer.json"), ("wrong format", "format"),
+    ("unlisted tokenizer", "does not list tokenizer.json"), ("unlisted graph", "does not list model.onnx"),
+    ("wrong format", "format"),
     ("model tampered", "does not match its manifest hash"), ("model truncated", "bytes, the manifest says"),
     ("baseline edited", "baseline does not match"), ("tokenizer corrupt (rehashed)", "not a valid tokenizer"),
     ("manifest not JSON", "not valid JSON"), ("manifest is a list", "not a JSON object"),
