@@ -135,7 +135,7 @@ class _Shared(NamedTuple):
     sin: torch.Tensor
     cos4: torch.Tensor      # [b, T, 1, rope/2]
     sin4: torch.Tensor
-    future: torch.Tensor    # [T, T] bool, True where a new token must not attend
+    mask: torch.Tensor      # [T, P + T] bool, True where query t must not attend (column > P + t)
     pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
@@ -191,8 +191,8 @@ class LatentDecoder(nn.Module):
         q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
         past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
-        o = RowAttention.apply(q, past4, new4, ctx.future, ctx.pad)             # [B, H, T, W]
-        o = torch.matmul(o[..., :a.kv_lora_rank], ab.w_uv)                      # [B, H, T, v]
+        o = RowAttention.apply(q, past4, new4, ctx.mask, ctx.pad, a.kv_lora_rank)  # [B, H, T, kvl]
+        o = torch.matmul(o, ab.w_uv)                                            # [B, H, T, v]
         o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
 
@@ -217,8 +217,8 @@ class LatentDecoder(nn.Module):
         pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
         freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        future = idx[None, :] > idx[:, None]                                    # [T, T] masked
-        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), future, pad)
+        mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), mask, pad)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):
