@@ -345,7 +345,13 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     texts = load_texts(src, tok, recipe, plan, auto)
     # validate the checkpoint, the recipe against it and the calibration text (one-line errors) before any work
-    check_prunable(load(src), recipe.prune, texts.calib)
+    model = load(src)
+    check_prunable(model, recipe.prune, texts.calib)
+    limit = model.args.max_position_embeddings
+    if recipe.validate.seq_len > limit:
+        raise EdgekitError(f"{recipe.source or recipe.target.name}: [validate] seq_len = {recipe.validate.seq_len} "
+                           f"is over the model's {limit} positions; set it to {limit} or less")
+    del model
     require_tokens(texts.calib, recipe.quantize.seq_len + 1, "calibration text for quantization")
     scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")
     try:

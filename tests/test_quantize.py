@@ -201,6 +201,7 @@ def test_quantize_portable_experts_int8(tmp_path):
     rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=False), export_config=ExportConfig(moe="portable"))
     assert rep["graph"]["moe"] == {"model.layers.1.mlp.experts": "w8-col", "model.layers.2.mlp.experts": "w8-col"}
+    assert rep["moe_path"] == "portable", rep["moe_path"]          # not the contrib path [quantize] moe names
     proto = onnx.load(str(tmp_path / "q8" / "model.onnx"))
     onnx.checker.check_model(proto)
     assert not any(t.name.endswith(("fc1", "fc2")) for t in proto.graph.initializer), "fp32 experts left"

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluate import Reference, score_rows
+from ..int8 import QMAX, QMAX_7BIT
 from .apply import quantizable_units, quantize_export
 from .emulate import agreement, emulated, expert_absmax, input_absmax, match, routing, units
 from .plan import Plan
@@ -56,7 +57,7 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
-                   experts_as_linears: bool = False, wmax: float = 127.0, expert_act_int8: bool = True,
+                   experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True,
                    rank_always: bool = False, expert_scales: dict | None = None,
                    ref: Reference | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
@@ -170,11 +171,11 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     experts = expert_absmax(model, rows) if config.expert_scales == "static" and path == "grouped" and not portable \
         else {}
     kw = dict(static_scales=static, moe_block=0 if portable else _moe_block(config, model.args),
-              experts_as_linears=portable or path == "grouped", wmax=63.0 if config.reduce_range else 127.0,
+              experts_as_linears=portable or path == "grouped", wmax=QMAX_7BIT if config.reduce_range else QMAX,
               expert_act_int8=not portable, expert_scales=experts)
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
-    plan.merge, plan.moe_path = config.merge, path
+    plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
     with emulated(model, plan.int8, **kw):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy

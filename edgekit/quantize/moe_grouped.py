@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..int8 import quantize_sym
+from ..int8 import EPS, QMAX, quantize_sym
 from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
@@ -53,7 +53,7 @@ MS = "com.microsoft"
 
 @dataclass
 class GroupedMoEConfig:
-    wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
+    wmax: float = QMAX           # weight range; QMAX_7BIT = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
     fold: bool = True            # column scales as the kernel's per-column b_scale instead of a Mul (faster prefill)
     nbits: NBitsConfig | None = None   # set: each expert GEMM is one MatMulNBits (block scales, int8 compute)
     # calibrated max |input| (static activation scales; None: per token at run time). static_x: the
@@ -140,7 +140,7 @@ def _expert_branch_nbits(em: _Emit, e: int, xs: str, w1: np.ndarray, w2: np.ndar
 
 
 def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: GroupedMoEConfig,
-                  qmax: float = 127.0, eps: float = 1e-12) -> tuple[list, list]:
+                  qmax: float = QMAX, eps: float = EPS) -> tuple[list, list]:
     """Pure core: the nodes and initializers that compute ``node``'s output from int8 experts."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("swiglu_fusion") != 1:
