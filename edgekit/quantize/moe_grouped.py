@@ -27,7 +27,10 @@ only its k experts' int8 weights (no fp32 copy).
 Numerics: weights symmetric int8 per output column (zero point 0); activations symmetric int8 per
 token (one scale per row: ``max|x| / 127``), fed to the u8s8 kernel as uint8 with zero point 128.
 Per-token scales make a row's result independent of the other rows of the call (prefill ==
-decode, batched == alone). ``routed_scaling_factor`` is already folded into fc2 by the export.
+decode, batched == alone). With ``static_x``/``static_h`` (calibrated max |x| per layer and max |h|
+per expert, ``[quantize] expert_scales = "static"``) the scales are constants instead: one
+``QuantizeLinear`` each and the scale passed to the kernel (rows stay independent; values beyond
+the calibrated range clip). ``routed_scaling_factor`` is already folded into fc2 by the export.
 
 Invariants: the node's output name and the routing are unchanged; every new initializer is named
 ``{node}.e{e}.*``; the emitted graph uses only opset-17 ops plus ``MatMulIntegerToFloat``.
