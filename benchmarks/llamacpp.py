@@ -62,7 +62,7 @@ LLAMA_COMMIT = "0c1e57098"    # ggml-org/llama.cpp commit the sdist vendors (its
 TREE = f"llama.cpp-{LLAMA_COMMIT}"
 PACKED = f"{TREE}.tar.gz"
 # Parts of the tree neither the build nor the converter reads (vocab test files, docs, images).
-TRIM = ("models", "docs", "media", ".github", ".devops")
+TRIM = (".git", "models", "docs", "media", ".github", ".devops")
 
 TARGETS = ("llama-bench", "llama-server", "llama-quantize", "llama-cli")
 CMAKE_OPTIONS = (
@@ -398,7 +398,7 @@ def pack(home: Path = HOME, log=print) -> Path:
         return ti
 
     with tarfile.open(tmp, "w:gz") as tf:
-        tf.add(src, arcname=TREE, filter=keep)
+        tf.add(src.resolve(), arcname=TREE, filter=keep)   # resolve: src may be a link to the tree
     os.replace(tmp, d / PACKED)
     meta = {"file": PACKED, "sha256": sha256(d / PACKED), "bytes": (d / PACKED).stat().st_size,
             "llama_cpp_commit": LLAMA_COMMIT, "from": f"{SDIST_NAME} (sha256 {SDIST_SHA256}), vendor/llama.cpp",

@@ -198,6 +198,8 @@ def _write_spec(args, d: Path) -> None:
             "vocab_size": args.vocab_size, "max_position_embeddings": args.max_position_embeddings,
             "cache": {"width": W, "bytes_per_token": 4 * W * args.num_hidden_layers},
             "moe": "model's own per-expert dispatch", **io_spec(args)}
+    # the plain graph has no left_pad input (one prompt length per call): declare only what it has
+    spec["inputs"] = [i for i in spec["inputs"] if i["name"] != "left_pad"]
     (d / "export.json").write_text(json.dumps(spec, indent=1))
 
 
