@@ -21,7 +21,8 @@ Routing: edgekit's checkpoints write ``scoring_func`` (sigmoid), ``topk_method``
 ``e_score_correction_bias`` picks experts), ``n_group``/``topk_group``, ``norm_topk_prob`` and
 ``routed_scaling_factor`` into config.json; the converter maps them to ``expert_gating_func``,
 ``exp_probs_b``, the expert-group counts, ``expert_weights_norm`` and ``expert_weights_scale``, so
-llama.cpp routes as edgekit's model does. ``check_routing_config`` refuses a config lacking them.
+llama.cpp routes as edgekit's model does. ``check_routing_config`` refuses a config lacking them, or
+one with per-layer overrides (non-uniform pruning), which a GGUF cannot express.
 
 Tokenizer workaround (the smallest honest one): the converter identifies BPE pre-tokenizers by the
 sha256 of the token ids of a probe string and refuses unknown hashes. Our tokenizer.json uses the
@@ -233,6 +234,9 @@ def check_routing_config(cfg: dict) -> None:
     if missing:
         raise LlamaCppError(f"config.json lacks {', '.join(missing)}: llama.cpp would route differently; "
                             "write the checkpoint with edgekit (checkpoint.save / edgekit synth)")
+    if cfg.get("layer_overrides"):
+        raise LlamaCppError("config.json has per-layer overrides (layer_overrides, from non-uniform pruning); a "
+                            "GGUF holds one value per model: convert a checkpoint pruned uniformly")
 
 
 def convert_args(ckpt: Path, out: Path, outtype: str = "q8_0") -> list[str]:

@@ -72,6 +72,8 @@ def test_routing_config_check():
     cfg = json.loads((NANO / "config.json").read_text())
     llamacpp.check_routing_config(cfg)   # edgekit's checkpoints spell out their routing
     assert cfg["scoring_func"] == "sigmoid" and cfg["topk_method"] == "noaux_tc"
+    with pytest.raises(llamacpp.LlamaCppError, match="per-layer"):
+        llamacpp.check_routing_config({**cfg, "layer_overrides": {"3": {"n_group": 2}}})
     del cfg["topk_method"]
     with pytest.raises(llamacpp.LlamaCppError, match="topk_method"):
         llamacpp.check_routing_config(cfg)
