@@ -384,13 +384,26 @@ def stop_server(p: subprocess.Popen) -> None:
 # ---------------------------------------------------------------------------------------------
 # Packing for an offline host
 # ---------------------------------------------------------------------------------------------
-def pack(home: Path = HOME, log=print) -> Path:
+# Wheels of edgekit's own dependencies that the lent device host's Python 3.12 lacks (its package
+# list has torch, onnx, onnxruntime, transformers, safetensors, tokenizers, click, rich, numpy, pyyaml,
+# but not these); pinned within pyproject.toml's ranges.
+DEVICE_WHEELS = ("onnxsim==0.8.1", "tomli-w==1.2.0")
+DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+
+
+def pack(home: Path = HOME, wheels: bool = False, log=print) -> Path:
     """Write ``home/pack/PACKED`` (the llama.cpp tree minus TRIM, as ``TREE/...``) and ``pack.json``
-    (its sha256, where it came from). Carry ``home/pack`` to an offline host: ``ensure_source`` there
-    extracts it. Returns the pack folder."""
+    (its sha256, where it came from); with ``wheels``, also ``home/pack/wheels/`` (DEVICE_WHEELS for
+    CPython 3.12 x86-64). Carry ``home/pack`` to an offline host: ``ensure_source`` there extracts the
+    tarball. Returns the pack folder."""
     src = ensure_source(home, log)
     d = home / "pack"
     d.mkdir(parents=True, exist_ok=True)
+    if wheels:
+        shutil.rmtree(d / "wheels", ignore_errors=True)
+        plats = [x for p in DEVICE_PLATFORMS for x in ("--platform", p)]
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+              "--implementation", "cp", *plats, "-d", d / "wheels", *DEVICE_WHEELS], home / "wheels.log")
     tmp = d / (PACKED + ".tmp")
 
     def keep(ti: tarfile.TarInfo):
@@ -406,7 +419,7 @@ def pack(home: Path = HOME, log=print) -> Path:
     os.replace(tmp, d / PACKED)
     meta = {"file": PACKED, "sha256": sha256(d / PACKED), "bytes": (d / PACKED).stat().st_size,
             "llama_cpp_commit": LLAMA_COMMIT, "from": f"{SDIST_NAME} (sha256 {SDIST_SHA256}), vendor/llama.cpp",
-            "trimmed": list(TRIM)}
+            "trimmed": list(TRIM), "wheels": sorted(p.name for p in (d / "wheels").glob("*.whl"))}
     (d / "pack.json").write_text(json.dumps(meta, indent=1) + "\n")
     return d
 
@@ -417,7 +430,8 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.llamacpp", description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", type=Path, default=HOME, help="source/build/pack folder (default benchmarks/.llama)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("pack", help="write benchmarks/.llama/pack (the source tarball an offline host builds from)")
+    pk = sub.add_parser("pack", help="write benchmarks/.llama/pack (the source tarball an offline host builds from)")
+    pk.add_argument("--wheels", action="store_true", help="also the wheels the device host lacks (DEVICE_WHEELS)")
     b = sub.add_parser("build", help="build llama-bench, llama-server, llama-quantize, llama-cli")
     b.add_argument("-j", "--jobs", type=int, default=None)
     c = sub.add_parser("convert", help="HF checkpoint -> GGUF with the vendored converter")
@@ -436,9 +450,11 @@ def main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         if a.cmd == "pack":
-            d = pack(a.home)
+            d = pack(a.home, wheels=a.wheels)
             meta = json.loads((d / "pack.json").read_text())
-            print(f"{d / meta['file']}: {meta['bytes'] / 1e6:.1f} MB, sha256 {meta['sha256']}")
+            total = sum(f.stat().st_size for f in d.rglob("*")) / 1e6
+            print(f"{d / meta['file']}: {meta['bytes'] / 1e6:.1f} MB, sha256 {meta['sha256']}; wheels: "
+                  f"{', '.join(meta['wheels']) or 'none'}; folder {total:.1f} MB")
         elif a.cmd == "build":
             print(json.dumps(ensure_built(a.home, jobs=a.jobs), indent=1))
         elif a.cmd == "convert":

@@ -232,7 +232,8 @@ def run_worker(spec: dict, env: dict, timeout: float) -> dict:
         sp, op = Path(d) / "spec.json", Path(d) / "out.json"
         sp.write_text(json.dumps(spec))
         e = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), **env}
-        e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH"), os.environ.get("PYTHONPATH"))
+                                          if p)
         try:
             subprocess.run([sys.executable, "-m", "benchmarks.worker", str(sp), str(op)], cwd=ROOT, env=e,
                            timeout=timeout, check=False)
@@ -264,7 +265,8 @@ def run_llama_worker(gguf: str, threads: int, reps: int, home: Path, timeout: fl
                "-r", str(reps), "--out", str(op)]
         try:
             p = subprocess.run(cmd, cwd=ROOT, timeout=timeout, check=False, capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)})
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout:.0f}s"}
         if not op.exists():
