@@ -125,7 +125,8 @@ def _extract(tarball: Path, prefix: str, dest: Path) -> None:
         for m in tf.getmembers():
             if m.name.startswith(prefix + "/"):
                 m.name = m.name[len(prefix) + 1:]
-                members.append(m)
+                if m.name != ".git" and not m.name.startswith(".git/"):  # the sdist's submodule pointer: its
+                    members.append(m)                                     # index would become a build input
         if not members:
             raise LlamaCppError(f"{tarball} has no {prefix}/")
         tf.extractall(tmp, members=members, filter="data")
