@@ -276,13 +276,16 @@ def main(argv=None):
         diff = [i for i in common if alone[i] != batched[i]]
         exact = {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
     ratios = {}
+    def ratio(x, y):
+        return round(x / y, 3) if x is not None and y else None
+
     if "edgekit" in by and "edgekit-1" in by:
         ratios["batching_throughput_gain"] = round(by["edgekit"]["tokens_per_s"] / by["edgekit-1"]["tokens_per_s"], 2)
     if "edgekit" in by and "llama-server" in by:
         e, ll = by["edgekit"], by["llama-server"]
-        ratios["throughput_vs_llama_server"] = round(e["tokens_per_s"] / ll["tokens_per_s"], 3)
-        ratios["ttft_p95_vs_llama_server"] = round(e["ttft_ms"]["p95"] / ll["ttft_ms"]["p95"], 3)
-        ratios["itl_p95_vs_llama_server"] = round(e["itl_ms"]["p95"] / ll["itl_ms"]["p95"], 3)
+        ratios["throughput_vs_llama_server"] = ratio(e["tokens_per_s"], ll["tokens_per_s"])
+        ratios["ttft_p95_vs_llama_server"] = ratio(e["ttft_ms"]["p95"], ll["ttft_ms"]["p95"])
+        ratios["itl_p95_vs_llama_server"] = ratio(e["itl_ms"]["p95"], ll["itl_ms"]["p95"])
     command = "python benchmarks/load_test.py " + " ".join(map(_safe, argv or sys.argv[1:]))
     res = {"machine": a.machine, "command": command,
            "bundle": _safe(str(a.bundle)), "gguf": a.gguf and Path(a.gguf).name,

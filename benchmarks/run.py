@@ -103,6 +103,7 @@ def parse_args(argv=None):
                     "edgekit-out/<model>-cpu4 if present, else built by compress in a full run)")
     ap.add_argument("--prepare", action="store_true", help="build every artifact, measure nothing")
     ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
+    ap.add_argument("--note", default="", help="a label put at the head of the table's note (what the run is, caveats)")
     ap.add_argument("--rebuild", action="store_true",
                     help="delete cached checkpoints/exports/quantized graphs/bundles first (not the llama.cpp build)")
     return ap.parse_args(argv)
@@ -392,7 +393,8 @@ def main(argv=None) -> int:
     note = run_note(a, rows, llama, host, load)
     doc = {"host": host, "threads": a.threads, "bandwidth": bw, "load_avg_1min": load, "settings": settings,
            "command": "python benchmarks/run.py " + " ".join(map(_rel_arg, argv if argv is not None else sys.argv[1:])),
-           "llama_cpp": llama, "note": note, "rows": rows}
+           "llama_cpp": llama and {k: (_rel(v) if k in ("src", "bin") else v) for k, v in llama.items()},
+           "note": note, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
     log(f"wrote {out}.json and {out}.md")
@@ -403,7 +405,8 @@ def main(argv=None) -> int:
 def run_note(a, rows: list[dict], llama: dict | None, host: dict, load: dict) -> str:
     """The table's footnote: what was run how (accuracy, llama.cpp build and flash attention, load)."""
     trained = any(r.get("trained") for r in rows)
-    note = (f"Machine: {host.get('machine') or host.get('cpu_model')}; {a.threads} threads in every row. "
+    machine = host.get("machine") or host.get("cpu_model")
+    note = ((a.note + " ") if a.note else "") + (f"Machine: {machine}; {a.threads} threads in every row. "
             + (f"Accuracy: next-token top-1 on {'8 evenly spaced windows (4096 tokens)' if a.quick else 'all windows'} "
                "of 512 tokens of the v3-nano eval split (trained v3-nano only). " if trained else ""))
     lb = [r["llama_bench"] for r in rows if r.get("llama_bench")]
