@@ -11,9 +11,14 @@ Invariants: weights are read only through safetensors (never unpickled); every t
 expects is present with the configured shape and finite values; writes go to a temp dir renamed
 into place when complete, so a failure leaves no half-written checkpoint.
 
+Formats: fp32, bf16, fp16, and fp8 e4m3 with ``weight_scale_inv`` 128x128 block scales
+(``quantization_config: {quant_method: fp8, fmt: e4m3, weight_block_size: [128, 128]}``, as
+DeepSeek publishes V3), dequantized layer by layer (``edgekit.lazy``, ``edgekit.fp8``).
+
 Failure modes (all ``EdgekitError``, one line naming the fix): missing/empty dir, ``.bin``/``.pt``
-weights, corrupt or truncated safetensors, unknown ``model_type``, missing tensors, shape
-mismatches, NaN/Inf weights. Multi-token-prediction layers are skipped with a note on stderr.
+weights, corrupt or truncated safetensors, an index naming a missing shard or lacking a tensor,
+unknown ``model_type``, missing tensors, shape mismatches, fp8 scales of the wrong shape, NaN/Inf
+weights. Multi-token-prediction layers are skipped with a note on stderr.
 """
 
 from __future__ import annotations
@@ -22,16 +27,14 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .errors import EdgekitError
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, rope_tables
 
 SUPPORTED_TYPES = ("deepseek_v3", "deepseek_v2")
 _ARG_FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -94,55 +97,8 @@ def config_from_args(args: ModelArgs) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _weight_files(d: Path) -> list[Path]:
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError):
-            raise EdgekitError(f"{index} is corrupt; re-save the checkpoint with save_pretrained") from None
-        missing = [n for n in names if not (d / n).exists()]
-        if missing:
-            raise EdgekitError(f"{d} lacks shard {missing[0]} named in model.safetensors.index.json; copy all shards")
-        return [d / n for n in names]
-    if (d / "model.safetensors").exists():
-        return [d / "model.safetensors"]
-    pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-    if pickled:
-        raise EdgekitError(
-            f"{d} holds pickle weights ({pickled[0]}), which edgekit never unpickles; convert with "
-            "`python -c \"import torch,safetensors.torch as s; s.save_file(torch.load('IN', weights_only=True), "
-            "'model.safetensors')\"` or transformers' save_pretrained(safe_serialization=True)")
-    raise EdgekitError(f"{d} has no model.safetensors; point to a Hugging Face checkpoint directory")
-
-
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    out[k] = st.get_tensor(k)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise EdgekitError(f"{f} is corrupt or truncated ({msg}); re-download or re-save it") from None
-    return out
-
-
-def _unfuse_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' in-memory fused experts (gate_up_proj [E, 2I, D], down_proj [E, D, I]) -> per expert."""
-    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
-        pre = k[: -len("gate_up_proj")]
-        gu, down = sd.pop(k), sd.pop(pre + "down_proj")
-        for e in range(gu.shape[0]):
-            g, u = gu[e].chunk(2, dim=0)
-            sd[f"{pre}{e}.gate_proj.weight"], sd[f"{pre}{e}.up_proj.weight"] = g, u
-            sd[f"{pre}{e}.down_proj.weight"] = down[e]
-    return sd
-
-
-def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Transformer:
-    """Load a DeepSeek-V3-family Hugging Face checkpoint directory (default: the shipped v3-nano)."""
+def read_config(path: str | os.PathLike | None) -> tuple[Path, dict]:
+    """The checkpoint dir (None: v3-nano) and its parsed config.json."""
     d = resolve(path)
     if not d.is_dir():
         raise EdgekitError(f"{d} is not a directory; pass a Hugging Face checkpoint directory")
@@ -152,35 +108,29 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
         cfg = json.loads((d / "config.json").read_text())
     except ValueError as e:
         raise EdgekitError(f"{d / 'config.json'} is not valid JSON ({e}); fix or re-save it") from None
-    args = args_from_config(cfg)
-    sd = _unfuse_experts(read_tensors(_weight_files(d)))
-    model = Transformer(args)
-    expected = model.state_dict()
-    n = args.num_hidden_layers
-    mtp = {k for k in sd if k.startswith("model.layers.") and int(k.split(".")[2]) >= n}
-    if mtp:
-        print(f"note: skipped {len(mtp)} multi-token-prediction tensors (layers >= {n}); "
-              "edgekit runs the main model only", file=sys.stderr)
-    extra = set(sd) - set(expected) - mtp - {"lm_head.weight"}
-    if extra:
-        raise EdgekitError(f"{d}: tensor {sorted(extra)[0]} does not fit this config "
-                           f"({len(extra)} unexpected); check config.json matches the weights")
-    if args.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-        sd["lm_head.weight"] = sd.get("model.embed_tokens.weight")
-    for k, ref in expected.items():
-        t = sd.get(k)
-        if t is None:
-            if k.endswith("e_score_correction_bias"):
-                continue  # older checkpoints: bias 0
-            raise EdgekitError(f"{d} lacks tensor {k}; the checkpoint is incomplete or config.json is wrong")
-        if tuple(t.shape) != tuple(ref.shape):
-            raise EdgekitError(f"{d}: {k} has shape {tuple(t.shape)} but config.json implies "
-                               f"{tuple(ref.shape)}; fix config.json or use matching weights")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise EdgekitError(f"{d}: {k} contains NaN/Inf values; re-export the checkpoint from a healthy run")
-    model.load_state_dict({k: sd[k] for k in expected if k in sd}, strict=False)
-    model.name = d.name
+    return d, cfg
+
+
+def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Transformer:
+    """Load a DeepSeek-V3-family Hugging Face checkpoint directory (default: the shipped v3-nano).
+
+    fp32, bf16, fp16 and fp8 (e4m3, block scales) weights, single-file or sharded; read tensor by
+    tensor through ``edgekit.lazy.CheckpointReader`` (one layer at a time, fp8 dequantized per
+    layer), so peak memory is the model plus one layer."""
+    from .lazy import CheckpointReader
+
+    r = CheckpointReader(path, dtype=dtype)
+    with torch.device("meta"):
+        model = Transformer(r.args)
+    model.load_state_dict(r.global_state(), strict=False, assign=True)
+    for i in range(r.args.num_hidden_layers):
+        model.model.layers[i].load_state_dict(
+            {k.split(".", 3)[3]: v for k, v in r.layer_state(i).items()}, strict=True, assign=True)
+    if r.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cos, sin = rope_tables(r.args)
+    model.rope_cos, model.rope_sin = cos, sin
+    model.name = r.name
     return model.to(dtype).eval()
 
 

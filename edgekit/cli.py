@@ -74,8 +74,9 @@ def info(model, as_json):
 @click.argument("shape", required=False)
 @click.option("-o", "--out", default=None, help="Output checkpoint directory (replaced when complete).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Storage dtype of the weights (routers stay fp32).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True,
+              help="Storage of the weights: fp32, bf16 (routers fp32), fp8 (e4m3 linears with 128x128 block "
+                   "scales, as DeepSeek publishes V3).")
 @click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
               help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
 @click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
