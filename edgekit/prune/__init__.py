@@ -121,12 +121,13 @@ def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan
         raise EdgekitError(f"cannot remove {config.layers} of {n_layers} layers; use layers <= {n_layers - 1}")
     plan = Plan(keep_layers([s.block_influence for s in stats], config.layers))
     for i in plan.layers:
-        r, st, layer = config.ratios(i), stats[i], model.model.layers[i]
+        r, st = config.ratios(i), stats[i]
         lp = LayerPlan()
         H = len(st.head_norm)
         if r["heads"] and _n_keep(H, r["heads"]) < H:
             lp.heads = keep_heads(st.head_norm, _n_keep(H, r["heads"]))
-        mlp = layer.mlp
+        if r["ffn"]:  # channel scores read the layer's weights (a streamed source loads it only then)
+            mlp = model.model.layers[i].mlp
         if st.ffn_act_sq is not None:
             n = len(st.ffn_act_sq)
             if r["ffn"] and _n_keep(n, r["ffn"]) < n:
