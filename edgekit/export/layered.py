@@ -10,8 +10,9 @@ source (``edgekit.lazy.CheckpointReader`` or ``edgekit.stream.ModelSource``) tra
 - the epilogue (final norm, row selection by ``logits_keep``, lm_head),
 renames every value and node of layer ``i`` under ``/layers.{i}/``, wires the pieces together and
 appends each piece's initializers to ``model.onnx.data`` before the next layer is loaded.
-``transform(i, proto)`` may rewrite a layer's graph before it is appended (the int8 rewrite is a
-pure graph pass, so it can run per layer). The directory gets the same ``export.json``,
+``transform(key, proto, units)`` (key: "prologue", a layer index or "epilogue"; ``units``: unit
+name -> initializer name in that piece) may rewrite a piece before it is appended (the int8 rewrite
+is a pure graph pass, so it runs per layer). The directory gets the same ``export.json``,
 ``config.json`` and ``tokenizer.json`` as ``edgekit.export.export``, plus ``units`` (module name ->
 initializer name) so later passes find weights by name.
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
 import warnings
 from dataclasses import asdict, replace
@@ -131,17 +131,22 @@ def _trace(module, args: tuple, names_in, names_out, axes, opset: int, moe: str)
     return onnx.load_from_string(buf.getvalue())
 
 
-def _name_layer_experts(proto: onnx.ModelProto, i: int) -> list[dict]:
-    """``ffn.fc1/fc2`` -> ``ffn.{i}.fc1/fc2`` (the single-trace names), then the portable path's
-    placeholders expand to ``experts.{i}`` (as ``export.onnx_io.finish_graph`` does)."""
+def prepare(proto: onnx.ModelProto, unit_prefix: str, layer: int | None = None) -> tuple[dict, set, list]:
+    """Give a traced piece's module parameters their model names (``param_name``; the experts'
+    ``ffn.fc1/fc2`` become ``ffn.{layer}.fc1/fc2`` as in the single trace), expand the portable
+    path's expert placeholders (``experts.{layer}``, as ``export.onnx_io.finish_graph`` does).
+    Returns (unit name -> initializer name, the fixed parameter names, sparse-expert records)."""
     from .moe_portable import expand_sparse_experts
 
-    ren = {f"ffn.{k}": f"ffn.{i}.{k}" for k in ("fc1", "fc2")}
+    ren = {}
     for t in proto.graph.initializer:
-        t.name = ren.get(t.name, t.name)
-    for n in proto.graph.node:
-        n.input[:] = [ren.get(x, x) for x in n.input]
-    return expand_sparse_experts(proto)
+        if not t.name.startswith(("onnx::", "/")):
+            ren[t.name] = (f"ffn.{layer}.{t.name[4:]}" if t.name in ("ffn.fc1", "ffn.fc2")
+                           else param_name(t.name, unit_prefix))
+            t.name = ren[t.name]
+    _rename(proto.graph, lambda x: ren.get(x, x))
+    sparse = expand_sparse_experts(proto) if layer is not None else []
+    return piece_units(proto, unit_prefix), set(ren.values()), sparse
 
 
 def _rename(g: onnx.GraphProto, nm) -> None:
@@ -211,22 +216,20 @@ class _Sink:
         self.f = open(data_path, "wb") if data_path else None
         self.units: dict[str, str] = {}
 
-    def add(self, proto: onnx.ModelProto, rename: dict[str, str], prefix: str, unit_prefix: str) -> None:
-        """Append one traced piece: graph inputs/outputs are wired by ``rename``; module parameters
-        get their model names (``unit_prefix`` + path); other values and nodes go under ``prefix``."""
+    def add(self, proto: onnx.ModelProto, rename: dict[str, str], prefix: str, fixed: set[str],
+            units: dict[str, str]) -> None:
+        """Append one prepared piece: graph inputs/outputs are wired by ``rename``, ``fixed`` names
+        (model parameters) stay, every other value and node goes under ``prefix``."""
         g = proto.graph
         keep = {i.name for i in g.input} | {o.name for o in g.output}
-        init = {t.name for t in g.initializer}
-        params = {n: param_name(n, unit_prefix) for n in init if not n.startswith(("onnx::", "/"))}
-        self.units.update(piece_units(proto, unit_prefix))
-        params.update({n: n for n in init if re.match(r"ffn\.\d+\.fc[12]$", n)})   # named by _name_layer_experts
 
         def nm(x: str) -> str:
-            if not x or x in keep and x not in rename:
+            if not x or x in fixed or (x in keep and x not in rename):
                 return x
-            return rename.get(x) or params.get(x) or prefix + x.lstrip("/")
+            return rename.get(x) or prefix + x.lstrip("/")
 
-        self.units = {u: nm(v) if v in init else v for u, v in self.units.items()}
+        present = {t.name for t in g.initializer}
+        self.units.update({u: nm(v) for u, v in units.items() if v in present})
         _rename(g, nm)
         for n in g.node:
             if n.name:
@@ -300,10 +303,11 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
             p = _trace(pro, (ids, past), ["input_ids", "past_latent.0"], ["x", "cos4", "sin4", "future"],
                        {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"], **_AXES},
                        cfg.opset, cfg.moe)
+            units, fixed, _ = prepare(p, "model.")
             if transform:
-                transform("prologue", p)
+                transform("prologue", p, units)
             shared = {"cos4": "/shared/cos4", "sin4": "/shared/sin4", "future": "/shared/future"}
-            sink.add(p, {"x": "/layers.0/x_in", **shared}, "/embed/", "model.")
+            sink.add(p, {"x": "/layers.0/x_in", **shared}, "/embed/", fixed, units)
             del emb, pro, p
             for i in range(L):
                 block = src.layer(i, device)
@@ -313,12 +317,13 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
                            ["x_out", "new"],
                            {**_AXES, "past": {0: "batch", 1: "past_seq"}, "x_out": {0: "batch", 1: "seq"},
                             "new": {0: "batch", 1: "seq"}}, cfg.opset, cfg.moe)
-                sparse += _name_layer_experts(p, i)
+                units, fixed, sp = prepare(p, f"model.layers.{i}.", i)
+                sparse += sp
                 if transform:
-                    transform(i, p)
+                    transform(i, p, units)
                 sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **shared,
                              "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"},
-                         f"/layers.{i}/", f"model.layers.{i}.")
+                         f"/layers.{i}/", fixed, units)
                 x = x_out
                 del block, step, p
                 if log:
@@ -328,9 +333,10 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
             keep = torch.tensor(2)
             p = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
                        {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, cfg.moe)
+            units, fixed, _ = prepare(p, "")
             if transform:
-                transform("epilogue", p)
-            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/", "")
+                transform("epilogue", p, units)
+            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/", fixed, units)
         finally:
             sink.close()
         graph = _assemble(sink, a, ins, outs, W)
