@@ -253,7 +253,13 @@ def targets():
 @click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
 @click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse cached stage artifacts.")
-def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache):
+@click.option("--stream/--no-stream", default=None,
+              help="Run every stage one decoder layer at a time (checkpoints larger than memory). "
+                   "Default: the recipe's [build] stream (auto: fp32 model > 1/4 of free memory).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where torch work runs (calibration, importance, distillation, torch eval). Default: the recipe's "
+                   "[build] device (auto: CUDA when present).")
+def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, stream, device):
     """Compress MODEL for a target and validate it: the main job.
 
     load -> prune (+recover) -> scale -> export -> simplify -> quantize -> validate -> bundle.
@@ -272,7 +278,7 @@ def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cac
 
     con = Console(stderr=True)
     res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict, auto=auto,
-              use_cache=not no_cache, console=con)
+              use_cache=not no_cache, console=con, stream=stream, device=device)
     render_report(res.report, res.bundle)
     sys.exit(res.exit_code)
 

@@ -16,6 +16,8 @@ DEVICES = ("auto", "cpu", "cuda")
 def pick(device: str = "auto"):
     import torch
 
+    if isinstance(device, torch.device):
+        return device
     if device not in DEVICES:
         raise EdgekitError(f"device={device!r}: use one of {', '.join(DEVICES)}")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):

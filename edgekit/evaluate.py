@@ -39,9 +39,11 @@ def _logits_fn(model):
         return lambda ids: np.asarray(model.logits(ids), dtype=np.float32)
     import torch
 
+    device = next(model.parameters()).device
+
     def run(ids):
         with torch.no_grad():
-            return model(torch.from_numpy(ids)).float().numpy()
+            return model(torch.from_numpy(ids).to(device)).float().cpu().numpy()
     return run
 
 

@@ -31,6 +31,8 @@ from .atomic import finalize, staging_dir
 from .bundle import write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve, save
 from .data import load_tokens
+from .device import pick, where
+from .errors import EdgekitError
 from .evaluate import evaluate
 from .recipes import Recipe, drop_budget, load_recipe, recipe_to_toml
 from .report import write_report
@@ -50,6 +52,7 @@ class Stages:
 
     def __init__(self, console, total: int):
         self.console, self.total, self.i, self.rows = console, total, 0, []
+        self.device = "cpu"                # torch device of the stages that run torch (``edgekit.device``)
 
     def log(self, msg: str) -> None:
         if self.console:
@@ -93,14 +96,17 @@ def build_model_dirs(src: Path, recipe: Recipe, calib: np.ndarray, eval_tokens: 
     recover = calib if recover is None else recover
     key = [dir_digest(src), _tokens_hash(calib), _tokens_hash(recover), dataclasses.asdict(recipe.prune)]
 
+    dev = pick(st.device)
+
     def do_prune(tmp: Path):
-        m = load(src)
+        m = load(src).to(dev)
         before = _params(m)
-        prune_(m, recipe.prune, calib, recover_tokens=recover)
+        prune_(m, recipe.prune, calib, recover_tokens=recover, device=dev.type)
+        m = m.cpu()
         record = {"config": dataclasses.asdict(recipe.prune), "params_before": before, "params_after": _params(m)}
         save(m, tmp, tokenizer_from=src, extra_files={"prune.json": json.dumps(record, indent=2)})
 
-    pruned = st.run("prune + recover", lambda: cache.get("prune", key, do_prune))
+    pruned = st.run("prune + recover", lambda: cache.get("prune", key, do_prune), device=where(dev))
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(pruned), tmp, recipe.export, tokenizer_from=pruned)))
@@ -128,11 +134,14 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
     """fp32 torch accuracy on the eval tokens and the fp32 ONNX size of the unpruned model."""
     from .export import ExportConfig, export
 
+    dev = pick(st.device)
+
     def do(tmp: Path):
         from .latency import measure
 
-        m = load(src)
+        m = load(src).to(dev)
         res = evaluate(m, eval_tokens, seq_len=recipe.validate.seq_len, progress=True)
+        m = m.cpu()
         export(m, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=recipe.export.simplify))
         from .host import usable_cores
 
@@ -147,7 +156,7 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
 
     key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
            recipe.target.threads, recipe.goals.prefill_tokens]
-    d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do))
+    d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do), device=where(dev))
     return json.loads((d / "meta.json").read_text())
 
 
@@ -212,12 +221,26 @@ def features_of(recipe: Recipe) -> list[str]:
 
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
              recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
-             use_cache: bool = True, console=None, recipe: Recipe | None = None) -> CompressResult:
+             use_cache: bool = True, console=None, recipe: Recipe | None = None, stream: bool | None = None,
+             device: str | None = None) -> CompressResult:
+    """``stream``/``device`` override the recipe's ``[build]`` (None: as the recipe says)."""
     from .domains import plan_data
+    from .pipeline_streamed import check_streamable, should_stream
 
     src = resolve(model)
     recipe = recipe or load_recipe(target)
-    load(src)  # validate the checkpoint (one-line errors) before any work
+    device = device or recipe.build.device
+    if stream is None:
+        stream = should_stream(src) if recipe.build.stream == "auto" else recipe.build.stream == "true"
+    if stream:
+        from .lazy import CheckpointReader
+
+        CheckpointReader(src)  # header checks (one-line errors) before any work, without loading weights
+        check_streamable(recipe)
+        if auto:
+            raise EdgekitError("--auto searches candidates in memory; pass --no-stream (or drop --auto)")
+    else:
+        load(src)  # validate the checkpoint (one-line errors) before any work
     tok = load_tokenizer(src)
     # a target domain (--calib DOMAIN or the recipe's [data] domain) supplies calib/recover/eval text
     plan = plan_data(src, recipe, calib, eval_data, recover)
@@ -231,16 +254,22 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     scratch = None if use_cache else Path(tempfile.mkdtemp(prefix="edgekit-nocache-"))
     try:
+        if stream:
+            from .pipeline_streamed import compress_streamed
+
+            return compress_streamed(src, recipe, tok, calib_tokens, eval_tokens, out, strict, StageCache(scratch),
+                                     console, device)
         return _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto,
-                         StageCache(scratch), console, plan)
+                         StageCache(scratch), console, plan, device)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, strict, auto, cache,
-              console, plan=None) -> CompressResult:
+              console, plan=None, device: str = "auto") -> CompressResult:
     st = Stages(console, total=8 if plan is not None and plan.out_of_domain else 7)
+    st.device = device
     baseline = baseline_for(src, recipe, eval_tokens, cache, st)
     stages_rows = [{"name": "fp32", "params": baseline["params"], "accuracy": baseline["accuracy"],
                     "size_bytes": baseline["onnx_bytes"]}]
@@ -262,6 +291,7 @@ def _compress(src, recipe, tok, calib_tokens, eval_tokens, recover_tokens, out, 
     ]
     report["stages"] = stages_rows
     report["timings"] = st.rows
+    report["devices"] = {r["name"]: r.get("device", "cpu") for r in st.rows}
     report["stage_cache_hits"] = cache.hits
     report["model"] = str(src)
     records = {"pruning": dirs["pruned"] / "prune.json", "quantization": dirs["quantized"] / "quantize.json"}

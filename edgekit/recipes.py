@@ -5,7 +5,7 @@ What: ``load_recipe(name_or_path)`` reads ``export_recipes/<name>.toml`` (or any
 (how to measure), ``[data]`` (the target domain's shipped text) and one table per pipeline stage
 (``[prune]``, ``[export]``, ``[quantize]``; the
 SmoothQuant scaling is part of ``[quantize]``: ``smooth``, ``alpha``), each the config dataclass of
-the module that does that stage.
+the module that does that stage, and ``[build]`` (``device``, ``stream``: where the build runs).
 ``recipe_to_toml(recipe)`` writes the recipe as applied, for the bundle.
 
 Invariants: every key maps to a dataclass field; unknown keys and invalid values are rejected
@@ -119,6 +119,25 @@ def drop_budget(goals: Goals, baseline_accuracy: float) -> float:
     return min(goals.accuracy_drop, goals.accuracy_drop_relative * baseline_accuracy)
 
 
+@dataclass
+class Build:
+    """Where and how the build runs (not the target): ``device`` for torch work (calibration,
+    importance, distillation, torch evaluation; "auto" = CUDA when present), ``stream``: run the
+    pipeline one layer at a time ("auto": when the fp32 model would take over a quarter of the
+    memory available now; true / false)."""
+    device: str = "auto"
+    stream: str = "auto"
+
+    def __post_init__(self):
+        from .device import DEVICES
+
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: use one of {DEVICES}")
+        self.stream = {True: "true", False: "false"}.get(self.stream, self.stream)
+        if self.stream not in ("auto", "true", "false"):
+            raise ValueError(f"stream={self.stream!r}: use \"auto\", true or false")
+
+
 def _stage_classes() -> dict[str, type]:
     from .export import ExportConfig
     from .prune import PruneConfig
@@ -137,6 +156,7 @@ class Recipe:
     export: Any = None
     quantize: Any = None
     source: str = ""
+    build: Build = field(default_factory=Build)
 
 
 def build(cls: type, table: dict, where: str):
@@ -158,7 +178,7 @@ STAGES = ("prune", "export", "quantize")
 
 def parse_recipe(data: dict, source: str = "", stages: bool = True) -> Recipe:
     """``stages=False`` validates only target/goals/validate (device-side: no torch needed)."""
-    tables = {"target": Target, "goals": Goals, "validate": Validate, "data": Data}
+    tables = {"target": Target, "goals": Goals, "validate": Validate, "data": Data, "build": Build}
     unknown = sorted(set(data) - set(tables) - set(STAGES))
     if unknown:
         raise EdgekitError(f"{source}: unknown table [{unknown[0]}]; valid tables: "
@@ -194,7 +214,7 @@ def load_recipe(name_or_path: str, stages: bool = True) -> Recipe:
 
 def recipe_dict(recipe: Recipe) -> dict:
     out = {}
-    for k in ("target", "goals", "validate", "data", *STAGES):
+    for k in ("target", "goals", "validate", "data", "build", *STAGES):
         v = getattr(recipe, k)
         if v is not None:
             out[k] = {a: b for a, b in dataclasses.asdict(v).items() if b is not None}

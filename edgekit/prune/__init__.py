@@ -84,12 +84,12 @@ class PruneConfig:
         base = {k: getattr(self, k) for k in RATIO_KINDS}
         return {**base, **(self.per_layer or {}).get(str(layer), {})}
 
-    def distill_config(self, progress: bool = True):
+    def distill_config(self, progress: bool = True, device: str = "auto"):
         from ..distill import DistillConfig
         return DistillConfig(steps=self.recover_steps, lr=self.recover_lr, batch_size=self.recover_batch_size,
                              seq_len=self.recover_seq_len, hidden_weight=self.recover_hidden_weight,
                              train_embeddings=self.recover_train_embeddings, fake_quant=self.recover_fake_quant,
-                             seed=self.seed, progress=progress)
+                             seed=self.seed, progress=progress, device=device)
 
 
 def _check_ratio(name: str, r):
@@ -152,12 +152,12 @@ def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan
 
 
 def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens: np.ndarray | None = None,
-           progress: bool = True):
+           progress: bool = True, device: str = "auto"):
     """Prune ``model`` in place (modules swapped, ``model.args`` replaced) and return it.
 
     ``calib_tokens``: 1-D token ids to measure importance on (e.g. ``load_tokens("calib", tok)``).
     ``recover_tokens``: text for distillation (default: ``calib_tokens``); used when
-    ``config.recover_steps > 0``."""
+    ``config.recover_steps > 0``. Statistics run where the model is; distillation on ``device``."""
     from ..distill import distill_
 
     teacher = copy.deepcopy(model).eval() if config.recover_steps else None
@@ -166,7 +166,7 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     apply_plan_(model, plan_from_stats(model, stats, config))
     if teacher is not None:
         distill_(model, teacher, calib_tokens if recover_tokens is None else recover_tokens,
-                 config.distill_config(progress))
+                 config.distill_config(progress, device))
     return model.eval()
 
 
