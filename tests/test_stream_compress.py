@@ -60,7 +60,8 @@ device = "cpu"
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("ck")
-    return save(tiny_model(vocab_size=4096, max_position_embeddings=128), d / "tiny", tokenizer_from=reference_model_dir())
+    m = tiny_model(vocab_size=4096, max_position_embeddings=128)
+    return save(m, d / "tiny", tokenizer_from=reference_model_dir())
 
 
 def _int8_weights(d):
@@ -98,6 +99,7 @@ def test_stream_refuses_distillation_exit_2(ckpt, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(RECIPE.format(steps=3))
     p = subprocess.run([sys.executable, "-m", "edgekit.cli", "compress", str(ckpt), "--target", str(recipe),
-                        "--stream", "--no-cache", "-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=300)
+                        "--stream", "--no-cache", "-o", str(tmp_path / "b")],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "recover_steps = 0" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
