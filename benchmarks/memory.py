@@ -16,7 +16,8 @@ stage and everything it starts, e.g. the latency worker of ``validate``) every 5
 - ``export``: layer-by-layer fp32 ONNX export with external data (the baseline's size);
 - ``quantize``: SmoothQuant + layer-by-layer export + int8 rewrite of the pruned checkpoint;
 - ``validate``: onnxruntime accuracy, latency and size of the int8 graph (``edgekit.validate``);
-- ``compress``: the whole ``edgekit compress --stream`` command end to end.
+- ``compress``: the whole ``edgekit compress --stream`` end to end; each of its stages' own peak
+  (VmHWM reset at the stage's start) comes from the report's ``timings``.
 Prints one row per stage: peak tree RSS, its ratio to the fp32 checkpoint size, the stage's own
 VmHWM, wall time; writes ``OUT.json`` and ``OUT.md``.
 
@@ -179,7 +180,11 @@ def stage(name: str, a) -> dict:
         res = compress(ck, str(_recipe(a, work)), out=work / "bundle", use_cache=False, stream=True, device=a.device)
         info.update(exit_code=res.exit_code, status=res.report["status"],
                     gates={k: g["status"] for k, g in res.report["gates"].items()},
-                    devices=res.report.get("devices"))
+                    accuracy={"fp32": res.report["baseline"]["accuracy"], "int8": res.report["compressed"]["accuracy"]},
+                    size_bytes={"fp32_onnx": res.report["baseline"]["onnx_bytes"],
+                                "bundle": res.report["compressed"]["size_bytes"]},
+                    stages=[{k: r.get(k) for k in ("name", "seconds", "peak_rss_mb", "device")}
+                            for r in res.report["timings"]])
     info["vmhwm_mb"] = round(peak_rss_mb(), 1)
     return info
 
@@ -190,7 +195,9 @@ def main():
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp8"])
     ap.add_argument("--work", default="/tmp/edgekit-mem")
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
-    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--stages", default="synth,load,compress",
+                    help=f"comma list of {', '.join(STAGES)} (default: the checkpoint, the in-memory load for "
+                         "contrast, the whole streamed compress with its per-stage peaks)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--experts", type=float, default=0.5, help="fraction of routed experts removed")
@@ -223,6 +230,10 @@ def main():
         print(f"  {name:10s} peak {gb:6.2f} GB = {gb / fp32_gb:5.2f}x "
               f"the fp32 checkpoint (own VmHWM {r.get('vmhwm_mb', 0) / 1e3:.2f} GB), {r['wall_s']:7.1f} s"
               + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
+        for row in r.get("stages", []):
+            if row.get("peak_rss_mb"):
+                print(f"      {row['name']:45s} peak {row['peak_rss_mb'] / 1e3:6.2f} GB = "
+                      f"{row['peak_rss_mb'] / 1e3 / fp32_gb:5.2f}x, {row['seconds']:7.1f} s ({row.get('device')})")
     ck_bytes = sum(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors")) if (work / "ckpt").exists() else 0
     doc = {"shape": a.shape, "dtype": a.dtype, "params": shape_info(a.shape)["params_total"],
            "fp32_checkpoint_gb": round(fp32_gb, 3), "checkpoint_files_gb": round(ck_bytes / 1e9, 3),
@@ -237,8 +248,13 @@ def main():
         for name, r in results.items():
             notes = {k: v for k, v in r.items() if k not in ("peak_tree_rss_mb", "wall_s", "returncode", "vmhwm_mb")}
             gb = r["peak_tree_rss_mb"] / 1e3
+            notes.pop("stages", None)
             rows.append(f"| {name} | {gb:.2f} GB | {gb / fp32_gb:.2f} | "
                         f"{r.get('vmhwm_mb', 0) / 1e3:.2f} GB | {r['wall_s']} | {json.dumps(notes)} |")
+            for st in r.get("stages", []):
+                if st.get("peak_rss_mb"):
+                    rows.append(f"| &nbsp;&nbsp;{name}: {st['name']} | | {st['peak_rss_mb'] / 1e3 / fp32_gb:.2f} | "
+                                f"{st['peak_rss_mb'] / 1e3:.2f} GB | {st['seconds']} | ran on {st.get('device')} |")
         Path(a.out + ".md").write_text(
             f"# Peak memory per stage: {a.shape} ({fp32_gb:.2f} GB fp32)\n\n`{doc['command']}`\n\n"
             f"{os.cpu_count()} CPUs, {platform.platform()}\n\n" + "\n".join(rows) + "\n")

@@ -62,9 +62,14 @@ class Stages:
         self.i += 1
         if self.console:
             self.console.print(f"[bold cyan][{self.i}/{self.total}][/] {name} ...")
+        from .latency import peak_rss_mb, reset_peak_rss
+
+        measured = reset_peak_rss()
         t = time.perf_counter()
         out = fn()
         row = {"name": name, **row, "seconds": round(time.perf_counter() - t, 2)}
+        if measured:  # this process's peak during the stage (subprocesses, e.g. latency workers, not included)
+            row["peak_rss_mb"] = round(peak_rss_mb(), 1)
         self.rows.append(row)
         if self.console:
             self.console.print(f"      done in {row['seconds']:.1f}s")

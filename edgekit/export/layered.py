@@ -145,6 +145,9 @@ def prepare(proto: onnx.ModelProto, unit_prefix: str, layer: int | None = None) 
                            else param_name(t.name, unit_prefix))
             t.name = ren[t.name]
     _rename(proto.graph, lambda x: ren.get(x, x))
+    for n in proto.graph.node:
+        if n.op_type == "MoE" and layer is not None:
+            n.name = f"moe.{layer}"                  # as export.onnx_io names it (int8 passes key on it)
     sparse = expand_sparse_experts(proto) if layer is not None else []
     return piece_units(proto, unit_prefix), set(ren.values()), sparse
 

@@ -38,22 +38,26 @@ from ..errors import EdgekitError
 
 
 class Int8Pieces:
-    """Per-piece int8 rewrite (see module doc); ``summary`` collects what was done."""
+    """Per-piece int8 rewrite (see module doc), with ``quantize_export``'s choices: 7-bit weights when
+    ``reduce_range``, column scales in the kernel, routed experts grouped / QMoE per ``moe_path``."""
 
-    def __init__(self, overrides: dict, moe_block: int = 0, merge: bool = True):
-        self.overrides, self.block, self.merge = overrides, moe_block, merge
+    def __init__(self, overrides: dict, moe_path: str = "grouped", moe_block: int = 0, merge: bool = True,
+                 reduce_range: bool = True, fold_scales: bool = True):
+        self.overrides, self.path, self.block, self.merge = overrides, moe_path, moe_block, merge
+        self.wmax, self.fold = (63.0 if reduce_range else 127.0), fold_scales
         self.int8, self.fp32 = [], {}
         self.embedding, self.moe = [], {}
 
     def __call__(self, key, proto, units: dict[str, str]) -> None:
         from .mixed import resolve_overrides
+        from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
         from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
 
         prec = resolve_overrides(list(units), self.overrides)
         int8 = {u for u, p in prec.items() if p == "int8"}
         self.fp32.update({u: "override" for u, p in prec.items() if p == "fp32"})
         umap = {w: u for u, w in units.items()}
-        self.int8 += rewrite_linears(proto, umap, int8, None, merge=self.merge)
+        self.int8 += rewrite_linears(proto, umap, int8, None, merge=self.merge, wmax=self.wmax, fold=self.fold)
         emb = "model.embed_tokens"
         if emb in int8 and rewrite_embedding(proto, units[emb]):
             self.embedding.append(emb)
@@ -61,14 +65,15 @@ class Int8Pieces:
         unit = f"model.layers.{key}.mlp.experts"
         for n in [n for n in proto.graph.node if n.op_type == "MoE" and n.domain == "com.microsoft"]:
             if unit in int8:
-                self.moe[unit] = rewrite_moe(proto, n.name, self.block)
+                self.moe[unit] = (rewrite_moe_grouped(proto, n.name, GroupedMoEConfig(wmax=self.wmax, fold=self.fold))
+                                  if self.path == "grouped" else rewrite_moe(proto, n.name, self.block))
                 self.int8.append(unit)
         ensure_ms_opset(proto)
 
     def summary(self) -> dict:
         return {"linears_int8": len(self.int8) - len(self.embedding) - len(self.moe),
-                "embedding_int8": self.embedding, "moe": self.moe, "activation_scales": "dynamic",
-                "static_units": [], "merged_siblings": self.merge, "layered": True}
+                "embedding_int8": self.embedding, "moe": self.moe, "weight_max": self.wmax,
+                "activation_scales": "dynamic", "static_units": [], "merged_siblings": self.merge, "layered": True}
 
 
 def quantize_streamed(src, out_dir: str | os.PathLike, config=None, calib_tokens: np.ndarray | None = None,
@@ -79,7 +84,7 @@ def quantize_streamed(src, out_dir: str | os.PathLike, config=None, calib_tokens
     from ..lazy import CheckpointReader
     from ..smooth import SmoothConfig
     from ..stream import evaluate_streamed, smooth_streamed
-    from . import QuantConfig, _moe_block, _ort_accuracy
+    from . import QuantConfig, _moe_block, _ort_accuracy, choose_moe_path
 
     cfg = config or QuantConfig()
     if cfg.mode != "dynamic":
@@ -106,7 +111,8 @@ def quantize_streamed(src, out_dir: str | os.PathLike, config=None, calib_tokens
             report["smoothing"] = smooth_streamed(r, smoothed, toks, scfg, device=device)
             log("quantize: smoothing scales folded layer by layer")
         portable = cfg.export_moe == "portable"
-        pieces = Int8Pieces(cfg.overrides, 0 if portable else _moe_block(cfg, r.args), cfg.merge)
+        pieces = Int8Pieces(cfg.overrides, choose_moe_path(cfg, r.args), 0 if portable else _moe_block(cfg, r.args),
+                            cfg.merge, cfg.reduce_range)
         export_layered(smoothed, out, ExportConfig(moe=cfg.export_moe, simplify=False), transform=pieces,
                        tokenizer_from=tokenizer_from or getattr(r, "dir", None))
         spec = json.loads((out / "export.json").read_text())
