@@ -81,9 +81,13 @@ def test_streamed_compress_builds_the_same_bundle(ckpt, tmp_path):
     print("in-memory", a["baseline"]["accuracy"], a["stages"][1]["accuracy"], a["compressed"]["accuracy"])
     print("streamed ", b["baseline"]["accuracy"], b["stages"][1]["accuracy"], b["compressed"]["accuracy"])
     assert b["streamed"] and b["devices"]["prune (streamed)"] == "cpu" and a["devices"]
-    assert a["baseline"]["accuracy"] == b["baseline"]["accuracy"]
+    # random-init tiny model: accuracy is ~0, so perplexity is the sensitive reading
+    print("perplexity fp32 / bundle:", a["baseline"]["perplexity"], b["baseline"]["perplexity"],
+          a["compressed"]["perplexity"], b["compressed"]["perplexity"])
+    assert a["baseline"] == {**a["baseline"], **{k: b["baseline"][k] for k in ("accuracy", "perplexity", "tokens")}}
     assert abs(a["stages"][1]["accuracy"] - b["stages"][1]["accuracy"]) <= 2 / a["compressed"]["tokens"]
     assert a["compressed"]["accuracy"] == b["compressed"]["accuracy"]
+    assert a["compressed"]["perplexity"] == pytest.approx(b["compressed"]["perplexity"], rel=1e-5)
     # the layered fp32 graph is not onnxsim-simplified: a few % larger on this tiny model (graph vs weights)
     assert a["baseline"]["onnx_bytes"] == pytest.approx(b["baseline"]["onnx_bytes"], rel=0.05)
     assert a["pruning"]["params_after"] == b["pruning"]["params_after"]
