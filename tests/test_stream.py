@@ -84,3 +84,15 @@ def test_streamed_from_fp8_checkpoint_equals_loaded_model(tmp_path):
                for a, b in zip(ref[1:], got[1:]))
     assert evaluate_streamed(d, toks, seq_len=64, batch_size=4) == evaluate(model, toks, seq_len=64, batch_size=4,
                                                                              progress=False)
+
+
+def test_device_choice(monkeypatch):
+    from edgekit.device import pick, where
+
+    assert pick("cpu").type == "cpu" and where(pick("cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick("auto").type == "cpu"
+    with pytest.raises(EdgekitError, match="sees no CUDA GPU"):
+        pick("cuda")
+    with pytest.raises(EdgekitError, match="use one of"):
+        pick("tpu")
