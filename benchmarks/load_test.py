@@ -1,15 +1,25 @@
-"""Load test of sample_apps/server on loopback: dynamic batching vs no batching, in one run.
+"""Load test of sample_apps/server on loopback, side by side with llama.cpp's ``llama-server``.
 
-    python benchmarks/load_test.py --bundle DIR [--requests 200 --concurrency 16 --max-batch 16 --cap-s 240]
+    python benchmarks/load_test.py --bundle DIR [--llama-server BIN --gguf FILE] [--threads 2]
+        [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
 
-For each mode (``--max-batch 1`` = no batching, then ``--max-batch N``) it starts the server as a
-subprocess on a free port, sends ``--requests`` streaming greedy requests from ``--concurrency``
-client threads (stopping new sends after ``--cap-s`` seconds) and records per request the time to
-the first streamed piece (TTFT) and to the end. Prompts cycle over a few fixed strings whose token
-lengths are fixed (printed), so equal-length requests exist for the batcher to group.
-Reports errors (anything but a complete 200 stream), p50/p95 latency and TTFT, request and token
-throughput, and the batched/unbatched throughput ratio measured in the same run; writes
-benchmarks/results/load_test.json and .md.
+Modes, one after another, each server a subprocess on a free loopback port (127.0.0.1 only):
+- ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching);
+- ``edgekit``: the same server with continuous batching (``--max-batch N``);
+- ``llama-server`` (with ``--llama-server``/``--gguf``): ``-t T -tb T -np <concurrency>``, a
+  context of ``--ctx-per-slot`` tokens per slot, continuous batching (its default), no web UI.
+Every mode gets the same request mix: ``--requests`` streaming greedy completions (temperature 0,
+``max_tokens`` fixed), sent by ``--concurrency`` client threads in the same order; prompt i is a
+slice of v3-nano's held-out eval text starting at a line, of 48/160/320/640 characters in turn
+(token counts printed), so prompt lengths differ within every batch. No new request is sent
+after ``--cap-s`` seconds (every loop and read is bounded; a stuck stream is an error).
+
+Per request: TTFT (send -> first streamed event with text), inter-token latency (gaps between
+consecutive text events; both servers stream one event per token), end-to-end latency and
+completion tokens (the final ``usage``, else the count of text events). Per mode: errors
+(anything but a complete 200 stream), throughput (completion tokens / wall seconds), p50/p95 of
+TTFT, ITL and latency. Exactness: every ``edgekit`` answer is compared with the same request's
+answer in ``edgekit-1`` (served alone), text for text. Writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
@@ -17,8 +27,10 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,34 +39,74 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Config:\n    def __init__(self",
-           "for i in range(10):\n"]
+EVAL_TEXT = ROOT / "edgekit" / "data" / "splits" / "eval.txt"
+PROMPT_CHARS = (48, 160, 320, 640)
+READY_S = 180.0                 # a server must answer within this long after start
 
 
-def start_server(bundle: str, max_batch: int, threads: int | None, wait_ms: float, queue_size: int):
-    cmd = [sys.executable, str(ROOT / "sample_apps" / "server" / "app.py"), "--bundle", bundle, "--port", "0",
-           "--max-batch", str(max_batch), "--batch-wait-ms", str(wait_ms), "--queue-size", str(queue_size)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    if "listening on" not in line:
+def make_prompts(n: int) -> list[str]:
+    text = EVAL_TEXT.read_text()
+    out = []
+    for i in range(n):
+        start = text.find("\n", (i * 7919) % (len(text) - 4000)) + 1
+        out.append(text[start:start + PROMPT_CHARS[i % len(PROMPT_CHARS)]])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str, timeout: float = 10) -> tuple[int, str]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
+    """Start a server and wait (bounded) until GET /health answers 200."""
+    f = open(log, "w")
+    p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    f.close()
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise SystemExit(f"server exited ({p.returncode}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
+        try:
+            if _get(port, "/health", timeout=2)[0] == 200:
+                return p
+        except OSError:
+            pass
+        time.sleep(0.25)
+    p.kill()
+    raise SystemExit(f"server not ready after {READY_S:.0f} s: {' '.join(cmd)}\n{log.read_text()[-2000:]}")
+
+
+def stop(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
         p.kill()
-        raise SystemExit(f"server did not start: {line}{p.stderr.read()[-2000:]}")
-    return p, int(line.split(":")[2].split()[0])
+        p.wait(timeout=30)
 
 
-def one_request(port: int, prompt: str, max_tokens: int) -> dict:
+def one_request(port: int, body: dict, timeout_s: float) -> dict:
     t0 = time.perf_counter()
     try:
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        c.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": max_tokens, "stream": True}),
-                  {"Content-Type": "application/json"})
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = c.getresponse()
         if r.status != 200:
             return {"error": f"HTTP {r.status}: {r.read()[:200]!r}"}
-        ttft, tokens, done = None, 0, False
-        for raw in r:
+        times, pieces, tokens, done = [], [], None, False
+        for raw in r:                                    # bounded: the socket timeout ends a stuck stream
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
@@ -62,111 +114,167 @@ def one_request(port: int, prompt: str, max_tokens: int) -> dict:
                 done = True
                 break
             ev = json.loads(line[6:])
-            if ttft is None and ev["choices"][0]["text"]:
-                ttft = time.perf_counter() - t0
-            if "usage" in ev:
-                tokens = ev["usage"]["completion_tokens"]
-                if ev["choices"][0]["finish_reason"] == "error":
-                    return {"error": ev.get("error", "generation error")}
+            choice = (ev.get("choices") or [{}])[0]
+            if choice.get("text"):
+                times.append(time.perf_counter() - t0)
+                pieces.append(choice["text"])
+            if choice.get("finish_reason") == "error" or "error" in ev:
+                return {"error": str(ev.get("error", "generation error"))[:200]}
+            if ev.get("usage"):
+                tokens = ev["usage"].get("completion_tokens", tokens)
+        c.close()
         if not done:
             return {"error": "stream ended without [DONE]"}
-        return {"latency_s": time.perf_counter() - t0, "ttft_s": ttft or time.perf_counter() - t0, "tokens": tokens}
+        end = time.perf_counter() - t0
+        return {"latency_s": end, "ttft_s": times[0] if times else end, "gaps_s": np.diff(times).tolist(),
+                "tokens": tokens if tokens is not None else len(times), "text": "".join(pieces)}
     except Exception as e:  # any client-side failure is an error of the run
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def run_mode(args, max_batch: int) -> dict:
-    proc, port = start_server(args.bundle, max_batch, args.threads, args.batch_wait_ms, args.requests)
-    stop_at = time.monotonic() + args.cap_s
-    lock, results = threading.Lock(), []
+def pct(a, q):
+    return round(float(np.percentile(a, q)) * 1e3, 2) if len(a) else None
+
+
+def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: Path) -> dict:
+    proc = start(cmd, port, log)
+    stop_at = time.monotonic() + a.cap_s
+    results: dict[int, dict] = {}
+    lock = threading.Lock()
 
     def client(i: int):
         if time.monotonic() > stop_at:
             return
-        r = one_request(port, PROMPTS[i % len(PROMPTS)], args.max_tokens)
+        r = one_request(port, {"prompt": prompts[i], "max_tokens": a.max_tokens, "temperature": 0, "stream": True},
+                        a.request_timeout_s)
         with lock:
-            results.append(r)
+            results[i] = r
 
     try:
-        one_request(port, PROMPTS[0], 4)                      # warm-up (not counted)
+        one_request(port, {"prompt": prompts[0], "max_tokens": 4, "temperature": 0, "stream": True}, 60)  # warm-up
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as ex:
-            list(ex.map(client, range(args.requests)))
+        with ThreadPoolExecutor(a.concurrency) as ex:
+            list(ex.map(client, range(len(prompts))))
         wall = time.perf_counter() - t0
-        health = json.loads(_get(port, "/health"))
+        extra = {}
+        if name.startswith("edgekit"):
+            h = json.loads(_get(port, "/health")[1])
+            extra = {"mean_rows_per_decode_call": round(h["rows_decoded"] / max(1, h["decode_calls"]), 2),
+                     "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"]}
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    ok = [r for r in results if "error" not in r]
-    lat = np.array([r["latency_s"] for r in ok]) * 1e3
-    ttft = np.array([r["ttft_s"] for r in ok]) * 1e3
-
-    def pct(a, q):
-        return round(float(np.percentile(a, q)), 1) if len(a) else None
-
-    return {"max_batch": max_batch, "sent": len(results), "completed": len(ok), "errors": len(results) - len(ok),
-            "error_examples": [r["error"] for r in results if "error" in r][:3], "wall_s": round(wall, 2),
-            "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)},
+        stop(proc)
+    ok = {i: r for i, r in results.items() if "error" not in r}
+    ttft = np.array([r["ttft_s"] for r in ok.values()])
+    lat = np.array([r["latency_s"] for r in ok.values()])
+    gaps = np.array([g for r in ok.values() for g in r["gaps_s"]])
+    tokens = sum(r["tokens"] for r in ok.values())
+    return {"mode": name, "command": " ".join(cmd), "sent": len(results), "completed": len(ok),
+            "errors": len(results) - len(ok),
+            "error_examples": [r["error"] for r in results.values() if "error" in r][:3],
+            "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+            "requests_per_s": round(len(ok) / wall, 2),
             "ttft_ms": {"p50": pct(ttft, 50), "p95": pct(ttft, 95)},
-            "requests_per_s": round(len(ok) / wall, 3), "tokens_per_s": round(sum(r["tokens"] for r in ok) / wall, 1),
-            "mean_rows_per_decode_call": round(health["rows_decoded"] / max(1, health["decode_calls"]), 2),
-            "prefill_calls": health["prefill_calls"]}
-
-
-def _get(port: int, path: str) -> str:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    c.request("GET", path)
-    return c.getresponse().read().decode()
+            "itl_ms": {"p50": pct(gaps, 50), "p95": pct(gaps, 95)},
+            "latency_ms": {"p50": pct(lat, 50), "p95": pct(lat, 95)}, **extra,
+            "texts": {i: r["text"] for i, r in sorted(ok.items())}}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", required=True)
+    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary (llama.cpp)")
+    ap.add_argument("--gguf", default=None, help="the same model as GGUF, for --llama-server")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--batch-wait-ms", type=float, default=10.0)
-    ap.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: min(target, cores))")
-    ap.add_argument("--cap-s", type=float, default=240.0, help="per mode: no new requests after this many seconds")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=None, help="compute threads of every server (default: cores)")
+    ap.add_argument("--ctx-per-slot", type=int, default=1024, help="llama-server context per parallel slot")
+    ap.add_argument("--cap-s", type=float, default=300.0, help="per mode: no new requests after this many seconds")
+    ap.add_argument("--request-timeout-s", type=float, default=120.0)
+    ap.add_argument("--modes", default="edgekit-1,edgekit,llama-server")
+    ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_test"))
     a = ap.parse_args(argv)
+    if bool(a.llama_server) != bool(a.gguf):
+        ap.error("--llama-server and --gguf go together")
     sys.path.insert(0, str(ROOT))
     from edgekit.host import host_facts
     from edgekit.runtime import Engine
 
-    eng = Engine.from_bundle(a.bundle)
     facts = host_facts()
-    a.threads = a.threads or min(eng.threads or facts["cores"], facts["cores"])
-    lengths = {p: len(eng.encode(p)) for p in PROMPTS}
+    a.threads = a.threads or facts["cores"]
+    eng = Engine.from_bundle(a.bundle)
+    prompts = make_prompts(a.requests)
+    lengths = [len(eng.encode(p)) for p in prompts]
     del eng
-    modes = [run_mode(a, 1), run_mode(a, a.max_batch)]
-    base, batched = modes
-    res = {"bundle": str(a.bundle), "host": facts, "threads": a.threads, "requests": a.requests,
-           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "batch_wait_ms": a.batch_wait_ms,
-           "prompt_token_lengths": list(lengths.values()), "modes": modes,
-           "batching_throughput_gain": round(batched["tokens_per_s"] / max(base["tokens_per_s"], 1e-9), 2),
-           "batching_p95_latency_ratio": round((batched["latency_ms"]["p95"] or 0)
-                                               / max(base["latency_ms"]["p95"] or 1, 1e-9), 2)}
+    print(f"{a.requests} requests, prompt tokens {min(lengths)}-{max(lengths)} (mean {np.mean(lengths):.0f}), "
+          f"max_tokens {a.max_tokens}, {a.concurrency} concurrent, {a.threads} threads", flush=True)
+    app = str(ROOT / "sample_apps" / "server" / "app.py")
+    modes = [m for m in a.modes.split(",") if m != "llama-server" or a.llama_server]
+    runs, tmp = [], tempfile.TemporaryDirectory(prefix="load_test.")
+    logs = Path(tmp.name)
+    for name in modes:
+        port = free_port()
+        if name == "llama-server":
+            cmd = [a.llama_server, "-m", a.gguf, "-t", str(a.threads), "-tb", str(a.threads), "-np", str(a.concurrency),
+                   "-c", str(a.concurrency * a.ctx_per_slot), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+        else:
+            cmd = [sys.executable, app, "--bundle", a.bundle, "--port", str(port), "--threads", str(a.threads),
+                   "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
+                   str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens)]
+        r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
+        if r["errors"]:
+            r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
+        print(f"{name}: {r['completed']}/{r['sent']} ok, {r['errors']} errors, {r['tokens_per_s']} tok/s, "
+              f"TTFT p50/p95 {r['ttft_ms']['p50']}/{r['ttft_ms']['p95']} ms, "
+              f"ITL p50/p95 {r['itl_ms']['p50']}/{r['itl_ms']['p95']} ms", flush=True)
+        runs.append(r)
+    tmp.cleanup()
+    by = {r["mode"]: r for r in runs}
+    exact = None
+    if "edgekit" in by and "edgekit-1" in by:
+        alone, batched = by["edgekit-1"]["texts"], by["edgekit"]["texts"]
+        common = sorted(set(alone) & set(batched))
+        diff = [i for i in common if alone[i] != batched[i]]
+        exact = {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
+    ratios = {}
+    if "edgekit" in by and "edgekit-1" in by:
+        ratios["batching_throughput_gain"] = round(by["edgekit"]["tokens_per_s"] / by["edgekit-1"]["tokens_per_s"], 2)
+    if "edgekit" in by and "llama-server" in by:
+        e, ll = by["edgekit"], by["llama-server"]
+        ratios["throughput_vs_llama_server"] = round(e["tokens_per_s"] / ll["tokens_per_s"], 3)
+        ratios["ttft_p95_vs_llama_server"] = round(e["ttft_ms"]["p95"] / ll["ttft_ms"]["p95"], 3)
+        ratios["itl_p95_vs_llama_server"] = round(e["itl_ms"]["p95"] / ll["itl_ms"]["p95"], 3)
+    res = {"machine": a.machine, "command": "python benchmarks/load_test.py " + " ".join(argv or sys.argv[1:]),
+           "bundle": str(a.bundle), "gguf": a.gguf, "host": facts, "threads": a.threads, "requests": a.requests,
+           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
+           "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
+           "exact_vs_alone": exact, "ratios": ratios,
+           "modes": [{k: v for k, v in r.items() if k != "texts"} for r in runs]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = ["| max batch | sent | errors | p50 ms | p95 ms | TTFT p50 | TTFT p95 | req/s | tok/s | rows/decode call |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for m in modes:
-        rows.append(f"| {m['max_batch']} | {m['sent']} | {m['errors']} "
-                    f"| {m['latency_ms']['p50']} | {m['latency_ms']['p95']} "
-                    f"| {m['ttft_ms']['p50']} | {m['ttft_ms']['p95']} | {m['requests_per_s']} | {m['tokens_per_s']} "
-                    f"| {m['mean_rows_per_decode_call']} |")
-    md = (f"# Load test: sample_apps/server on loopback\n\nBundle `{a.bundle}`; host {facts['cpu_model']}, "
-          f"{facts['cores']} cores; server threads {a.threads}; {a.requests} streaming greedy requests, "
-          f"{a.concurrency} concurrent, max_tokens {a.max_tokens}; prompts of {sorted(set(lengths.values()))} tokens "
-          f"(cycled, so equal lengths arrive together).\n\n" + "\n".join(rows) +
-          f"\n\nDynamic batching vs none, same run: **{res['batching_throughput_gain']}x** token throughput, "
-          f"p95 latency ratio {res['batching_p95_latency_ratio']}.\n")
+    rows = ["| server | sent | errors | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | latency p95 ms |"
+            " rows/decode call |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        rows.append(f"| {r['mode']} | {r['sent']} | {r['errors']} | {r['tokens_per_s']} | {r['ttft_ms']['p50']} "
+                    f"| {r['ttft_ms']['p95']} | {r['itl_ms']['p50']} | {r['itl_ms']['p95']} | {r['latency_ms']['p95']} "
+                    f"| {r.get('mean_rows_per_decode_call', '')} |")
+    md = (f"# Load test: edgekit sample server vs llama-server on loopback\n\n"
+          f"Machine: {a.machine or facts['cpu_model']} ({facts['cpu_model']}, {facts['cores']} cores, "
+          f"onnxruntime {facts.get('onnxruntime')}); every server {a.threads} compute threads. Command: "
+          f"`{res['command']}`.\n\n{a.requests} streaming greedy requests, {a.concurrency} concurrent, max_tokens "
+          f"{a.max_tokens}, prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}).\n\n"
+          + "\n".join(rows) + "\n\n"
+          + (f"Exactness: {exact['equal']} of {exact['compared']} batched answers equal the same request "
+             f"served alone (edgekit-1).\n\n" if exact else "")
+          + "".join(f"- {k}: {v}\n" for k, v in ratios.items()))
     out.with_suffix(".md").write_text(md)
     print(md)
-    return 0 if all(m["errors"] == 0 for m in modes) else 1
+    bad = any(r["errors"] for r in runs) or (exact and exact["equal"] != exact["compared"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

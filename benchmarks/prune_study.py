@@ -35,7 +35,8 @@ from edgekit.checkpoint import load, load_tokenizer  # noqa: E402
 from edgekit.data import load_tokens  # noqa: E402
 from edgekit.distill import distill_  # noqa: E402
 from edgekit.evaluate import evaluate  # noqa: E402
-from edgekit.prune import PruneConfig, param_count, prune_  # noqa: E402
+from edgekit.info import param_count  # noqa: E402
+from edgekit.prune import PruneConfig, prune_  # noqa: E402
 
 # (label, PruneConfig fields): one kind at a time at several ratios, then combinations aimed at >= 40%.
 PLAN = [

@@ -46,6 +46,14 @@ PREFILL_TOKENS, SEQ_LEN = 128, 512
 START = time.perf_counter()
 
 
+def _rel(p) -> str:
+    """``p`` relative to the repo when inside it (results must not name paths outside the project)."""
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - START:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -142,8 +150,9 @@ def _edgekit_bundle(model: str, ckpt: Path, work: Path, a) -> dict:
     if d is None and model in given:
         raise FileNotFoundError(f"--bundle {model}={given[model]} has no manifest.json; pass a compress output dir")
     if d is None and a.quick:
+        name = _rel(ckpt) if model != "v3-nano" else "v3-nano"
         raise NotImplementedError(f"not built in --quick (compress takes tens of minutes): run `edgekit compress "
-                                  f"{ckpt if model != 'v3-nano' else 'v3-nano'} --target cpu4` first or pass --bundle")
+                                  f"{name} --target cpu4` first or pass --bundle")
     if d is None:
         from edgekit.pipeline import compress
         d = work / model / "edgekit-cpu4"

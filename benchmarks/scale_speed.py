@@ -122,7 +122,8 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
     from edgekit.checkpoint import args_from_config
     from edgekit.export import ExportConfig, export
     from edgekit.model import Transformer
-    from edgekit.quantize import quantize_export
+    from edgekit.quantize import Plan, quantize_export
+    from edgekit.quantize.apply import quantizable_units
     from edgekit.quantize.emulate import units
     from edgekit.shapes import shape_config
     from edgekit.synth import init_tensor
@@ -150,8 +151,10 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
     for path in moe_paths:
         d = work / f"int8-{path}"
         if not (d / "export.json").exists():
-            int8 = int8 or {n for n in units(model) if not n.endswith("mlp.gate")}
-            quantize_export(fp32, d, model, int8, moe_path=path.split("+")[0], fold_scales=path.endswith("+fold"))
+            int8 = int8 or {n for n in units(model) if not n.endswith("mlp.gate")} & quantizable_units(
+                json.loads((fp32 / "export.json").read_text()))
+            quantize_export(fp32, d, Plan(int8=int8, moe_path=path.split("+")[0], wmax=63.0,
+                                          fold=path.endswith("+fold")))
             log(f"int8 ({path}) rewrite done")
         out[f"int8-{path}"] = d
     return out

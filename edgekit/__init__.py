@@ -1,8 +1,13 @@
 """edgekit: compress DeepSeek-V3-family models for 4-core CPUs, phones and browsers.
 
 Public API (lazy: importing edgekit does not import torch; ``edgekit.runtime`` never needs it):
-``load``, ``save``, ``evaluate``, ``export``, ``prune_``, ``quantize_``, ``compress``,
-``get_version_info``.
+``load``, ``save``, ``evaluate``, ``prune_``, ``quantize_``, ``compress``, ``get_version_info``;
+the exporter is ``edgekit.export.export(model, dir)`` (``edgekit.export`` is its package).
+
+The device side -- ``edgekit.runtime``, ``latency``, ``host``, ``bundle``, ``report``,
+``report_text``, ``recipes`` (target/goals; stage tables stay data), ``validate``, ``evaluate``,
+``data``, ``devices`` and the ``edgekit validate`` command -- never imports torch
+(tests/test_device_side.py runs it with torch blocked).
 """
 
 from importlib import import_module
@@ -17,7 +22,7 @@ _API = {
     "load": ".checkpoint", "save": ".checkpoint", "load_tokenizer": ".checkpoint",
     "ModelArgs": ".model", "Transformer": ".model",
     "EdgekitError": ".errors",
-    "export": ".export", "prune_": ".prune", "quantize_": ".quantize",
+    "prune_": ".prune", "quantize_": ".quantize",
     "compress": ".pipeline", "get_version_info": ".bundle",
 }
 

@@ -1,31 +1,27 @@
-"""``edgekit compress --auto``: search pruning ratios x precision for the smallest passing model.
+"""``edgekit compress --auto``: build every ``[auto]`` candidate of the recipe and keep one.
 
-What: ``search(...)`` builds each candidate of ``CANDIDATES`` (recipe overrides applied on top of the
-target's recipe) through the same cached stages as a plain compress, scores each on the eval tokens
-(onnxruntime) and its size, and returns the smallest candidate that meets the accuracy and size
-gates (latency is then validated on the winner), the candidates and their Pareto front
-(size ratio vs accuracy drop). Every stage is cached, so a second ``--auto`` run is cheap.
+What: ``search(recipe, build, measure, log)`` applies each candidate of ``recipe.auto.candidates``
+(stage-table overrides, e.g. ``{prune = {experts = 0.25}}``) over the recipe, builds it with
+``build(recipe) -> built`` and measures it with ``measure(built) -> {"accuracy", "fp32_accuracy",
+"accuracy_drop", "size_ratio"}`` (the pipeline passes both: its cached stages, and scoring on the
+dev split). A candidate passes when its drop meets both accuracy gates of ``[goals]``
+(``recipes.drop_budget`` of the fp32 dev accuracy) and its size ratio meets size_ratio;
+``pick`` applies ``[auto] select`` among the passing ones ("smallest" size or "most_accurate"),
+else takes the most accurate. Returns the chosen (recipe, built), and the candidates with their
+Pareto front (size ratio vs accuracy drop) for the report. Latency is validated on the winner.
 
-Why a small fixed grid: on v3-nano, pruning is what costs accuracy (structured pruning + short
-distillation, see benchmarks/results/prune_*), int8 costs ~0.1 points; each candidate is a full
-prune + recover + quantize, so the grid covers one axis at a time plus the combinations that
-matter. Failure modes: when no candidate passes, the smallest-drop candidate is returned and its
-gates fail as usual (exit 1).
+Why the grid is data: which ratios are worth trying depends on the model and the target (on
+v3-nano pruning is what costs accuracy, int8 ~0.1 points; see benchmarks/results/prune_*), so the
+recipe lists them (export_recipes/*.toml). Every stage is cached, so a second ``--auto`` is cheap.
+
+Invariants: candidates are tried in the recipe's order; selection reads only ``measure``'s dev
+figures, never the eval split the gates read. Failure modes: a candidate whose overrides are not
+valid stage fields raises ``EdgekitError`` (checked when the recipe is parsed).
 """
 
 from __future__ import annotations
 
-from .recipes import drop_budget, with_overrides
-from .validate import graph_bytes, score
-
-# name -> {table: {field: value}}; applied over the target recipe.
-CANDIDATES = {
-    "int8": {"prune": {"experts": 0.0, "ffn": 0.0, "heads": 0.0, "layers": 0}},
-    "int8+experts12": {"prune": {"experts": 0.125, "ffn": 0.0, "heads": 0.0, "layers": 0}},
-    "int8+experts25": {"prune": {"experts": 0.25, "ffn": 0.0, "heads": 0.0, "layers": 0}},
-    "int8+ffn10": {"prune": {"experts": 0.0, "ffn": 0.1, "heads": 0.0, "layers": 0}},
-    "int8+experts12+ffn10": {"prune": {"experts": 0.125, "ffn": 0.1, "heads": 0.0, "layers": 0}},
-}
+from .recipes import SELECT, drop_budget, with_overrides
 
 
 def pareto(cands: list[dict]) -> list[dict]:
@@ -35,27 +31,29 @@ def pareto(cands: list[dict]) -> list[dict]:
         and (o["size_ratio"] < c["size_ratio"] or o["accuracy_drop"] < c["accuracy_drop"]) for o in cands)]
 
 
-def pick(cands: list[dict]) -> dict:
+def pick(cands: list[dict], select: str = "smallest") -> dict:
+    """Among passing candidates the smallest (or the most accurate); none passing: the most accurate."""
+    if select not in SELECT:
+        raise ValueError(f"select={select!r}: use one of {SELECT}")
     passing = [c for c in cands if c["passed"]]
-    return min(passing, key=lambda c: c["size_ratio"]) if passing else min(cands, key=lambda c: c["accuracy_drop"])
+    if passing and select == "smallest":
+        return min(passing, key=lambda c: c["size_ratio"])
+    return min(passing or cands, key=lambda c: c["accuracy_drop"])
 
 
-def search(src, recipe, calib, eval_tokens, baseline, cache, st, recover=None):
-    from .pipeline import build_model_dirs
-
-    cands, built = [], {}
-    for name, over in CANDIDATES.items():
+def search(recipe, build, measure, log=print):
+    goals, cands, built = recipe.goals, [], {}
+    for name, over in recipe.auto.candidates.items():
         r = with_overrides(recipe, **over)
-        dirs = build_model_dirs(src, r, calib, eval_tokens, baseline, cache, st, recover)
-        acc = score(dirs["quantized"], eval_tokens, recipe.validate.seq_len)["accuracy"]
-        c = {"name": name, "overrides": over, "accuracy": acc, "accuracy_drop": baseline["accuracy"] - acc,
-             "size_ratio": graph_bytes(dirs["quantized"]) / baseline["onnx_bytes"]}
-        c["passed"] = (c["accuracy_drop"] <= drop_budget(recipe.goals, baseline["accuracy"])
-                       and c["size_ratio"] <= recipe.goals.size_ratio)
-        st.log(f"candidate {name}: drop {100 * c['accuracy_drop']:.2f} points, size {c['size_ratio']:.3f}, "
-               f"{'passes' if c['passed'] else 'fails'}")
+        b = build(r)
+        c = {"name": name, "overrides": over, **measure(b)}
+        c["passed"] = (c["accuracy_drop"] <= drop_budget(goals, c["fp32_accuracy"])
+                       and c["size_ratio"] <= goals.size_ratio)
+        log(f"candidate {name}: dev drop {100 * c['accuracy_drop']:.2f} points, size {c['size_ratio']:.3f}, "
+            f"{'passes' if c['passed'] else 'fails'}")
         cands.append(c)
-        built[name] = (r, dirs)
-    best = pick(cands)
-    r, dirs = built[best["name"]]
-    return r, dirs, {"candidates": cands, "pareto": pareto(cands), "chosen": best["name"]}
+        built[name] = (r, b)
+    best = pick(cands, recipe.auto.select)
+    r, b = built[best["name"]]
+    return r, b, {"candidates": cands, "pareto": pareto(cands), "chosen": best["name"],
+                  "select": recipe.auto.select}

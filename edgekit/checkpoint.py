@@ -17,13 +17,16 @@ DeepSeek publishes V3), dequantized layer by layer (``edgekit.lazy``, ``edgekit.
 
 Failure modes (all ``EdgekitError``, one line naming the fix): missing/empty dir, ``.bin``/``.pt``
 weights, corrupt or truncated safetensors, an index naming a missing shard or lacking a tensor,
-unknown ``model_type``, missing tensors, shape mismatches, fp8 scales of the wrong shape, NaN/Inf
-weights. Multi-token-prediction layers are skipped with a note on stderr.
+a config.json that is not an object or has mistyped values, unknown ``model_type``, missing
+tensors, shape mismatches (checked from the safetensors headers before anything is allocated,
+``edgekit.configcheck``), weights with more layers than the config, shard names leaving the
+directory, fp8 scales of the wrong shape, NaN/Inf weights, a corrupt tokenizer.json.
+Multi-token-prediction layers (their own tensors, or ``num_nextn_predict_layers``) are skipped with
+a note on stderr.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -33,84 +36,14 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .errors import EdgekitError
-from .model import ModelArgs, Transformer, rope_tables
-
-SUPPORTED_TYPES = ("deepseek_v3", "deepseek_v2")
-_ARG_FIELDS = {f.name for f in dataclasses.fields(ModelArgs)}
-
-
-def reference_model_dir() -> Path:
-    """The shipped, trained reference model v3-nano."""
-    return Path(__file__).parent / "data" / "v3-nano"
-
-
-def resolve(path: str | os.PathLike | None) -> Path:
-    """A checkpoint directory; ``None``/``"v3-nano"``/``"v3-mini"`` name the shipped reference models."""
-    if path in (None, "", "v3-nano"):
-        return reference_model_dir()
-    if path == "v3-mini" and not Path(path).exists():
-        return reference_model_dir().parent / "v3-mini"
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json <-> ModelArgs
-# ---------------------------------------------------------------------------------------------
-def args_from_config(cfg: dict) -> ModelArgs:
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_TYPES:
-        raise EdgekitError(f"config.json model_type={mt!r} is not a DeepSeek-V3-family model; "
-                           f"edgekit supports {', '.join(SUPPORTED_TYPES)}")
-    cfg = dict(cfg)
-    rp = cfg.pop("rope_parameters", None)
-    if rp:  # newer transformers spelling: theta and scaling in one dict
-        rp = dict(rp)
-        cfg.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
-        if rp.get("rope_type", rp.get("type", "default")) != "default":
-            cfg["rope_scaling"] = rp
-    if mt == "deepseek_v2":
-        cfg.setdefault("scoring_func", "softmax")
-        cfg.setdefault("topk_method", "greedy")
-        cfg.setdefault("norm_topk_prob", False)
-        cfg.setdefault("rope_interleave", True)
-    kw = {k: v for k, v in cfg.items() if k in _ARG_FIELDS and v is not None or k == "q_lora_rank"}
-    if isinstance(kw.get("eos_token_id"), list):
-        kw["eos_token_id"] = kw["eos_token_id"][0]
-    try:
-        return ModelArgs(**kw)
-    except (TypeError, ValueError) as e:
-        raise EdgekitError(f"config.json is invalid: {e}") from None
-
-
-def config_from_args(args: ModelArgs) -> dict:
-    cfg = dataclasses.asdict(args)
-    if not cfg["layer_overrides"]:
-        del cfg["layer_overrides"]
-    cfg["architectures"] = ["DeepseekV3ForCausalLM" if args.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
-    cfg["num_key_value_heads"] = args.num_attention_heads
-    cfg["num_nextn_predict_layers"] = 0
-    cfg["rope_parameters"] = {"rope_theta": args.rope_theta, **(args.rope_scaling or {"rope_type": "default"})}
-    return cfg
+from .hfconfig import (SUPPORTED_TYPES, args_from_config, config_from_args, read_config,  # noqa: F401 (re-exported)
+                       reference_model_dir, resolve)
+from .model import Transformer, rope_tables
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def read_config(path: str | os.PathLike | None) -> tuple[Path, dict]:
-    """The checkpoint dir (None: v3-nano) and its parsed config.json."""
-    d = resolve(path)
-    if not d.is_dir():
-        raise EdgekitError(f"{d} is not a directory; pass a Hugging Face checkpoint directory")
-    if not (d / "config.json").exists():
-        raise EdgekitError(f"{d} has no config.json; pass a Hugging Face checkpoint directory")
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except ValueError as e:
-        raise EdgekitError(f"{d / 'config.json'} is not valid JSON ({e}); fix or re-save it") from None
-    return d, cfg
-
-
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> Transformer:
     """Load a DeepSeek-V3-family Hugging Face checkpoint directory (default: the shipped v3-nano).
 
@@ -136,12 +69,9 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float
 
 def load_tokenizer(path: str | os.PathLike | None = None):
     """The ``tokenizer.json`` beside a checkpoint (or inside a bundle)."""
-    from tokenizers import Tokenizer
+    from .bundle import read_tokenizer
 
-    f = resolve(path) / "tokenizer.json"
-    if not f.exists():
-        raise EdgekitError(f"{f} not found; copy the model's tokenizer.json next to its weights")
-    return Tokenizer.from_file(str(f))
+    return read_tokenizer(resolve(path))
 
 
 # ---------------------------------------------------------------------------------------------

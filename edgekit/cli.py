@@ -1,7 +1,12 @@
 """The ``edgekit`` command line. Thin by design: each command parses options, calls one library
 function and prints its result; the work lives in the library modules.
 
-Errors: ``EdgekitError`` (bad input) becomes one line on stderr and exit code 2, no traceback.
+Errors: ``EdgekitError`` (bad input), click usage errors (a bad option value) and OS errors (an
+unwritable path, a full disk) become one line on stderr and exit code 2, no traceback. Commands that
+write a directory check ``-o`` first (``edgekit.outputs``; ``--force`` to replace a foreign dir).
+
+``prune`` and ``compress`` also run under ``torchrun --nproc-per-node N`` (``edgekit.dist``):
+every rank takes part in calibration and distillation, rank 0 alone writes and prints.
 """
 
 from __future__ import annotations
@@ -22,13 +27,35 @@ class UserError(click.ClickException):
 
 
 class Group(click.Group):
-    """Turns library ``EdgekitError`` into a one-line message and exit code 2."""
+    """Turns library ``EdgekitError``, usage errors and OS errors (unwritable path, full disk) into
+    a one-line message and exit code 2."""
 
     def invoke(self, ctx):
+        from .outputs import command_scope
+
         try:
-            return super().invoke(ctx)
+            with command_scope():
+                return super().invoke(ctx)
         except EdgekitError as e:
             raise UserError(str(e)) from None
+        except click.UsageError as e:
+            cmd = f"{e.ctx.command_path} -h" if e.ctx else "edgekit -h"
+            raise UserError(f"{e.format_message()} (see `{cmd}`)") from None
+        except OSError as e:
+            where = f" on {e.filename}" if e.filename else ""
+            raise UserError(f"file system error{where}: {e.strerror or e}; check the paths, their permissions "
+                            "and free disk space") from None
+
+
+def _output(out, force, *inputs):
+    """Check ``-o`` before any work (edgekit.outputs): refuses files and foreign dirs without --force."""
+    from .checkpoint import resolve
+    from .outputs import prepare
+
+    return prepare(out, force, inputs=[resolve(i) for i in inputs])
+
+
+FORCE_HELP = "Replace -o even when it is a directory edgekit did not write (never a file)."
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +107,8 @@ def info(model, as_json):
 @click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
               help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
 @click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
-def synth(shape, out, seed, dtype, shard_mb, list_shapes):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def synth(shape, out, seed, dtype, shard_mb, list_shapes, force):
     """Write a random-init (std 0.02) checkpoint of a named V3 SHAPE with v3-nano's tokenizer.
 
     Tensors are generated and written shard by shard, so a checkpoint larger than free memory can
@@ -103,6 +131,7 @@ def synth(shape, out, seed, dtype, shard_mb, list_shapes):
         return
     if not out:
         raise UserError("synth needs -o DIR (where to write the checkpoint)")
+    _output(out, force)
     d = do_synth(shape, out, seed=seed, dtype=dtype, shard_bytes=shard_mb << 20,
                  log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {d}")
@@ -112,9 +141,9 @@ def synth(shape, out, seed, dtype, shard_mb, list_shapes):
 @click.argument("model", required=False)
 @click.option("--data", default="eval", show_default=True,
               help="Text file to score, or a shipped split name (eval, calib).")
-@click.option("--seq-len", default=512, show_default=True, help="Window length in tokens.")
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (ONNX/bundle).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="Window length in tokens.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (ONNX/bundle).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_(model, data, seq_len, max_tokens, threads, as_json):
     """Next-token accuracy (± standard error) and perplexity of MODEL on held-out text.
@@ -142,7 +171,8 @@ def eval_(model, data, seq_len, max_tokens, threads, as_json):
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check onnxruntime against torch (logits and greedy tokens) after export.")
-def export(model, out, moe, no_simplify, verify):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def export(model, out, moe, no_simplify, verify, force):
     """Export MODEL to ONNX: one graph for prefill and decode with MLA's latent KV cache.
 
     \b
@@ -155,6 +185,7 @@ def export(model, out, moe, no_simplify, verify):
     from .export import export as do_export
     from .export import verify as do_verify
 
+    _output(out, force, model)
     m = load(model)
     d = do_export(m, out, ExportConfig(moe=moe, simplify=not no_simplify), tokenizer_from=resolve(model))
     click.echo(f"wrote {d}")
@@ -169,11 +200,14 @@ def export(model, out, moe, no_simplify, verify):
 @click.option("--experts", type=float, default=0.0, help="Fraction of routed experts removed per MoE layer.")
 @click.option("--heads", type=float, default=0.0, help="Fraction of attention heads removed per layer.")
 @click.option("--ffn", type=float, default=0.0, help="Fraction of FFN channels removed (dense, shared, routed).")
-@click.option("--layers", type=int, default=0, help="Whole layers removed (lowest block influence first).")
-@click.option("--recover-steps", type=int, default=0, help="Distillation steps from the unpruned model.")
+@click.option("--layers", type=click.IntRange(min=0), default=0,
+              help="Whole layers removed (lowest block influence first).")
+@click.option("--recover-steps", type=click.IntRange(min=0), default=0,
+              help="Distillation steps from the unpruned model.")
 @click.option("--calib", default="calib", show_default=True, help="Text for importance (file or split).")
 @click.option("--recipe", "recipe_path", default=None, help="TOML whose [prune] table (incl. per_layer) is used.")
-def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_path):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_path, force):
     """Structurally prune MODEL (experts, heads, channels, layers physically removed).
 
     Writes an ordinary Hugging Face-format checkpoint that `edgekit load/info/eval/export` read.
@@ -183,17 +217,22 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
         edgekit prune --experts 0.25 --recover-steps 100 -o edgekit-out/pruned
         edgekit info edgekit-out/pruned
     """
+    from . import dist
     from .prune import PruneConfig, prune_checkpoint
     from .recipes import build, load_recipe
 
     if recipe_path:
-        cfg = load_recipe(recipe_path).prune
+        cfg = load_recipe(recipe_path, {"prune": PruneConfig}).prune
     else:
         cfg = build(PruneConfig, dict(experts=experts, heads=heads, ffn=ffn, layers=layers,
                                       recover_steps=recover_steps), "prune")
-    d = prune_checkpoint(model, out, cfg, calib=calib)
-    rec = json.loads((d / "prune.json").read_text())
-    click.echo(f"wrote {d}: {rec['params_before'] / 1e6:.3f}M -> {rec['params_after'] / 1e6:.3f}M params")
+    with dist.session() as w:
+        dist.main_first(lambda: _output(out, force, model))  # under torchrun only rank 0 writes, so only it checks
+        d = prune_checkpoint(model, out, cfg, calib=calib, progress=w.is_main)
+    if w.is_main:
+        rec = json.loads((d / "prune.json").read_text())
+        click.echo(f"wrote {d}: {rec['params_before'] / 1e6:.3f}M -> {rec['params_after'] / 1e6:.3f}M params"
+                   + (f" ({w.size} ranks)" if w.enabled else ""))
 
 
 @cli.command()
@@ -211,7 +250,8 @@ def prune(model, out, experts, heads, ffn, layers, recover_steps, calib, recipe_
 @click.option("--int8", "force_int8", multiple=True, help="Unit name or re:pattern to force to int8 (repeatable).")
 @click.option("--export-moe", type=click.Choice(["contrib", "portable"]), default="contrib", show_default=True)
 @click.option("--calib", default="calib", show_default=True, help="Calibration text (file or split).")
-def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force_int8, export_moe, calib):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force_int8, export_moe, calib, force):
     """Symmetric int8 (SmoothQuant-scaled, accuracy-aware mixed precision) ONNX export of MODEL.
 
     \b
@@ -220,13 +260,19 @@ def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force
         edgekit eval edgekit-out/nano-int8
     """
     from .checkpoint import load, resolve
+    from .export import ExportConfig
     from .quantize import DEFAULT_OVERRIDES, QuantConfig, quantize_
     from .recipes import build
+    from .smooth import SmoothConfig
 
+    _output(out, force, model)
     overrides = {**DEFAULT_OVERRIDES, **{p: "fp32" for p in keep_fp32}, **{p: "int8" for p in force_int8}}
-    cfg = build(QuantConfig, dict(mode=mode, alpha=alpha, smooth=not no_smooth, max_drop=max_drop, moe=moe,
-                                  overrides=overrides, export_moe=export_moe, calib=calib), "quantize")
-    r = quantize_(load(model), out, cfg, tokenizer_from=resolve(model), log=lambda m: click.echo(m, err=True))
+    cfg = build(QuantConfig, dict(mode=mode, max_drop=max_drop, moe=moe, overrides=overrides, calib=calib),
+                "quantize")
+    scfg = build(SmoothConfig, dict(enabled=not no_smooth, search=alpha is None, alpha=0.5 if alpha is None else alpha,
+                                    calib_seq_len=cfg.seq_len, calib_max_tokens=cfg.calib_max_tokens), "smooth")
+    r = quantize_(load(model), out, cfg, tokenizer_from=resolve(model), smooth=scfg,
+                  export_config=ExportConfig(moe=export_moe), log=lambda m: click.echo(m, err=True))
     ort = r["accuracy"]["ort"][-1] if r["accuracy"]["ort"] else {}
     click.echo(f"wrote {out}: {r['size_bytes'] / 1e6:.2f} MB; kept fp32: {len(r['fp32_units'])} units; "
                f"calib accuracy fp32 {ort.get('fp32', float('nan')):.4f} int8 {ort.get('int8', float('nan')):.4f}")
@@ -235,11 +281,16 @@ def quantize(model, out, mode, alpha, no_smooth, max_drop, moe, keep_fp32, force
 
 @cli.command()
 def targets():
-    """List deployment targets (export_recipes/*.toml) with their budgets."""
+    """List deployment targets (export_recipes/*.toml) with their budgets and where each was validated."""
+    from pathlib import Path
+
+    from .devices import collect, validated_where
     from .recipes import load_recipe, target_names
     from .report_text import render_targets
 
-    render_targets([load_recipe(n, stages=False) for n in target_names()])
+    runs_dir = Path(__file__).resolve().parent.parent / "device_runs"   # a checkout; an installed wheel has none
+    where = validated_where(collect(runs_dir)) if runs_dir.is_dir() else None
+    render_targets([load_recipe(n) for n in target_names()], where)
 
 
 @cli.command()
@@ -259,10 +310,11 @@ def targets():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
               help="Where torch work runs (calibration, importance, distillation, torch eval). Default: the recipe's "
                    "[build] device (auto: CUDA when present).")
-def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, stream, device):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, stream, device, force):
     """Compress MODEL for a target and validate it: the main job.
 
-    load -> prune (+recover) -> scale -> export -> simplify -> quantize -> validate -> bundle.
+    prune (+recover) -> smooth -> export (once) -> plan int8 -> quantize the graph -> validate -> bundle.
     Exit code 0: no gate failed (unverified gates warn); 1: a gate failed (bundle still written);
     2: bad input.
 
@@ -273,12 +325,16 @@ def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cac
     """
     from rich.console import Console
 
+    from . import dist
     from .pipeline import compress as run
     from .report_text import render_report
 
-    con = Console(stderr=True)
-    res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict, auto=auto,
-              use_cache=not no_cache, console=con, stream=stream, device=device)
+    with dist.session() as w:
+        res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict,
+                  auto=auto, use_cache=not no_cache, console=Console(stderr=True) if w.is_main else None,
+                  force=force, stream=stream, device=device)
+    if res is None:  # a rank other than 0: it took part in prune + recover only
+        return
     render_report(res.report, res.bundle)
     sys.exit(res.exit_code)
 
@@ -293,12 +349,13 @@ def validate(bundle, target, eval_data, report_dir, strict):
     """Re-validate BUNDLE on this machine (a device validation run); writes a fresh report beside it."""
     from pathlib import Path
 
+    from .outputs import writable_dir
     from .report import write_report
     from .report_text import render_report
     from .validate import validate_bundle
 
+    d = writable_dir(report_dir or Path(bundle) / "device-report")
     r = validate_bundle(bundle, target, eval_data)
-    d = Path(report_dir or Path(bundle) / "device-report")
     d.mkdir(parents=True, exist_ok=True)
     write_report(d, r)
     render_report(r, d)
@@ -323,7 +380,46 @@ def devices_report(root, markdown):
     click.echo(to_markdown(head, rows)) if markdown else render_matrix(head, rows)
 
 
+@cli.group(cls=Group)
+def cache():
+    """The stage cache ($EDGEKIT_CACHE or ~/.cache/edgekit): every entry carries a content hash."""
+
+
+@cache.command(name="ls")
+def cache_ls():
+    """List cache entries: stage, key, size, age and whether the content hash holds."""
+    from .report_text import render_cache
+    from .stagecache import StageCache
+
+    render_cache(StageCache().entries(check=False))
+
+
+@cache.command(name="verify")
+def cache_verify():
+    """Re-hash every entry; exit 1 when one is corrupt (it is rebuilt on its next use)."""
+    from .report_text import render_cache
+    from .stagecache import StageCache
+
+    rows = StageCache().entries(check=True)
+    render_cache(rows)
+    sys.exit(1 if any(r["status"] != "ok" for r in rows) else 0)
+
+
+@cache.command(name="clear")
+@click.option("--stage", default=None, help="Only this stage (prune, export, quantize, baseline, score).")
+def cache_clear(stage):
+    """Remove cache entries (only directories edgekit wrote there)."""
+    from .stagecache import StageCache
+
+    n, freed = StageCache().clear(stage)
+    click.echo(f"removed {n} entries ({freed / 1e6:.1f} MB)")
+
+
 def main():
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so staging and scratch dirs are removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cli(prog_name="edgekit")
 
 

@@ -10,12 +10,14 @@ the next-token target). ``DomainData.of(domain)`` names the four splits of one d
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
 ``eval``).
 
+Device side: numpy and tokenizers only (``edgekit validate`` reads its eval text through here).
+
 Invariants: the eval, calibration and dev splits are disjoint from each other and from the text
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
 ``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.
 
-Failure modes: a missing file, a non-UTF-8 file or text too short for one window raise
-``EdgekitError`` naming the fix.
+Failure modes: a missing file, a non-UTF-8 file, text too short for one window (``windows``) or
+for one full calibration window (``require_tokens``) raise ``EdgekitError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -100,8 +102,18 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
 
 def load_tokens(source: str | os.PathLike | None, tokenizer, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of a split or text file, optionally truncated to ``max_tokens``."""
+    if max_tokens is not None and max_tokens < 0:
+        raise EdgekitError(f"max_tokens={max_tokens}: pass a positive number of tokens")
     ids = np.asarray(tokenizer.encode(load_text(source or "eval")).ids, dtype=np.int64)
     return ids[:max_tokens] if max_tokens else ids
+
+
+def require_tokens(tokens: np.ndarray, n: int, what: str) -> np.ndarray:
+    """At least ``n`` tokens (e.g. one full calibration window), or a one-line error naming the fix."""
+    if len(tokens) < n:
+        raise EdgekitError(f"the {what} has {len(tokens)} tokens; it needs at least {n} (one full window): "
+                           "pass a longer text file")
+    return tokens
 
 
 def windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:

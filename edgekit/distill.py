@@ -19,19 +19,28 @@ Invariants: the teacher is never modified (no grad, eval mode); the student ends
 the device it started on; runs on CUDA when present (``device="auto"``), CPU otherwise; the same
 seed gives the same windows. Learning rate: linear warm-up, then cosine to 10%.
 
-Failure modes: fewer tokens than one window, or a teacher with another vocabulary, raise
-``EdgekitError``; invalid settings raise ``ValueError`` naming the fix.
+Data-parallel under torchrun (``edgekit.dist``): every rank draws the same global batch of
+``batch_size`` windows and runs its contiguous share on FSDP2-sharded copies of student and teacher
+(``dist.fsdp_copy``). Each rank's loss is weighted by its share of the batch, so FSDP's gradient
+average is the gradient of the global-batch loss: step for step the same updates (and the same
+logged loss, ``on_step``) as one process with the same batch, up to fp summation order. Afterwards
+the trained parameters are gathered back into ``student`` on every rank.
+
+Failure modes: fewer tokens than one window, a teacher with another vocabulary, or fewer windows
+per step than ranks raise ``EdgekitError``; invalid settings raise ``ValueError`` naming the fix.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import dist
 from .errors import EdgekitError
 
 
@@ -90,8 +99,10 @@ def _device(cfg: DistillConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def distill_(student, teacher, tokens: np.ndarray, config: DistillConfig | None = None):
-    """Train ``student`` in place towards ``teacher`` on windows of ``tokens``; returns ``student``."""
+def distill_(student, teacher, tokens: np.ndarray, config: DistillConfig | None = None,
+             on_step: Callable[[int, float], None] | None = None):
+    """Train ``student`` in place towards ``teacher`` on windows of ``tokens``; returns ``student``.
+    ``on_step(step, loss)`` is called after every step with the loss of the whole (global) batch."""
     cfg = config or DistillConfig()
     if cfg.steps == 0:
         return student
@@ -102,50 +113,71 @@ def distill_(student, teacher, tokens: np.ndarray, config: DistillConfig | None 
                            f"{seq_len}; pass more text or a smaller seq_len")
     if student.args.vocab_size != teacher.args.vocab_size:
         raise EdgekitError("student and teacher vocabularies differ; distill from the model the student was cut from")
+    w = dist.world()
+    if cfg.batch_size < w.size:
+        raise EdgekitError(f"distillation batch_size {cfg.batch_size} is smaller than the {w.size} processes; "
+                           "use a batch size of at least the number of ranks")
+    if w.enabled:
+        with dist.quiet_fsdp():
+            dev = dist.device(cfg.device)
+            sharded = dist.fsdp_copy(student, dev)
+            _train(sharded, dist.fsdp_copy(teacher, dev), tokens, seq_len, cfg, on_step)
+            dist.copy_full_(student, sharded)
+        return student.eval()
     home = next(student.parameters()).device
     dev = _device(cfg)
-    student.to(dev).train()
     teacher_home = next(teacher.parameters()).device
-    teacher.to(dev).eval()
-    frozen = () if cfg.train_embeddings else ("model.embed_tokens.", "lm_head.")
-    params = [p for n, p in student.named_parameters() if not n.startswith(frozen)]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
-    it = range(cfg.steps)
-    if cfg.progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
-    from contextlib import nullcontext
-
-    from .qat import QATConfig, fake_quantized
-
-    qat = fake_quantized(student, QATConfig(cfg.fake_quant)) if cfg.fake_quant else nullcontext()
     try:
-        with qat:
-            _steps(student, teacher, tokens, cfg, opt, params, rng, it, seq_len, dev)
+        _train(student.to(dev), teacher.to(dev), tokens, seq_len, cfg, on_step)
     finally:
         student.to(home).eval()
         teacher.to(teacher_home)
     return student
 
 
-def _steps(student, teacher, tokens, cfg, opt, params, rng, it, seq_len, dev) -> None:
-    """The distillation loop proper (``distill_`` sets up devices, optimizer and fake quantization)."""
-    for step in it:
-        starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)
-        ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B, T]
-        with torch.no_grad():
-            t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
-        s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
-        loss = distill_loss(s_logits, t_logits, cfg.temperature)
-        if cfg.hidden_weight:
-            ref = t_hid[-1].float()
-            loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / ref.pow(2).mean()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if cfg.progress and step % 10 == 0:
-            it.set_postfix(loss=f"{loss.item():.4f}")
+def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfig, on_step):
+    """The optimisation loop, under int8 fake quantization when ``cfg.fake_quant``; under torchrun
+    ``student``/``teacher`` are FSDP2 copies and this rank runs its share of each global batch."""
+    from contextlib import nullcontext
+
+    from .qat import QATConfig, fake_quantized
+
+    student.train()
+    teacher.eval()
+    dev = next(student.parameters()).device
+    frozen = () if cfg.train_embeddings else ("model.embed_tokens.", "lm_head.")
+    params = [p for n, p in student.named_parameters() if not n.startswith(frozen)]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    mine = dist.shard_range(cfg.batch_size)
+    # FSDP averages gradients over ranks; weighting each rank's mean loss by its share of the batch
+    # makes that average the gradient of the global-batch mean (1.0 in one process)
+    weight = (mine.stop - mine.start) * dist.world().size / cfg.batch_size
+    it = range(cfg.steps)
+    if cfg.progress and dist.world().is_main:
+        from tqdm import tqdm
+        it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
+    with fake_quantized(student, QATConfig(cfg.fake_quant)) if cfg.fake_quant else nullcontext():
+        for step in it:
+            starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)[mine]  # same draw on every rank
+            ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B_rank, T]
+            with torch.no_grad():
+                t_logits, _, _, t_hid = teacher.forward_cached(ids, return_hidden=True)
+            s_logits, _, _, s_hid = student.forward_cached(ids, return_hidden=True)
+            loss = distill_loss(s_logits, t_logits, cfg.temperature)
+            if cfg.hidden_weight:
+                ref = t_hid[-1].float()
+                sq, n = dist.all_reduce_sums([ref.pow(2).sum(), ref.numel()])   # the global batch's mean square
+                loss = loss + cfg.hidden_weight * F.mse_loss(s_hid[-1].float(), ref) / (sq / n)
+            loss = loss * weight
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            global_loss = dist.mean_over_ranks(loss)  # every rank, every step: never a collective on one rank only
+            if on_step is not None:
+                on_step(step, global_loss.item())
+            if step % 10 == 0 and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{global_loss.item():.4f}")

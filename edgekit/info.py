@@ -1,6 +1,7 @@
 """Model facts for ``edgekit info``: parameters by kind, active parameters per token, cache bytes.
 
-What: ``model_info(model) -> dict`` with ``params_total``, ``params_active`` (what one token reads:
+What: ``param_count(module)`` (the one parameter count: tied tensors once);
+``model_info(model) -> dict`` with ``params_total``, ``params_active`` (what one token reads:
 everything except the routed experts it does not pick), a breakdown into embeddings / attention /
 dense FFN / shared experts / routed experts / router / norms, per-layer sizes, and the KV-cache
 bytes per token of MLA's latent cache beside what a per-head K/V cache would take.
@@ -43,6 +44,11 @@ def cache_bytes_per_token(args, dtype_bytes: int = 4) -> dict:
             "ratio": per_head / latent}
 
 
+def param_count(module) -> int:
+    """Parameters of a model or any submodule; ``parameters()`` yields a tied tensor once."""
+    return sum(p.numel() for p in module.parameters())
+
+
 def model_info(model: Transformer) -> dict:
     a = model.args
     breakdown = dict.fromkeys(
@@ -62,7 +68,7 @@ def model_info(model: Transformer) -> dict:
         if la.dense:
             row["intermediate_size"] = layer.mlp.gate_proj.out_features
         else:
-            per_expert = [sum(p.numel() for p in e.parameters()) for e in layer.mlp.experts]
+            per_expert = [param_count(e) for e in layer.mlp.experts]
             # a token reads its top-k experts; count the average expert size for the rest
             avg = sum(per_expert) / max(len(per_expert), 1)
             inactive += int(round(avg * (len(per_expert) - la.num_experts_per_tok)))

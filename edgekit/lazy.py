@@ -39,6 +39,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .bundle import member
+from .configcheck import check_shapes
 from .errors import EdgekitError
 from .fp8 import SCALE_SUFFIX, check_scale, dequantize, fp8_config, quantization_config
 
@@ -55,9 +57,11 @@ def weight_files(d: Path) -> tuple[list[Path], dict[str, str] | None]:
             wmap = json.loads(index.read_text())["weight_map"]
             if not isinstance(wmap, dict):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise EdgekitError(f"{index} is corrupt; re-save the checkpoint with save_pretrained") from None
         names = sorted(set(wmap.values()))
+        for n in names:  # shard names must stay inside the checkpoint directory
+            member(d, n, INDEX_FILE)
         missing = [n for n in names if not (d / n).exists()]
         if missing:
             raise EdgekitError(f"{d} lacks shard {missing[0]} named in {INDEX_FILE}; copy all shards")
@@ -88,7 +92,7 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                  check_finite: bool = True):
-        from .checkpoint import args_from_config, read_config
+        from .hfconfig import args_from_config, read_config
         from .shapes import meta_model
 
         self.dir, self.config = read_config(path)
@@ -118,7 +122,9 @@ class CheckpointReader:
                 raise EdgekitError(f"{self.dir / wmap[lost[0]]} lacks tensor {lost[0]}, which {INDEX_FILE} places "
                                    "there; the index and the shards disagree (re-download or re-save the checkpoint)")
         n = self.args.num_hidden_layers
-        self.mtp = sorted(k for k in self.where if (layer_of(k) or 0) >= n)
+        # shapes from headers vs config before anything is allocated; which layers beyond n are MTP
+        self.mtp = sorted(check_shapes(self.dir, self.args, self.config,
+                                       {k: shape for k, (_, shape) in self.header.items()}))
         if self.mtp:
             print(f"note: skipped {len(self.mtp)} multi-token-prediction tensors (layers >= {n}); "
                   "edgekit runs the main model only", file=sys.stderr)

@@ -209,13 +209,14 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x [B, T, H, R]; cos/sin [T, R/2]. Output layout is [rotated evens, rotated odds] when
-    interleaved (as transformers does); q and k get the same layout, so scores are unchanged."""
+    """x [B, T, H, R]; cos/sin [T, R/2] (or [B, T, R/2]: per-row positions). Output layout is
+    [rotated evens, rotated odds] when interleaved (as transformers does); q and k get the same
+    layout, so scores are unchanged."""
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
         x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
@@ -413,17 +414,6 @@ class Transformer(nn.Module):
             hiddens.append(x)
         logits = self.lm_head(self.model.norm(x))
         return (logits, kvs, pes, hiddens) if return_hidden else (logits, kvs, pes)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding with the latent cache (reference for export parity tests)."""
-        logits, kv, pe = self.forward_cached(input_ids)
-        out = [input_ids]
-        for _ in range(max_new_tokens):
-            nxt = logits[:, -1:].argmax(-1)
-            out.append(nxt)
-            logits, kv, pe = self.forward_cached(nxt, kv, pe)
-        return torch.cat(out, dim=1)
 
 
 if __name__ == "__main__":

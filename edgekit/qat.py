@@ -3,9 +3,10 @@
 What: ``with fake_quantized(model, QATConfig()):`` makes ``model`` compute what the int8 graph
 computes (``edgekit/quantize/rewrite.py``, emulated without gradients in ``quantize/emulate.py``)
 while staying differentiable: every quantizable ``Linear`` outside the routed experts sees its
-input rounded to symmetric int8 with one scale per call (``max|x| / 127``, the dynamic mode) and its
-weight rounded per output channel; routed expert weights are rounded per row (QMoE ``moe = "row"``,
-weights only); the embedding per row. Rounding uses the straight-through estimator
+input rounded to symmetric int8 with one scale per token (``max|x| / 127``, the dynamic mode) and its
+weight rounded per output channel (7-bit by default, ``weight_qmax`` 63: quantize's reduce_range);
+routed expert weights are rounded per row (QMoE ``moe = "row"``, weights only); the embedding per
+row. Rounding uses the straight-through estimator
 ``x + (q(x) - x).detach()``: the forward sees ``q(x)``, the gradient flows as if ``q`` were the
 identity, so the fp32 latent weights learn to sit where their rounding costs least.
 ``distill_`` runs under this when ``DistillConfig.fake_quant == "int8"`` (recipe:
@@ -20,7 +21,7 @@ forward is the stock one again and no parameter was replaced (only their values 
 model saves and exports as usual. The weight scale is recomputed from the current weights at every
 step, exactly as the int8 rewrite computes it from the final weights. SmoothQuant rescaling after
 QAT moves weights off the grid they trained on; recipes using ``recover_fake_quant`` set
-``[quantize] smooth = false``.
+``[smooth] enabled = false``.
 
 Failure modes: ``ValueError`` for an unknown mode.
 """
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize.emulate import QMAX
+from .int8 import QMAX, fake_quant
 
 MODES = ("int8",)
 
@@ -42,27 +43,25 @@ MODES = ("int8",)
 @dataclass
 class QATConfig:
     mode: str = "int8"
-    activations: bool = True          # fake-quantize Linear inputs (dynamic per-call scale), as the graph does
+    activations: bool = True          # fake-quantize Linear inputs (dynamic per-token scale), as the graph does
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
+    weight_qmax: float = 63.0         # 63: 7-bit weights (quantize's default reduce_range); 127: 8-bit
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"fake_quant={self.mode!r}: use one of {MODES} (or '' for none)")
 
 
-def ste_round(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def ste_round(x: torch.Tensor, dim: int | None = None, qmax: float = QMAX) -> torch.Tensor:
     """Symmetric int8 fake quantization (max-abs scale over ``dim``; None: whole tensor) with a
     straight-through gradient. The scale is treated as a constant (no gradient through max|x|)."""
-    amax = x.detach().abs().amax() if dim is None else x.detach().abs().amax(dim=dim, keepdim=True)
-    s = amax.clamp_min(1e-12) / QMAX
-    q = torch.round(x / s).clamp(-QMAX, QMAX) * s
-    return x + (q - x).detach()
+    return x + (fake_quant(x.detach(), dim, qmax=qmax) - x).detach()
 
 
-def _linear_forward(lin: nn.Linear, act: bool):
+def _linear_forward(lin: nn.Linear, act: bool, wmax: float):
     def forward(x):
-        return F.linear(ste_round(x) if act else x, ste_round(lin.weight, dim=1), lin.bias)
+        return F.linear(ste_round(x, dim=-1) if act else x, ste_round(lin.weight, dim=1, qmax=wmax), lin.bias)
     return forward
 
 
@@ -83,7 +82,8 @@ def fake_quantized(model, config: QATConfig | None = None):
                 routed = ".experts." in name
                 if routed and not cfg.experts:
                     continue
-                mod.forward = _linear_forward(mod, cfg.activations and not routed)
+                # QMoE row-wise expert weights are 8-bit; 7-bit (reduce_range) applies to the int8 matmuls
+                mod.forward = _linear_forward(mod, cfg.activations and not routed, QMAX if routed else cfg.weight_qmax)
                 patched.append(mod)
             elif isinstance(mod, nn.Embedding) and cfg.embedding:
                 mod.forward = _embedding_forward(mod)

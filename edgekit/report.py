@@ -19,7 +19,8 @@ report.json::
       "stages": [...],      # per pipeline stage: params, accuracy, size, seconds
       "domains": {...},     # with a target domain: its name and the drop on every other domain the
                             # model was trained on (reported, not gated)
-      "auto": {...}         # with --auto: every candidate tried and the Pareto front
+      "auto": {...},        # with --auto: every candidate tried and the Pareto front
+      "distributed": {...}  # under torchrun: world_size, seconds and cache hit of the prune stage on all ranks
     }
 
 Gate status is ``pass``, ``fail`` or ``unverified``; a latency gate is never ``pass`` on a host

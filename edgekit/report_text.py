@@ -34,7 +34,7 @@ def render_info(info: dict) -> None:
               f"for per-head K/V ({kv['ratio']:.1f}x smaller)")
 
 
-def render_targets(recipes) -> None:
+def render_targets(recipes, where: dict[str, list[str]] | None = None) -> None:
     t = Table("target", "threads", "ops", "prefill p95", "decode p95", "acc. drop", "size vs fp32")
     for r in recipes:
         g = r.goals
@@ -45,6 +45,17 @@ def render_targets(recipes) -> None:
     con.print(t)
     for r in recipes:
         con.print(f"[bold]{r.target.name}[/]: {r.target.description}. Recommended: {r.target.hardware_recommendation}")
+    if where is None:
+        return
+    con.print("\n[bold]Validated where[/] (committed device runs, device_runs/; a latency gate reads pass/fail only "
+              "from a host that represents the target):")
+    for r in recipes:
+        lines = where.get(r.target.name) or ["no device run committed"]
+        if r.target.ops == "web":
+            lines = lines + ["browser: sample_apps/web in headless Chromium (tests/test_sample_apps.py): greedy "
+                             "tokens equal the Python runtime's; latency is measured in the browser, not gated"]
+        for i, line in enumerate(lines):
+            con.print(f"  {r.target.name if i == 0 else '':<13} {line}")
 
 
 def render_report(r: dict, where) -> None:
@@ -73,3 +84,13 @@ def render_matrix(head, rows) -> None:
     for r in rows:
         t.add_row(*r)
     Console().print(t)
+
+
+def render_cache(rows: list[dict]) -> None:
+    con = Console()
+    t = Table("stage", "key", "size", "age", "status")
+    for r in rows:
+        age = "?" if r["age_s"] is None else f"{r['age_s'] / 3600:.1f} h"
+        t.add_row(r["stage"], r["key"], f"{r['bytes'] / 1e6:.2f} MB", age, r["status"])
+    con.print(t)
+    con.print(f"{len(rows)} entries, {sum(r['bytes'] for r in rows) / 1e6:.1f} MB")

@@ -1,9 +1,10 @@
 """SmoothQuant-style dynamic-range scaling, folded into the RMSNorm weights (the graph gains no ops).
 
-What: ``smooth_(model, calib_tokens, SmoothConfig(alpha=0.5))`` measures, on calibration tokens,
-the per-channel max |x_j| of every RMSNorm output that feeds linears, and moves range from the
-activations into the weights: x_j -> x_j / s_j (the norm weight is divided by s) and
-W[:, j] -> W[:, j] * s_j for every consumer, with ``smooth_scales``:
+What: ``smooth_checkpoint(src, out, SmoothConfig(), calib_tokens)`` is the pipeline stage (checkpoint
+in, smoothed checkpoint + ``smooth.json`` out); ``smooth_(model, calib_tokens, config)`` measures,
+on calibration tokens, the per-channel max |x_j| of every RMSNorm output that feeds linears, and
+moves range from the activations into the weights: x_j -> x_j / s_j (the norm weight is divided
+by s) and W[:, j] -> W[:, j] * s_j for every consumer, with ``smooth_scales``:
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 (Xiao et al., SmoothQuant). Per group the exponent is searched over ``config.alphas`` (plus "off")
 by the emulated int8 error of the group's outputs, when ``search`` is on.
@@ -39,18 +40,21 @@ import torch
 from torch import nn
 
 from .errors import EdgekitError
+from .int8 import fake_quant
 
 GROUPS = ("input_layernorm", "post_attention_layernorm", "q_a_layernorm", "kv_a_layernorm")
 
 
 @dataclass
 class SmoothConfig:
+    """The ``[smooth]`` recipe table."""
+    enabled: bool = True                     # False: the stage passes the model through unchanged
     alpha: float = 0.5                       # migration strength when search is off
     alphas: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched per group (with "off") when search is on
     search: bool = True
     groups: tuple = ("input_layernorm", "post_attention_layernorm", "q_a_layernorm")
     calib_seq_len: int = 256
-    calib_max_tokens: int = 4096             # statistics converge fast; more only costs time
+    calib_max_tokens: int = 8192             # the calibration tokens int8 planning reads (QuantConfig)
     search_rows: int = 512                   # token rows kept per group for the alpha search
     batch_size: int = 8
     min_scale: float = 1e-2
@@ -106,10 +110,8 @@ def smooth_groups(model) -> list[tuple[str, nn.Module, list[nn.Linear], list[nn.
 
 
 def _fake_q(x: torch.Tensor, dim) -> torch.Tensor:
-    """Symmetric int8 fake quantization with max-abs scales over ``dim`` (None: whole tensor)."""
-    amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-    s = amax.clamp_min(1e-12) / 127.0
-    return torch.round(x / s).clamp(-127, 127) * s
+    """Symmetric int8 fake quantization (``edgekit.int8``), max-abs scales over ``dim`` (None: whole tensor)."""
+    return fake_quant(x, dim)
 
 
 def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | None) -> float:
@@ -207,7 +209,23 @@ def smooth_(model, calib_tokens: np.ndarray, config: SmoothConfig | None = None)
     """Fold smoothing scales into the norms in place. Returns {group: {"alpha", "error_before",
     "error_after"}} (alpha None: left unsmoothed because no alpha lowered the emulated error)."""
     cfg = config or SmoothConfig()
+    if not cfg.enabled:
+        return {}
     groups = selected(smooth_groups(model), cfg)
     stats = collect_norm_outputs(model, calib_tokens, cfg, {g[0] for g in groups})
     return {name: fold_group(norm, lins, fp32_lins, *stats[name], cfg)
             for name, norm, lins, fp32_lins in groups if name in stats}
+
+
+def smooth_checkpoint(src, out, config: SmoothConfig, calib_tokens: np.ndarray):
+    """Load checkpoint ``src``, fold the scales (``smooth_``) and write the smoothed checkpoint to
+    ``out`` (atomically) with ``smooth.json``: ``{"config", "groups": smooth_'s report}``."""
+    import json
+    from dataclasses import asdict
+
+    from .checkpoint import load, save
+
+    model = load(src)
+    report = smooth_(model, calib_tokens, config)
+    record = {"config": asdict(config), "groups": report}
+    return save(model, out, tokenizer_from=src, extra_files={"smooth.json": json.dumps(record, indent=2) + "\n"})

@@ -37,4 +37,8 @@ def open_model(path: str | os.PathLike | None, threads: int | None = None):
         return load(d), load_tokenizer(d), kind
     from .runtime.session import OrtModel
 
+    if kind == "bundle":
+        from .bundle import verify
+
+        verify(d)
     return OrtModel(d, threads=threads), load_tokenizer(d), kind

@@ -252,4 +252,4 @@ def evaluate_streamed(src, tokens: np.ndarray, seq_len: int = 512, batch_size: i
             with torch.no_grad():
                 logits = head(norm(x)).float().cpu().numpy()
             tally.add(logits, part[b * batch_size:(b + 1) * batch_size, 1:])
-    return tally.result()
+    return tally.scores().result()

@@ -14,20 +14,22 @@ target (``host.latency_unverified_reason``). No torch import: this runs on devic
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from .errors import EdgekitError
 from .host import host_facts, latency_unverified_reason
 from .latency import measure
 from .report import gate, overall
 
 
-def graph_bytes(d: Path) -> int:
-    """Bytes of the ONNX graph files (+ external data) in an export or bundle dir."""
-    return sum(p.stat().st_size for p in Path(d).iterdir()
-               if p.is_file() and (p.suffix in (".onnx", ".ort") or p.name.endswith(".onnx.data")))
+def graph_bytes(d: Path, fmt: str = "onnx") -> int:
+    """Bytes of the model a device loads from an export or bundle dir: the ``.ort`` model for
+    ``fmt="ort"`` when there is one, else the ONNX graph files (+ external data)."""
+    files = [p for p in Path(d).iterdir() if p.is_file()]
+    ort_files = [p for p in files if p.suffix == ".ort"]
+    if fmt == "ort" and ort_files:
+        return sum(p.stat().st_size for p in ort_files)
+    return sum(p.stat().st_size for p in files if p.suffix == ".onnx" or p.name.endswith(".onnx.data"))
 
 
 def score(model_dir: Path, eval_tokens, seq_len: int, threads: int | None = None) -> dict:
@@ -47,7 +49,7 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     # more threads than cores only measures oversubscription; the gate is unverified then anyway
     lat = measure(d, threads=min(t.threads, facts["cores"]), spinning=t.spinning, prefill_tokens=goals.prefill_tokens,
                   decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup)
-    size = graph_bytes(d)
+    size = graph_bytes(d, t.format)
     drop = baseline["accuracy"] - acc["accuracy"]
     ratio = size / baseline["onnx_bytes"]
     gates = {
@@ -78,20 +80,16 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
 
 def validate_bundle(bundle: str | Path, target: str | None = None, eval_data: str | None = None) -> dict:
     """Re-validate a bundle on this machine (writes nothing; the caller decides where the report goes)."""
-    from .bundle import verify
-    from .checkpoint import load_tokenizer
+    from .bundle import build_baseline, read_tokenizer, verify
     from .data import load_tokens
     from .recipes import load_recipe
 
     b = Path(bundle)
     manifest = verify(b)
-    built = b / "report.json"
-    if not built.exists():
-        raise EdgekitError(f"{b} has no report.json with the build-time baseline; rebuild with `edgekit compress`")
-    baseline = json.loads(built.read_text())["baseline"]
-    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"), stages=False)
+    baseline = build_baseline(b, manifest)
+    recipe = load_recipe(str(target) if target else str(b / "recipe.toml"))
     default = f"{recipe.data.domain}/eval" if recipe.data.domain else "eval"   # the text the gate was built on
-    tokens = load_tokens(eval_data or default, load_tokenizer(b), recipe.validate.eval_max_tokens or None)
+    tokens = load_tokens(eval_data or default, read_tokenizer(b, "bundle"), recipe.validate.eval_max_tokens or None)
     report = validate(b, recipe, baseline, tokens)
     report["bundle"] = {"path": str(b), "model_name": manifest["model_name"], "built_for": manifest["target"],
                         "edgekit_version": manifest["edgekit_version"]}

@@ -89,3 +89,27 @@ def test_generate_without_torch(bundle):
                        cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout.strip().splitlines()[-1]), f"empty generation: {p.stdout!r}"
+
+
+def test_ort_format_model_matches_onnx(bundle):
+    """Mobile bundles: the .ort model (what onnxruntime's phone packages load) gives the ONNX graph's
+    logits here, and its operator config lists every operator the .ort model uses."""
+    import onnxruntime as ort
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    if not m.get("ort_model"):
+        pytest.skip(f"target {m.get('target')} has no .ort model (format onnx)")
+    from edgekit.mobile import _config_ops
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = {f: ort.InferenceSession(str(bundle / f), so, providers=["CPUExecutionProvider"])
+            for f in (json.loads((bundle / "export.json").read_text())["graph"], m["ort_model"])}
+    ids = np.asarray([_cases(bundle)["cases"][0]["prompt_ids"]], np.int64)
+    feed = {i.name: (ids if i.name == "input_ids" else np.zeros((1, 0, i.shape[2]), np.float32))
+            for a in sess.values() for i in a.get_inputs() if i.name != "logits_keep"}
+    a, b = (s.run(["logits"], feed)[0] for s in sess.values())
+    d = np.abs(a - b).max() / np.abs(a).max()
+    assert d < 1e-3 and (a.argmax(-1) == b.argmax(-1)).all(), f".ort vs .onnx logits rel diff {d:.2e}"
+    assert _config_ops((bundle / m["operator_config"]).read_text()) == m["ort_operators"], \
+        "operator config and manifest disagree"

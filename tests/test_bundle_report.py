@@ -8,9 +8,13 @@ from edgekit.atomic import finalize, staging_dir
 from edgekit.bundle import get_version_info, verify, write_manifest
 from edgekit.devices import collect, matrix, to_markdown
 from edgekit.errors import EdgekitError
-from edgekit.host import latency_unverified_reason
+from edgekit.host import emulation, latency_unverified_reason
 from edgekit.recipes import Target
 from edgekit.report import gate, overall, render_html
+
+SPEC = {"format": "edgekit-onnx/1", "graph": "model.onnx", "num_layers": 1, "vocab_size": 8,
+        "max_position_embeddings": 16, "inputs": [{"name": "input_ids"}], "outputs": [{"name": "logits"}],
+        "cache": {"width": 4}}
 
 
 def _bundle(tmp_path):
@@ -18,6 +22,8 @@ def _bundle(tmp_path):
     tmp = staging_dir(out)
     (tmp / "model.onnx").write_bytes(b"graph")
     (tmp / "tokenizer.json").write_text("{}")
+    (tmp / "recipe.toml").write_text('[target]\nname = "cpu4"\n')
+    (tmp / "export.json").write_text(json.dumps(SPEC))
     write_manifest(tmp, model_name="m", target="cpu4", features=["int8"], hardware_recommendation="4 cores",
                    io_spec={"inputs": ["input_ids"]})
     return finalize(tmp, out)
@@ -28,7 +34,7 @@ def test_bundle_is_atomic_and_verifiable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"], "no temp dirs may be left behind"
     assert get_version_info(b)["features"] == ["int8"]
     verify(b)
-    (b / "model.onnx").write_bytes(b"tampered")
+    (b / "model.onnx").write_bytes(b"graf!")  # same size: only the hash can tell
     with pytest.raises(EdgekitError, match="hash"):
         verify(b)
 
@@ -53,6 +59,11 @@ def test_latency_is_unverified_on_a_host_with_too_few_cores():
     assert latency_unverified_reason(t, {"cores": 16, "arch": "x86_64"}) is None
     arm = Target(name="mobile", threads=4, arch="arm64")
     assert "arm64" in latency_unverified_reason(arm, {"cores": 16, "arch": "x86_64"})
+    # an arm64 userland under qemu-user on an x86-64 CPU is the right arch but never a measurement of the device
+    emu = emulation("aarch64", "flags", {"sse2", "avx2"})
+    assert emu and "emulat" in latency_unverified_reason(arm, {"cores": 16, "arch": "aarch64", "emulated": emu})
+    assert emulation("aarch64", "Features", {"asimd", "asimddp"}) is None
+    assert emulation("x86_64", "flags", {"sse2"}) is None
 
 
 def test_report_html_has_plots_and_gates():
@@ -74,3 +85,16 @@ def test_device_matrix(tmp_path):
     assert "latency_decode_p95_ms" in head and len(rows) == 2 and "pass (3)" in md
     with pytest.raises(EdgekitError):
         collect(tmp_path / "nothing")
+
+
+def test_validated_where_names_real_emulated_and_unrepresentative_hosts():
+    from edgekit.devices import validated_where
+
+    lat = lambda s: {"latency_prefill_p95_ms": {"status": s}, "accuracy_drop": {"status": "pass"}}  # noqa: E731
+    runs = [{"_path": "phone", "target": "mobile-arm64", "host": {"cpu_model": "A", "cores": 8}, "gates": lat("pass")},
+            {"_path": "qemu", "target": "mobile-arm64", "host": {"emulated": "arm64 on x86-64", "arch": "aarch64"},
+             "gates": lat("unverified")},
+            {"_path": "vm", "target": "cpu4", "host": {"cores": 2}, "gates": lat("unverified")}]
+    w = validated_where(runs)
+    assert w["mobile-arm64"][0].startswith("phone: real device") and "emulated" in w["mobile-arm64"][1]
+    assert "cannot represent" in w["cpu4"][0] and "prefill unverified" in w["cpu4"][0]

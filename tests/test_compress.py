@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgekit.bundle import get_version_info, verify
-from edgekit.checkpoint import reference_model_dir, save
+from edgekit.checkpoint import load_tokenizer, reference_model_dir, save
+from edgekit.data import load_tokens
+from edgekit.errors import EdgekitError
 from edgekit.pipeline import compress
 
 from .conftest import tiny_model
@@ -41,6 +44,15 @@ experts = 0.25
 recover_steps = 2
 recover_seq_len = 32
 calib_seq_len = 64
+
+[auto]
+dev_tokens = 2048
+
+[auto.candidates]
+"int8" = {{ prune = {{ experts = 0.0 }} }}
+"int8+experts25" = {{ prune = {{ experts = 0.25 }} }}
+"int8+experts50" = {{ prune = {{ experts = 0.5 }} }}
+"int8+ffn25" = {{ prune = {{ experts = 0.0, ffn = 0.25 }} }}
 
 [export]
 moe = "contrib"
@@ -95,6 +107,33 @@ def test_compress_writes_a_valid_bundle(ckpt, tmp_path, monkeypatch, cache_dir):
     assert {"prune", "export", "quantize"} <= set(again.report["stage_cache_hits"])
 
 
+def test_corrupt_cache_entries_are_rebuilt_never_used(ckpt, tmp_path, monkeypatch, cache_dir, capsys):
+    """Issue "Trust boundaries" item 2: a cached int8 model with a zeroed span and a baseline meta.json
+    with an edited accuracy are both rebuilt (with a warning); the bundle is built from intact files."""
+    from edgekit.bundle import sha256
+
+    monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
+    first = compress(ckpt, _recipe(tmp_path), out=tmp_path / "b1")
+    model = next(d for d in (cache_dir / "quantize").iterdir()
+                 if (d / "model.onnx").exists() and sha256(d / "model.onnx") == sha256(first.bundle / "model.onnx"))
+    data = bytearray((model / "model.onnx").read_bytes())
+    half = len(data) // 2
+    data[half // 2: half // 2 + half // 2] = bytes(half // 2)              # same size: only a hash can tell
+    (model / "model.onnx").write_bytes(bytes(data))
+    for meta in (cache_dir / "baseline").glob("*/meta.json"):
+        m = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**m, "accuracy": m["accuracy"] + 0.5}))   # would turn a failing drop into a pass
+    capsys.readouterr()
+    again = compress(ckpt, _recipe(tmp_path), out=tmp_path / "b2")
+    err = capsys.readouterr().err
+    assert "stage cache entry quantize/" in err and "stage cache entry baseline/" in err, err
+    hits = again.report["stage_cache_hits"]
+    assert "quantize" not in hits and "baseline" not in hits and {"prune", "export"} <= set(hits), hits
+    assert again.report["baseline"]["accuracy"] == first.report["baseline"]["accuracy"]
+    verify(again.bundle)
+    assert sha256(again.bundle / "model.onnx") == sha256(model / "model.onnx"), "built from the rebuilt entry"
+
+
 def test_budget_that_cannot_be_met_exits_1_naming_the_gate(ckpt, tmp_path, monkeypatch, cache_dir):
     monkeypatch.setenv("EDGEKIT_CACHE", str(cache_dir))
     res = compress(ckpt, _recipe(tmp_path, prefill=0.001), out=tmp_path / "b")
@@ -130,6 +169,29 @@ def test_auto_search_records_candidates_and_pareto_front(ckpt, tmp_path, monkeyp
     passing = [c for c in auto["candidates"] if c["passed"]]
     assert chosen["size_ratio"] == min(c["size_ratio"] for c in passing), "smallest passing candidate wins"
     assert "Pareto" in (res.bundle / "report.html").read_text()
+    # selection read the dev split: the calibration text's last 2048 tokens, held out of pruning
+    calib = load_tokens("calib", load_tokenizer(ckpt))
+    assert auto["dev"]["tokens"] == 2048 and res.report["pruning"]["calib_tokens"] == len(calib) - 2048
+
+
+def test_auto_dev_split_is_the_calibration_tail_and_never_eval(ckpt):
+    from edgekit.domains import plan_data
+    from edgekit.pipeline import STAGE_CONFIGS, load_texts
+    from edgekit.recipes import parse_recipe
+
+    tok = load_tokenizer(ckpt)
+    r = parse_recipe({"target": {"name": "t"}, "auto": {"dev_tokens": 1000}}, "r.toml", STAGE_CONFIGS)
+    plan = plan_data(ckpt, r, None, None, None)
+    plain, auto = load_texts(ckpt, tok, r, plan, False), load_texts(ckpt, tok, r, plan, True)
+    assert plain.dev is None and np.array_equal(np.concatenate([auto.calib, auto.dev]), plain.calib)
+    assert len(auto.dev) == 1000 and np.array_equal(auto.recover, auto.calib)   # distillation never reads dev
+    assert np.array_equal(auto.eval, plain.eval)
+    small = parse_recipe({"target": {"name": "t"}, "auto": {"dev_tokens": len(plain.calib)}}, "r.toml", STAGE_CONFIGS)
+    with pytest.raises(EdgekitError, match="dev_tokens"):
+        load_texts(ckpt, tok, small, plan, True)
+    # a targeted domain selects on its shipped dev split instead (disjoint from its calib and eval)
+    dom = load_texts(ckpt, tok, r, plan_data(ckpt, r, "c", None, None), True)
+    assert np.array_equal(dom.dev, load_tokens("c/dev", tok)) and np.array_equal(dom.calib, load_tokens("c/calib", tok))
 
 
 def test_target_domain_sets_the_text_and_reports_other_domains(ckpt, tmp_path, monkeypatch, cache_dir):
@@ -154,6 +216,5 @@ def test_target_domain_sets_the_text_and_reports_other_domains(ckpt, tmp_path, m
     for d, o in dom["out_of_domain"].items():
         assert o["drop_points"] == pytest.approx(o["fp32_accuracy"] - o["accuracy"]), d
         assert 0 < o["tokens"] <= 600
-        assert o["fp32_accuracy"] != r["baseline"]["accuracy"], "scored on its own text"
     assert dom["gated"]["drop_points"] == r["gates"]["accuracy_drop"]["value"]
     assert 'domain = "c"' in (res.bundle / "recipe.toml").read_text(), "the applied recipe names the domain"

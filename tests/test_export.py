@@ -2,8 +2,10 @@
 the export directory's spec and metadata, external data, and a torch-free runtime."""
 
 import json
+import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import onnx
@@ -62,6 +64,88 @@ def test_batch_prefill_then_decode(tiny_m, exported):
     assert np.abs(last[:, 0] - all_rows[:, -1]).max() <= 1e-5
 
 
+def test_rows_of_any_length_share_calls_like_each_row_alone(tiny_m, exported):
+    """Left-padded prefill of prompts of 3 lengths, decode, a row joining mid-way, rows leaving:
+    every row's logits equal its unbatched run (torch and onnxruntime batch 1) and its greedy
+    tokens are identical."""
+    moe, _, om = exported
+    g = np.random.default_rng(4)
+    rows = [g.integers(0, tiny_m.args.vocab_size, n).tolist() for n in (3, 11, 6, 1)]
+    steps = [9, 4, 12, 7]                                    # tokens per row: rows leave at different steps
+    want = [om.generate_greedy(np.array([r]), n)[0, len(r):].tolist() for r, n in zip(rows, steps)]
+    ref = [torch_greedy(tiny_m, torch.tensor([r]), n)[0, len(r):].tolist() for r, n in zip(rows, steps)]
+    assert want == ref, f"{moe}: onnxruntime batch 1 differs from torch"
+    logits, cache = om.prefill_rows(rows[:3])
+    assert cache.pad.tolist() == [8, 0, 5] and cache.length == 11
+    solo = np.stack([om.prefill(np.array([r]))[0][0] for r in rows[:3]])
+    diff = np.abs(logits - solo).max()
+    assert diff <= 1e-5, f"{moe}: padded prefill vs alone max abs {diff:.2e}"
+    got, logs, active, worst = [[int(t)] for t in logits.argmax(-1)], [[] for _ in rows], [0, 1, 2], 0.0
+    for step in range(16):
+        if step == 2:                                        # a 1-token prompt joins an 11-column batch
+            lg, c = om.prefill_rows([rows[3]])
+            got.append([int(lg[0].argmax())])
+            cache = cache.join(cache, c)
+            active.append(3)
+        keep = [i for i, r in enumerate(active) if len(got[r]) < steps[r]]
+        if len(keep) < len(active):
+            cache.take(keep)
+            active = [active[i] for i in keep]
+        if not active:
+            break
+        lg = om.decode(np.array([got[r][-1] for r in active]), cache)
+        for i, r in enumerate(active):
+            got[r].append(int(lg[i].argmax()))
+            logs[r].append(lg[i])
+    assert got == want, f"{moe}: batched {got} vs alone {want}"
+    for r, n in zip(rows, steps):                            # decode logits vs the row alone
+        _, c = om.prefill(np.array([r]))
+        for t in range(n - 1):
+            worst = max(worst, float(np.abs(om.decode(np.array([want[rows.index(r)][t]]), c)
+                                            - logs[rows.index(r)][t]).max()))
+    assert worst <= 1e-5, f"{moe}: batched decode logits vs alone max abs {worst:.2e}"
+
+
+def _rows_vs_alone(om, rows, steps=4):
+    """Max abs difference between batched (prefill_rows, then decode with a row joining) and each
+    row alone, over prefill and decode logits."""
+    logits, cache = om.prefill_rows(rows[:-1])
+    lg, c = om.prefill_rows(rows[-1:])
+    logits, cache = np.concatenate([logits, lg]), cache.join(cache, c)     # the last row joins
+    alone = [om.prefill(np.array([r])) for r in rows]
+    worst = max(float(np.abs(logits[i] - a[0][0]).max()) for i, a in enumerate(alone))
+    for step in range(steps):
+        t = (np.arange(len(rows)) * 7 + step) % om.vocab_size
+        batched = om.decode(t, cache)
+        for i, (_, c) in enumerate(alone):
+            worst = max(worst, float(np.abs(batched[i] - om.decode(t[i:i + 1], c)[0]).max()))
+    return worst
+
+
+def test_padded_rows_are_bit_identical_to_rows_alone(tmp_path):
+    """Dense layers only (onnxruntime's GEMMs and norms compute rows independently): prompts of 5
+    lengths (one of a single token) batched with padding give exactly the logits of each alone."""
+    m = tiny_model(first_k_dense_replace=3)
+    om = OrtModel(export(m, tmp_path / "o", ExportConfig(simplify=False)), spinning=False)
+    g = np.random.default_rng(6)
+    rows = [g.integers(0, m.args.vocab_size, n).tolist() for n in (3, 17, 1, 6, 9)]
+    worst = _rows_vs_alone(om, rows)
+    assert worst == 0.0, f"batched vs alone max abs {worst:.3e}"
+
+
+def test_graph_without_left_pad_refuses_mixed_lengths(tmp_path, exported):
+    _, d, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+    spec = json.loads((old / "export.json").read_text())
+    spec["inputs"] = [i for i in spec["inputs"] if i["name"] != "left_pad"]
+    (old / "export.json").write_text(json.dumps(spec))
+    om = OrtModel(old, spinning=False)
+    assert om.prefill_rows([[1, 2], [3, 4]])[0].shape == (2, om.vocab_size)   # equal lengths still work
+    with pytest.raises(EdgekitError, match="re-export"):
+        om.prefill_rows([[1, 2], [3, 4, 5]])
+
+
 @pytest.mark.parametrize("moe", MOE_PATHS)
 def test_run_reaches_max_positions(moe, tmp_path):
     m = tiny_model(max_position_embeddings=24)
@@ -103,6 +187,9 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
     past = proto.graph.input[1].type.tensor_type.shape.dim
     assert [x.dim_param for x in past[:2]] == ["batch", "past_seq"] and past[2].dim_value == W
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    row_ifs = sorted(n.name for n in proto.graph.node if n.op_type == "If" and n.name.startswith("rowattn."))
+    assert row_ifs == [f"rowattn.{i}" for i in range(a.num_hidden_layers)], row_ifs   # one per layer
+    assert all(dom != "edgekit" for dom, _ in ops) and all(o.domain != "edgekit" for o in proto.opset_import)
     moe_layers = [i for i in range(a.num_hidden_layers) if a.for_layer(i).is_moe]
     if moe == "contrib":
         inits = {i.name: list(i.dims) for i in proto.graph.initializer}
@@ -113,7 +200,7 @@ def test_export_dir_spec_and_metadata(tiny_m, exported):
             assert inits[node["fc2"]] == [a.n_routed_experts, a.hidden_size, a.moe_intermediate_size]
     else:
         assert not any(dom for dom, _ in ops), f"portable graph uses non-standard ops: {ops}"
-        ifs = {n.name for n in proto.graph.node if n.op_type == "If"}
+        ifs = {n.name for n in proto.graph.node if n.op_type == "If" and not n.name.startswith("rowattn.")}
         assert ifs == {f"experts.{i}" for i in moe_layers} == {e["node"] for e in spec["sparse_experts"]}
         assert spec["moe_nodes"] == []
 
@@ -140,7 +227,7 @@ def test_tokenizer_copied_and_dir_replaced(tmp_path, tiny_ckpt):
     m = edgekit.load(tiny_ckpt)
     (tiny_ckpt / "tokenizer.json").write_text("{}")
     out = tmp_path / "o"
-    out.mkdir()
+    export(m, out, ExportConfig(simplify=False))      # an earlier export (edgekit's own output: replaceable)
     (out / "stale.txt").write_text("x")
     export(m, out, ExportConfig(simplify=False), tokenizer_from=tiny_ckpt)
     assert (out / "tokenizer.json").read_text() == "{}" and not (out / "stale.txt").exists()
@@ -170,14 +257,44 @@ def test_evaluate_scores_ort_like_torch(tiny_m, exported):
     assert abs(a.perplexity - b.perplexity) / a.perplexity < 1e-4, (a, b)
 
 
+def test_export_json_maps_every_unit_by_name(tiny_m, exported):
+    """export.json ``units``: every quantizable module -> the node and initializer holding it. The
+    map is read off names; here (test only) each linear's initializer is checked by value."""
+    from onnx import numpy_helper
+
+    from edgekit.quantize.emulate import units
+
+    moe, d, _ = exported
+    spec = json.loads((d / "export.json").read_text())
+    proto = onnx.load(str(d / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    mods = units(tiny_m)
+    assert set(mods) <= set(spec["units"]), sorted(set(mods) - set(spec["units"]))
+    for name, e in spec["units"].items():
+        w = mods[name].weight.detach().numpy() if hasattr(mods[name], "weight") else None
+        if e["op"] == "MatMul":
+            assert nodes[e["node"]].input[1] == e["weights"][0]
+            np.testing.assert_array_equal(inits[e["weights"][0]], w.T, err_msg=name)
+        elif e["op"] == "Gather":
+            assert nodes[e["node"]].input[0] == e["weights"][0]
+            np.testing.assert_array_equal(inits[e["weights"][0]], w, err_msg=name)
+        elif e["op"] == "absorbed":
+            assert name.endswith("kv_b_proj") and e["node"] is None and all(x in inits for x in e["weights"])
+        else:
+            assert name.endswith("mlp.experts") and e["node"] in nodes and all(x in inits for x in e["weights"])
+    assert {e["op"] for e in spec["units"].values()} == {"MatMul", "Gather", "absorbed",
+                                                        "MoE" if moe == "contrib" else "If"}
+
+
 def test_runtime_imports_without_torch():
     code = "import sys, edgekit.runtime; assert 'torch' not in sys.modules, 'runtime imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_cache_bytes_and_callable_module(tiny_m):
+def test_cache_bytes_and_export_api(tiny_m):
     c = cache_bytes_per_token(tiny_m.args)
     a = tiny_m.args
     assert c["latent"] == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
     assert c["per_head_kv"] > c["latent"]
-    assert callable(edgekit.export)
+    assert callable(edgekit.export.export) and type(edgekit.export) is types.ModuleType  # no module hacks

@@ -28,14 +28,20 @@ def test_layered_export_equals_single_trace(tiny, tiny_ckpt, tmp_path, moe):
     print(f"{moe}: layered vs single-trace {np.abs(a - b).max():.2e}, vs torch {np.abs(b - ref).max():.2e}")
     assert np.abs(a - b).max() <= 1e-6 and np.abs(b - ref).max() <= 1e-4
     assert (mono.generate_greedy(ids[:1, :6], 10) == lay.generate_greedy(ids[:1, :6], 10)).all()
+    rows = [ids[0, :7].tolist(), ids[1].tolist()]            # left-padded rows: the row attention path
+    pa, pb = mono.prefill_rows(rows)[0], lay.prefill_rows(rows)[0]
+    assert np.abs(pa - pb).max() <= 1e-6
     spec = json.loads((d / "export.json").read_text())
+    mono_spec = json.loads((tmp_path / "mono" / "export.json").read_text())
+    # the same unit map (names -> ops and initializers) and model hash as the single trace; only
+    # node names differ (each piece's nodes live under its own prefix)
+    assert {u: (e["op"], e["weights"]) for u, e in spec["units"].items()} == \
+        {u: (e["op"], e["weights"]) for u, e in mono_spec["units"].items()}
+    assert spec["model_hash"] == mono_spec["model_hash"] and spec["layered"]
     want = {n for n in units(tiny) if not n.endswith("kv_b_proj")}   # kv_b_proj lives on as absorbed products
-    if moe == "portable":
-        want = {n for n in want if not n.endswith("mlp.experts")}
     assert want <= set(spec["units"]), sorted(want - set(spec["units"]))
     if moe == "contrib":
         assert [m["layer"] for m in spec["moe_nodes"]] == [1, 2]
-
 
 def test_layered_export_of_fp8_checkpoint(tmp_path):
     from edgekit.synth import synth

@@ -7,7 +7,8 @@ import torch
 import edgekit.prune.importance as imp
 from edgekit.checkpoint import load, save
 from edgekit.errors import EdgekitError
-from edgekit.prune import PruneConfig, param_count, prune_, prune_checkpoint
+from edgekit.info import param_count
+from edgekit.prune import PruneConfig, prune_, prune_checkpoint
 from edgekit.prune.importance import channel_scores, expert_scores, top_indices
 from edgekit.prune.stats import collect_stats
 from edgekit.prune.surgery import regroup
@@ -97,6 +98,21 @@ def test_stats_see_dead_heads_experts_and_identity_layers():
     assert (st[1].expert_reap_sum > 0).tolist() == (st[1].expert_count > 0).tolist(), st[1].expert_reap_sum
     assert st[2].block_influence < 1e-6 < min(st[0].block_influence, st[1].block_influence), \
         [s.block_influence for s in st]
+
+
+def test_stats_hooks_leave_the_forward_alone_and_ignore_batching():
+    """Block influence from the hooks equals the one from the model's own hidden states, whatever the
+    batch size (a pre-hook that returned a value used to replace down_proj's input)."""
+    from edgekit.data import windows
+
+    m = tiny_model()
+    rows = torch.from_numpy(windows(CALIB[:97], 32)[:, :-1])
+    with torch.no_grad():
+        hid = m.forward_cached(rows, return_hidden=True)[3]
+    ref = [float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).mean()) for a, b in zip(hid, hid[1:])]
+    for bs in (1, 3):
+        got = [s.block_influence for s in collect_stats(m, CALIB[:97], seq_len=32, batch_size=bs)]
+        assert np.allclose(got, ref, rtol=1e-5), f"batch {bs}: block influence {got} vs hidden states {ref}"
 
 
 # -- surgery: removing zero-importance parts leaves logits unchanged -----------------------------

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from edgekit.distill import DistillConfig, distill_, distill_loss
-from edgekit.prune import PruneConfig, prune_
 from edgekit.qat import QATConfig, fake_quantized, ste_round
 from edgekit.quantize.emulate import emulated, fq, units
 
@@ -36,7 +35,7 @@ def test_fake_quantized_forward_equals_the_int8_emulation_and_is_undone_on_exit(
     m = tiny_model()
     with torch.no_grad():
         ref = m(HELD_OUT)
-        with emulated(m, _int8_units(m)):
+        with emulated(m, _int8_units(m), wmax=63.0):   # quantize's default: 7-bit weights (reduce_range)
             emu = m(HELD_OUT)
         with fake_quantized(m):
             fake = m(HELD_OUT)
@@ -49,17 +48,20 @@ def test_fake_quantized_forward_equals_the_int8_emulation_and_is_undone_on_exit(
 
 
 def _int8_kl(student, teacher):
-    with torch.no_grad(), emulated(student, _int8_units(student)):
+    with torch.no_grad(), emulated(student, _int8_units(student), wmax=63.0):
         return distill_loss(student(HELD_OUT), teacher(HELD_OUT)).item()
 
 
-def test_quantization_aware_recovery_leaves_a_better_int8_student():
+def test_quantization_aware_recovery_trains_away_int8_error_plain_recovery_cannot_see():
+    # a student equal to its teacher: plain distillation has nothing to learn (KL 0 in fp32), while
+    # under fake quantization the loss is the int8 error itself, which training must reduce
     teacher = tiny_model()
-    pruned = prune_(copy.deepcopy(teacher), PruneConfig(experts=0.5, ffn=0.25), TOKENS, progress=False)
-    kw = dict(steps=60, lr=3e-3, batch_size=4, seq_len=48, progress=False, device="cpu")
-    plain = distill_(copy.deepcopy(pruned), teacher, TOKENS, DistillConfig(**kw))
-    qat = distill_(copy.deepcopy(pruned), teacher, TOKENS, DistillConfig(**kw, fake_quant="int8"))
-    a, b = _int8_kl(plain, teacher), _int8_kl(qat, teacher)
-    print(f"held-out KL of the int8 student to the teacher: plain recovery {a:.4f}, quantization-aware {b:.4f}")
-    assert b < a
+    # Adam moves every weight by ~lr per step, so the int8 error (KL ~0.008 here) needs a small lr
+    kw = dict(steps=30, lr=1e-4, batch_size=4, seq_len=48, progress=False, device="cpu")
+    plain = distill_(copy.deepcopy(teacher), teacher, TOKENS, DistillConfig(**kw))
+    qat = distill_(copy.deepcopy(teacher), teacher, TOKENS, DistillConfig(**kw, fake_quant="int8"))
+    before, a, b = _int8_kl(copy.deepcopy(teacher), teacher), _int8_kl(plain, teacher), _int8_kl(qat, teacher)
+    print(f"held-out KL of the int8 student to the teacher: start {before:.5f}, plain recovery {a:.5f}, "
+          f"quantization-aware {b:.5f}")
+    assert b < 0.9 * before and b < a, "measured 0.0079 -> 0.0061 on the 2-core dev VM"
     assert set(qat.state_dict()) == set(plain.state_dict()), "QAT leaves an ordinary checkpoint"

@@ -11,11 +11,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.quantize import QuantConfig, quantize_
+from edgekit.errors import EdgekitError
+from edgekit.export import export
+from edgekit.quantize import Plan, QuantConfig, quantize_, quantize_export
 from edgekit.quantize.emulate import emulated, fq, units
 from edgekit.quantize.mixed import plan_precision, resolve_overrides
 from edgekit.quantize.rewrite import quantize_blocks, quantize_sym, rewrite_linears
 from edgekit.runtime.session import OrtModel
+from edgekit.smooth import SmoothConfig
 
 from .conftest import tiny_model
 
@@ -95,9 +98,9 @@ def test_plan_reverts_most_sensitive_first():
 def test_quantize_end_to_end(tmp_path, moe, full):
     m = tiny_model()
     calib = np.random.default_rng(0).integers(0, 128, 600)
-    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, smooth=full, verify_ort=full)
-    rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, fp32_export_dir=None, log=lambda *_: None)
-    from edgekit.export import export
+    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=full)
+    rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
+                    smooth=SmoothConfig(enabled=full, calib_seq_len=64, calib_max_tokens=512))
     fp32 = export(m, tmp_path / "fp32")                             # the smoothed model, fp32
     spec8 = json.loads((tmp_path / "q8" / "export.json").read_text())
     spec32 = json.loads((fp32 / "export.json").read_text())
@@ -145,6 +148,30 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert ratio < limit, f"int8/fp32 size {ratio:.2f} (tiny model: fp32 RoPE tables and norms weigh in)"
 
 
+def test_quantize_export_is_a_pass_keyed_by_unit_names(tmp_path):
+    """The graph pass finds units by the names export.json records: exactly the planned ones change,
+    the same plan writes the same bytes, and a unit the graph holds no op for is a one-line error."""
+    d = export(tiny_model(), tmp_path / "fp32")
+    spec = json.loads((d / "export.json").read_text())
+    one, experts = "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.experts"
+    plan = Plan(int8={one, experts}, moe_path="row")
+    plan.save(tmp_path)
+    assert Plan.load(tmp_path) == plan
+    rep = quantize_export(d, tmp_path / "q8", tmp_path / "plan.json")
+    assert rep["graph"]["linears_int8"] == 1 and rep["graph"]["moe"] == {experts: "row"}, rep["graph"]
+    g = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph
+    names, ops = {n.name for n in g.node}, [n.op_type for n in g.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("QMoE") == 1 and ops.count("MoE") == 1, ops
+    assert spec["units"][one]["node"] not in names
+    kept = [u for u, e in spec["units"].items() if e["op"] == "MatMul" and u != one]
+    assert kept and all(spec["units"][u]["node"] in names for u in kept)
+    quantize_export(d, tmp_path / "again", plan)
+    assert (tmp_path / "q8" / "model.onnx").read_bytes() == (tmp_path / "again" / "model.onnx").read_bytes()
+    with pytest.raises(EdgekitError, match="kv_b_proj") as e:
+        quantize_export(d, tmp_path / "bad", Plan(int8={"model.layers.0.self_attn.kv_b_proj"}))
+    assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="mode"):
         QuantConfig(mode="int4")
@@ -152,3 +179,68 @@ def test_config_errors():
         QuantConfig(overrides={"lm_head": "fp16"})
     with pytest.raises(ValueError, match="max_drop"):
         QuantConfig(max_drop=-1)
+
+
+def test_quantize_portable_experts_int8(tmp_path):
+    """--export-moe portable: experts int8 inside the If/Loop subgraphs (the rewrite used to drop the
+    weights those subgraphs read), a valid graph on onnxruntime, equal to the torch emulation and close to
+    fp32 on prefill (Loop branch) and decode (gathered branch). Experts only, so the check is about them."""
+    from edgekit.export import ExportConfig, export
+
+    m = tiny_model()
+    calib = np.random.default_rng(0).integers(0, 128, 600)
+    cfg = QuantConfig(seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=True,
+                      overrides={"re:.*mlp\\.experts": "int8", "_default": "fp32"})
+    rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
+                    smooth=SmoothConfig(enabled=False), export_config=ExportConfig(moe="portable"))
+    assert rep["graph"]["moe"] == {"model.layers.1.mlp.experts": "w8-col", "model.layers.2.mlp.experts": "w8-col"}
+    proto = onnx.load(str(tmp_path / "q8" / "model.onnx"))
+    onnx.checker.check_model(proto)
+    assert not any(t.name.endswith(("fc1", "fc2")) for t in proto.graph.initializer), "fp32 experts left"
+    q8 = [t for t in proto.graph.initializer if t.name.endswith(".q8")]
+    assert len(q8) == 4 and all(t.data_type == TensorProto.INT8 for t in q8), [t.name for t in q8]
+    assert not [n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")], "non-standard ops"
+    fp32 = export(m, tmp_path / "fp32", ExportConfig(moe="portable"))
+    ids = np.random.default_rng(1).integers(0, 128, (2, 24))
+    a, b = OrtModel(fp32).logits(ids), OrtModel(tmp_path / "q8").logits(ids)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    # tiny random model: a routing flip can move one token (min printed); the rest must be near-exact
+    assert np.median(cos) > 0.9999 and (cos < 0.99).sum() <= 1, \
+        f"int8 vs fp32 portable logits cosine median {np.median(cos):.5f} min {cos.min():.4f}"
+    with emulated(m, set(rep["graph"]["moe"]), experts_as_linears=True, expert_act_int8=False,
+                  wmax=rep["graph"]["weight_max"]), torch.no_grad():
+        e = m(torch.from_numpy(ids)).numpy()
+    d = np.abs(e - b).max()
+    assert d < 1e-3, f"emulation vs onnxruntime max abs diff {d:.2e}"
+    om = OrtModel(tmp_path / "q8")                                  # decode: the gathered branch
+    last, cache = om.prefill(ids[:1, :-1])
+    step = om.decode(ids[:1, -1], cache)
+    full = om.logits(ids[:1])[:, -1]
+    assert np.abs(step - full).max() < 1e-3, f"int8 decode vs prefill max diff {np.abs(step - full).max():.2e}"
+
+
+def test_failed_quantize_leaves_nothing(tmp_path, monkeypatch):
+    import edgekit.runtime.session as session
+
+    def broken(*a, **k):
+        raise EdgekitError("onnxruntime cannot load the graph")
+    monkeypatch.setattr(session, "OrtModel", broken)        # the planning step's onnxruntime check fails
+    m = tiny_model()
+    calib = np.random.default_rng(0).integers(0, 128, 600)
+    with pytest.raises(EdgekitError):
+        quantize_(m, tmp_path / "q8", QuantConfig(seq_len=64, calib_max_tokens=512), smooth=SmoothConfig(enabled=False),
+                  calib_tokens=calib, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_unloadable_portable_graph_does_not_suggest_portable(tmp_path):
+    """The load error names a fix, never the option the graph was already made with."""
+    from edgekit.errors import EdgekitError
+    from edgekit.export import ExportConfig, export
+
+    d = export(tiny_model(), tmp_path / "p", ExportConfig(moe="portable"))
+    data = (d / "model.onnx").read_bytes()
+    (d / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EdgekitError) as e:
+        OrtModel(d)
+    assert "cannot load" in str(e.value) and "moe='portable'" not in str(e.value), str(e.value)

@@ -45,10 +45,12 @@ def test_fp32_logits_and_routing_unchanged(groups):
     hs = [b.mlp.gate.register_forward_hook(hook(i)) for i, b in enumerate(m.model.layers) if hasattr(b.mlp, "gate")]
     with torch.no_grad():
         before = m(ids)
-        dec_before = LatentDecoder(m)(ids[:, 20:], *[torch.zeros(2, 0, 24)] * 3, torch.tensor(20))[0]
+        dec_before = LatentDecoder(m)(ids[:, 20:], *[torch.zeros(2, 0, 24)] * 3, torch.tensor(20),
+                                torch.zeros(2, dtype=torch.long))[0]
         rep = smooth_(m, calib, SmoothConfig(groups=groups, calib_seq_len=64, search_rows=128))
         after = m(ids)
-        dec_after = LatentDecoder(m)(ids[:, 20:], *[torch.zeros(2, 0, 24)] * 3, torch.tensor(20))[0]  # absorbed path
+        dec_after = LatentDecoder(m)(ids[:, 20:], *[torch.zeros(2, 0, 24)] * 3, torch.tensor(20),
+                                torch.zeros(2, dtype=torch.long))[0]  # absorbed path
     for h in hs:
         h.remove()
     diff = (before - after).abs()

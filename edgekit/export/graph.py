@@ -1,5 +1,5 @@
 """The torch module that is traced into the ONNX decoder graph: ids + latent cache in, logits + new
-cache entries out, with weight-absorbed MLA attention.
+cache entries out, with weight-absorbed MLA attention; rows of any prompt and cache length share a call.
 
 What: ``LatentDecoder(model, moe)`` wraps a ``Transformer`` (sharing its weights) and adds, per
 layer, two derived constants: ``w_uk`` [H, nope, kv_lora] (kv_b_proj's K rows) and ``w_uv``
@@ -16,39 +16,114 @@ Why absorbed, and why past and new entries are kept apart:
   them behind the past rows of a preallocated buffer (see ``edgekit.runtime.OrtModel``). With
   P = 0 (empty ``past``) the same graph is the prefill.
 
-Per-token cost at small sizes is largely onnxruntime's per-node overhead, so values every layer
-needs (B, T, P, RoPE rows, causal mask) are computed once per call (``_Shared``): 833 -> 735 nodes
-on v3-nano, decode ~7-12% faster (median of 7 interleaved rounds, noisy machine).
+Batching rows of different lengths: LEFT padding, one optional input ``left_pad`` [B] (int64; its
+default, a [1] zero initializer, means "no padding" and broadcasts over any batch). Row b's real
+tokens are the last ``P + T - left_pad[b]`` of the concatenated ``[past | new]`` columns, and its
+query t sits at position ``P + t - left_pad[b]``. Why left and not right padding:
+- every row appends at the same column P, so the caller writes all T new rows with one slice per
+  layer (``edgekit.runtime.OrtModel``) and the graph keeps one scalar P;
+- the last input position is real for every row, so ``logits_keep=1`` still yields each row's
+  next-token logits (right padding would need a per-row gather of the last real position).
+The attention core of a batch with padding runs row by row on each row's own columns
+(``row_attention.py``: a Scan, behind an ``If`` that keeps the batched core when no row is
+padded), so a padded row gets the same float operations on the same shapes as the row run alone:
+its logits are bit-identical, not just close (masking instead changes summation order, which int8
+re-quantization turns into visible differences). Everything else in the graph is per token. The
+price: padded columns are carried in the cache; the runtime trims padding every row shares
+(``LatentCache.trim``). Pad positions compute finite garbage that no real position reads.
 
-Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); positions are
-``P + arange(T)`` with P = past length, so the caller must keep P + T <= max_position_embeddings
-(the RoPE table lookup fails beyond it). No Python branching on tensor values.
+Per-token cost at small sizes is largely onnxruntime's per-node overhead, so values every layer
+needs (B, T, P, RoPE rows, causal mask, per-row slice starts) are computed once per call
+(``_Shared``, and row_attention's shared nodes): 833 -> 735 nodes on v3-nano, decode ~7-12%
+faster (median of 7 interleaved rounds, noisy machine).
+
+Names: while the graph is traced (``name_keyed_weights``), every ``F.linear`` on a model weight runs
+as ``x @ W_t`` with ``W_t`` a transposed view registered on that module as ``weight_t``, so each
+linear's MatMul reads an initializer named ``model.<module>.weight_t`` (torch would otherwise fold
+the transpose into an anonymous ``onnx::MatMul_N``). ``export.json``'s ``units`` is read off these
+names (``onnx_io.graph_units``); the graph and its values are the same either way.
+
+Invariants: logits equal ``Transformer.forward_cached`` (fp32, ~1e-6); a row's logits do not
+depend on the other rows of the call, bit for bit, wherever onnxruntime's kernels compute rows
+independently (its GEMMs do for >= 2 query rows; a one-token prompt takes a single-row kernel, so
+``OrtModel.prefill_rows`` runs those in a call of their own; fp32 MoE kernels do not, so fp32
+graphs with routed experts match to ~1e-6 rather than exactly; int8 graphs with grouped experts
+match exactly, tests/test_export.py); positions are ``P + arange(T) - left_pad``, so the caller
+must keep every row's ``P + T - left_pad`` <= max_position_embeddings. No Python branching on
+tensor values.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
 from .moe_portable import PortableMoE
+from .row_attention import RowAttention
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     """Graph input and output names, in order."""
-    return (["input_ids"] + [f"past_latent.{i}" for i in range(num_layers)] + ["logits_keep"],
+    return (["input_ids"] + [f"past_latent.{i}" for i in range(num_layers)] + ["logits_keep", "left_pad"],
             ["logits"] + [f"new_latent.{i}" for i in range(num_layers)])
 
 
 def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
     ins, outs = io_names(num_layers)
     axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "logits_seq"}}
-    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:-1]})
+    axes.update({n: {0: "batch", 1: "past_seq"} for n in ins[1:-2]})
+    axes["left_pad"] = {0: "pad_batch"}          # batch, or 1 (the default broadcasts)
     axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
     return axes
+
+
+WEIGHT_T = "weight_t"     # the transposed-weight buffer each linear's MatMul reads while tracing
+
+
+class _NamedLinears(TorchFunctionMode):
+    """``F.linear(x, W)`` -> ``x @ W_t`` for the weights in ``table`` (id(W) -> (name, W_t)); records
+    the names it replaced in ``used``."""
+
+    def __init__(self, table: dict, used: set):
+        super().__init__()
+        self.table, self.used = table, used
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and id(args[1]) in self.table:
+            name, wt = self.table[id(args[1])]
+            self.used.add(name)
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            y = torch.matmul(args[0], wt)
+            return y if bias is None else y + bias
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def name_keyed_weights(model: nn.Module):
+    """While active, linears of ``model`` (nn.Linear, the routers) multiply by ``<module>.weight_t``
+    buffers (views, no copy); yields the set of module names whose linear was called. The buffers
+    are removed on exit, even on error."""
+    table, used, owners = {}, set(), []
+    try:
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(mod, nn.Embedding):
+                mod.register_buffer(WEIGHT_T, w.detach().t())
+                owners.append(mod)
+                table[id(w)] = (name, getattr(mod, WEIGHT_T))
+        with _NamedLinears(table, used):
+            yield used
+    finally:
+        for mod in owners:
+            delattr(mod, WEIGHT_T)
 
 
 class _Shared(NamedTuple):
@@ -56,15 +131,16 @@ class _Shared(NamedTuple):
     B: int
     T: int
     P: int
-    cos: torch.Tensor       # [T, rope/2]
+    cos: torch.Tensor       # [b, T, rope/2], b = B or 1 (per-row positions)
     sin: torch.Tensor
-    cos4: torch.Tensor      # [1, T, 1, rope/2]
+    cos4: torch.Tensor      # [b, T, 1, rope/2]
     sin4: torch.Tensor
     future: torch.Tensor    # [T, T] bool, True where a new token must not attend
+    pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """``model.apply_rope`` with cos/sin already shaped [1, T, 1, rope/2] (shared by all layers)."""
+    """``model.apply_rope`` with cos/sin already shaped [b, T, 1, rope/2] (shared by all layers)."""
     x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -101,10 +177,10 @@ class LatentDecoder(nn.Module):
 
     def attention(self, attn, ab, x, ctx, past):
         """x [B, T, D], past [B, P, W] -> (out [B, T, D], new [B, T, W]). ``ctx`` holds what every
-        layer shares (B, T, P, RoPE tables, causal mask), computed once so that the graph's shape
+        layer shares (B, T, P, RoPE rows, attention mask), computed once so that the graph's shape
         plumbing is not repeated per layer (onnxruntime's per-node cost matters per token)."""
         a = self.model.args
-        B, T, P, cos, sin, future = ctx.B, ctx.T, ctx.P, ctx.cos4, ctx.sin4, ctx.future
+        B, T, cos, sin = ctx.B, ctx.T, ctx.cos4, ctx.sin4
         H = attn.n_heads
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))) if a.q_lora_rank else attn.q_proj(x)
         q_nope, q_pe = q.view(B, T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
@@ -115,11 +191,7 @@ class LatentDecoder(nn.Module):
         q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
         past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
-        s_past = torch.matmul(q, past4.transpose(-1, -2))                       # [B, H, T, P]
-        s_new = torch.matmul(q, new4.transpose(-1, -2))                         # [B, H, T, T]
-        s_new = s_new.masked_fill(future, torch.finfo(s_new.dtype).min)
-        p = torch.cat([s_past, s_new], dim=-1).softmax(dim=-1)                  # [B, H, T, P+T]
-        o = torch.matmul(p[..., :P], past4) + torch.matmul(p[..., P:], new4)    # [B, H, T, W]
+        o = RowAttention.apply(q, past4, new4, ctx.future, ctx.pad)             # [B, H, T, W]
         o = torch.matmul(o[..., :a.kv_lora_rank], ab.w_uv)                      # [B, H, T, v]
         o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
@@ -127,24 +199,26 @@ class LatentDecoder(nn.Module):
     def attention_expanded(self, attn, ab, x, ctx, past):
         """The model's own MLA (re-expands all P + T latent rows to per-head K/V through kv_b_proj).
         Kept to measure the absorbed graph against (benchmarks/expert_scaling.py --design)."""
-        kvl, T, P, cos, sin = self.model.args.kv_lora_rank, ctx.T, ctx.P, ctx.cos, ctx.sin
-        q_pos = torch.arange(T, device=x.device) + P
-        mask = torch.arange(P + T, device=x.device)[None, :] <= q_pos[:, None]   # [T, P+T]
-        out, c_kv, k_pe = attn(x, cos, sin, mask, past[..., :kvl], past[..., kvl:])
+        kvl, P, T = self.model.args.kv_lora_rank, ctx.P, ctx.T
+        col, q_col = torch.arange(P + T, device=x.device), torch.arange(T, device=x.device) + P
+        visible = (col[None, None, :] <= q_col[None, :, None]) & (col[None, None, :] >= ctx.pad[:, None, None])
+        out, c_kv, k_pe = attn(x, ctx.cos, ctx.sin, visible.unsqueeze(1), past[..., :kvl], past[..., kvl:])
         return out, torch.cat([c_kv[:, P:], k_pe[:, P:]], dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, *past_and_keep: torch.Tensor):
-        """input_ids [B, T]; past[i] [B, P, W]; logits_keep [] int64 ->
+    def forward(self, input_ids: torch.Tensor, *past_keep_pad: torch.Tensor):
+        """input_ids [B, T]; past[i] [B, P, W]; logits_keep [] int64; left_pad [B] (or [1]) int64 ->
         (logits [B, min(T, logits_keep), vocab] of the last positions, *new[i] [B, T, W]).
         Generation asks for 1 row (the lm_head over a whole prompt is wasted work and memory)."""
         m = self.model
-        past, keep = past_and_keep[:-1], past_and_keep[-1]
+        past, keep, pad = past_keep_pad[:-2], past_keep_pad[-2], past_keep_pad[-1]
         (B, T), P = input_ids.shape, past[0].shape[1]
         idx = torch.arange(T, device=input_ids.device)
-        freqs = (idx + P).float()[:, None] * self.inv_freq[None, :]             # [T, rope/2]
+        q_col = idx + P                                                         # [T] query columns
+        pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
+        freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
         future = idx[None, :] > idx[:, None]                                    # [T, T] masked
-        ctx = _Shared(B, T, P, cos, sin, cos[None, :, None, :], sin[None, :, None, :], future)
+        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), future, pad)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):

@@ -1,155 +1,139 @@
-"""Layer-by-layer ONNX export: the same decoder graph as ``export.graph.LatentDecoder``, traced one
-decoder layer at a time and stitched, with weights written to external data as each layer is done.
+"""Layer-by-layer ONNX export: the graph ``export.export`` writes, traced one decoder layer at a time
+and stitched, with weights written to external data as each layer is done.
 
-What: ``export_layered(source, out_dir, config, transform=None)`` where ``source`` is a layer
-source (``edgekit.lazy.CheckpointReader`` or ``edgekit.stream.ModelSource``) traces
-- the prologue (token embedding, RoPE angles from ``inv_freq`` and the causal mask of the new
-  tokens: what ``LatentDecoder.forward`` computes once per call and every layer shares),
-- each decoder layer ``i`` with its own weights (``_LayerStep``: absorbed MLA attention against the
-  latent cache, the dense FFN or the MoE through the same ``ContribMoE``/``PortableMoE`` modules),
+What: ``export_layered(source, out_dir, config)`` where ``source`` is a layer source
+(``edgekit.lazy.CheckpointReader``, ``edgekit.stream.ModelSource`` or a checkpoint path) traces
+- the prologue (token embedding, RoPE angles per row from ``inv_freq`` and ``left_pad``, the causal
+  mask of the new tokens: what ``LatentDecoder.forward`` computes once per call),
+- each decoder layer ``i`` with its own weights (``_LayerStep``: ``LatentDecoder.attention`` with
+  its ``RowAttention`` placeholder, the dense FFN or the MoE through the same
+  ``ContribMoE``/``PortableMoE``),
 - the epilogue (final norm, row selection by ``logits_keep``, lm_head),
-renames every value and node of layer ``i`` under ``/layers.{i}/``, wires the pieces together and
-appends each piece's initializers to ``model.onnx.data`` before the next layer is loaded.
-``transform(key, proto, units)`` (key: "prologue", a layer index or "epilogue"; ``units``: unit
-name -> initializer name in that piece) may rewrite a piece before it is appended (the int8 rewrite
-is a pure graph pass, so it runs per layer). The directory gets the same ``export.json``,
-``config.json`` and ``tokenizer.json`` as ``edgekit.export.export``, plus ``units`` (module name ->
-initializer name) so later passes find weights by name.
+each under ``graph.name_keyed_weights`` and with module paths equal to ``LatentDecoder``'s, so every
+weight gets the initializer name the single trace gives it (``model.model.layers.{i}...weight_t``,
+``absorbed.{i}.w_uk``, ``ffn.{i}.fc1``). Other values and nodes of piece ``i`` go under
+``/layers.{i}/``; each piece's initializers are appended to ``model.onnx.data`` before the next
+layer is read. The stitched graph then goes through the single trace's own post-processing and
+writer (``export.write_export``: row attention and sparse experts expanded, MoE nodes named, the
+``units`` map, ``export.json``), so later passes (``quantize.apply.quantize_export``) read it as
+any export. ``model_hash`` is the single trace's, computed reading one tensor at a time.
 
 Why: tracing the whole ``LatentDecoder`` needs every weight in memory (and torch's exporter holds
 a second copy while it builds the protobuf): for a 6.4 GB checkpoint that alone is > 13 GB. Here
 the peak is one layer (weights, their traced copy, the stacked expert tensors) + the embedding.
 
-Invariants: the graph has ``export.graph.io_names`` inputs and outputs with the same dynamic axes;
-its logits equal the single-trace export's (fp32, ~1e-6; tests/test_export_layered.py); the
-output directory appears only when complete; weights are external once they exceed
-``config.external_data_threshold`` (else kept inline, as ``export`` does). onnxsim is not run on
-external-data graphs (as in ``export``).
+Invariants: same inputs, outputs, dynamic axes, initializer names and units as ``export``; logits
+equal the single-trace export's (fp32, ~1e-6; tests/test_export_layered.py); the output directory
+appears only when complete; weights are external once they exceed
+``config.external_data_threshold`` (else inline, as ``export``). onnxsim is never run (the graph is
+built for models whose weights do not fit one protobuf).
 
-Failure modes: as ``export`` (non-fp32 weights, routing the contrib MoE op cannot express).
+Failure modes: as ``export`` (routing the contrib MoE op cannot express).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import shutil
 import warnings
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import EdgekitError
-from .graph import _Absorbed, _Shared, io_names
+from .graph import _Absorbed, _Shared, name_keyed_weights
 
 ALIGN = 64
-_AXES = {"x": {0: "batch", 1: "seq"}, "cos4": {1: "seq"}, "sin4": {1: "seq"}, "future": {0: "seq", 1: "seq"}}
-_ATTN = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
-def _single_layer_args(args, i: int):
-    """Config of a one-layer model whose layer 0 is layer ``i`` of ``args``."""
-    return replace(args, num_hidden_layers=1, layer_overrides={"0": asdict(args.for_layer(i))})
+def _paths(**mods) -> nn.Module:
+    """An empty module holding ``mods`` under their names (``model.model.layers.{i}`` paths)."""
+    m = nn.Module()
+    for k, v in mods.items():
+        setattr(m, k, v)
+    return m
 
 
 class _Prologue(nn.Module):
+    """(input_ids, past_latent.0, left_pad) -> (x, cos4, sin4, future), as ``LatentDecoder.forward``."""
+
     def __init__(self, embed: nn.Embedding, inv_freq: torch.Tensor, scale: float):
         super().__init__()
-        self.embed_tokens, self.scale = embed, scale
+        self.model = _paths(model=_paths(embed_tokens=embed))
+        self.rope_scale = scale
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, input_ids, past0):
+    def forward(self, input_ids, past0, pad):
         T, P = input_ids.shape[1], past0.shape[1]
         idx = torch.arange(T, device=input_ids.device)
-        freqs = (idx + P).float()[:, None] * self.inv_freq[None, :]             # [T, rope/2]
-        cos, sin = freqs.cos() * self.scale, freqs.sin() * self.scale
+        q_col = idx + P                                                         # [T] query columns
+        pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
+        freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
+        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
         future = idx[None, :] > idx[:, None]                                    # [T, T] masked
-        return self.embed_tokens(input_ids), cos[None, :, None, :], sin[None, :, None, :], future
+        return self.model.model.embed_tokens(input_ids), cos.unsqueeze(2), sin.unsqueeze(2), future
 
 
 class _LayerStep(nn.Module):
-    """One decoder layer of ``LatentDecoder``: (x, past, cos4, sin4, future) -> (x, new)."""
+    """Decoder layer ``i`` of ``LatentDecoder``: (x, past, cos4, sin4, future, pad) -> (x, new). The
+    model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names."""
 
     def __init__(self, block, args, i: int, moe: str):
         super().__init__()
         from ..model import MoE
         from .graph import LatentDecoder
 
-        self.args, self.layer = args, block
+        self.model = _paths(model=_paths(layers=nn.ModuleDict({str(i): block})))
+        self.model.args = args
         attn = block.self_attn
         H, nope, v, kvl = attn.n_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
         wkv = attn.kv_b_proj.weight.detach().view(H, nope + v, kvl)
-        self.absorbed = _Absorbed(wkv[:, :nope].contiguous(), wkv[:, nope:].transpose(1, 2).contiguous())
+        self.absorbed = nn.ModuleDict({str(i): _Absorbed(wkv[:, :nope].contiguous(),
+                                                         wkv[:, nope:].transpose(1, 2).contiguous())})
         mlp = block.mlp
         if isinstance(mlp, MoE):
             from .moe_contrib import ContribMoE
             from .moe_portable import PortableMoE
             mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, args, args.for_layer(i))
-        self.ffn = mlp
+        self.ffn = nn.ModuleDict({str(i): mlp})
+        self.i = str(i)
         self._attention = LatentDecoder.attention
 
-    def forward(self, x, past, cos4, sin4, future):
-        B, T, P = x.shape[0], x.shape[1], past.shape[1]
-        ctx = _Shared(B, T, P, None, None, cos4, sin4, future)
-        blk = self.layer
-        h, new = self._attention(self, blk.self_attn, self.absorbed, blk.input_layernorm(x), ctx, past)
+    def forward(self, x, past, cos4, sin4, future, pad):
+        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cos4, sin4, future, pad)
+        blk = self.model.model.layers[self.i]
+        h, new = self._attention(self, blk.self_attn, self.absorbed[self.i], blk.input_layernorm(x), ctx, past)
         x = x + h
-        x = x + self.ffn(blk.post_attention_layernorm(x))
+        x = x + self.ffn[self.i](blk.post_attention_layernorm(x))
         return x, new
-
-    @property
-    def model(self):  # LatentDecoder.attention reads self.model.args
-        return self
 
 
 class _Epilogue(nn.Module):
     def __init__(self, norm, lm_head):
         super().__init__()
-        self.norm, self.lm_head = norm, lm_head
+        self.model = _paths(model=_paths(norm=norm), lm_head=lm_head)
 
     def forward(self, x, keep):
         T = x.shape[1]
         idx = torch.arange(T, device=x.device)
-        rows = torch.where(idx >= T - keep)[0]
-        return self.lm_head(self.norm(x).index_select(1, rows))
+        rows = torch.where(idx >= T - keep)[0]                                  # last `keep` positions
+        return self.model.lm_head(self.model.model.norm(x).index_select(1, rows))
 
 
-def _trace(module, args: tuple, names_in, names_out, axes, opset: int, moe: str) -> onnx.ModelProto:
+def _trace(module, args: tuple, names_in, names_out, axes, opset: int, custom: tuple = ()) -> onnx.ModelProto:
+    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears);
+    ``custom``: the custom op domains it uses."""
     buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=opset, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes,
-                          custom_opsets={"com.microsoft": 1} if moe == "contrib" else {"edgekit": 1})
+                          custom_opsets=dict.fromkeys(custom, 1))
     return onnx.load_from_string(buf.getvalue())
-
-
-def prepare(proto: onnx.ModelProto, unit_prefix: str, layer: int | None = None) -> tuple[dict, set, list]:
-    """Give a traced piece's module parameters their model names (``param_name``; the experts'
-    ``ffn.fc1/fc2`` become ``ffn.{layer}.fc1/fc2`` as in the single trace), expand the portable
-    path's expert placeholders (``experts.{layer}``, as ``export.onnx_io.finish_graph`` does).
-    Returns (unit name -> initializer name, the fixed parameter names, sparse-expert records)."""
-    from .moe_portable import expand_sparse_experts
-
-    ren = {}
-    for t in proto.graph.initializer:
-        if not t.name.startswith(("onnx::", "/")):
-            ren[t.name] = (f"ffn.{layer}.{t.name[4:]}" if t.name in ("ffn.fc1", "ffn.fc2")
-                           else param_name(t.name, unit_prefix))
-            t.name = ren[t.name]
-    _rename(proto.graph, lambda x: ren.get(x, x))
-    for n in proto.graph.node:
-        if n.op_type == "MoE" and layer is not None:
-            n.name = f"moe.{layer}"                  # as export.onnx_io names it (int8 passes key on it)
-    sparse = expand_sparse_experts(proto) if layer is not None else []
-    return piece_units(proto, unit_prefix), set(ren.values()), sparse
 
 
 def _rename(g: onnx.GraphProto, nm) -> None:
@@ -173,43 +157,6 @@ def _rename_sub(g: onnx.GraphProto, nm) -> None:
     _rename(g, nm)
 
 
-def param_name(name: str, unit_prefix: str) -> str:
-    """A traced piece's parameter name -> its name in the stitched graph: model tensor names for
-    weights kept as they are (norms, router bias, embedding), ``absorbed.{i}.w_uk/w_uv`` as the
-    single-trace export names them."""
-    layer = unit_prefix.split(".")[2] if unit_prefix.startswith("model.layers.") else None
-    if name.startswith("layer."):
-        return unit_prefix + name[len("layer."):]
-    if layer is not None and name.startswith("absorbed."):
-        head, tail = name.split(".", 1)
-        return f"{head}.{layer}.{tail}"
-    if layer is not None and name.startswith("ffn."):
-        return unit_prefix + "mlp." + name[len("ffn."):]
-    return "model." + name if not name.startswith("lm_head") else name
-
-
-def piece_units(proto: onnx.ModelProto, unit_prefix: str) -> dict[str, str]:
-    """Quantizable unit name -> (pre-rename) initializer it reads, from the exporter's node scopes:
-    ``/layer/self_attn/q_a_proj/MatMul`` reads ``model.layers.{i}.self_attn.q_a_proj``'s weight
-    (transposed), ``/ffn/MoE`` the routed experts (recorded as its fc1), ``/embed_tokens/Gather``
-    the embedding."""
-    init = {t.name: len(t.dims) for t in proto.graph.initializer}
-    out = {}
-    for n in proto.graph.node:
-        scope = n.name.strip("/").rsplit("/", 1)[0].replace("/", ".") if "/" in n.name.strip("/") else ""
-        scope = scope[len("layer."):] if scope.startswith("layer.") else scope
-        scope = "mlp." + scope[len("ffn."):] if scope.startswith("ffn.") else ("mlp" if scope == "ffn" else scope)
-        if scope.split(".")[0] in _ATTN:               # attention runs outside self_attn's forward
-            scope = "self_attn." + scope
-        if n.op_type == "MatMul" and len(n.input) > 1 and init.get(n.input[1]) == 2 and scope:
-            out[unit_prefix + scope] = n.input[1]
-        elif n.op_type == "Gather" and n.input[0] in init:
-            out[unit_prefix + scope] = n.input[0]
-        elif n.op_type in ("MoE", "QMoE") and len(n.input) > 2 and n.input[2] in init:
-            out[unit_prefix + "mlp.experts"] = n.input[2]
-    return out
-
-
 class _Sink:
     """The stitched graph under construction and its external data file."""
 
@@ -217,22 +164,20 @@ class _Sink:
         self.nodes, self.inits, self.opsets = [], [], {}
         self.data_path, self.offset = data_path, 0
         self.f = open(data_path, "wb") if data_path else None
-        self.units: dict[str, str] = {}
 
-    def add(self, proto: onnx.ModelProto, rename: dict[str, str], prefix: str, fixed: set[str],
-            units: dict[str, str]) -> None:
-        """Append one prepared piece: graph inputs/outputs are wired by ``rename``, ``fixed`` names
-        (model parameters) stay, every other value and node goes under ``prefix``."""
+    def add(self, proto: onnx.ModelProto, wires: dict[str, str], prefix: str) -> None:
+        """Append one traced piece: its inputs/outputs are wired by ``wires`` (names not in it stay),
+        module weights (initializers not named ``onnx::*``/``/*`` by the exporter) keep their names,
+        every other value and node goes under ``prefix``."""
         g = proto.graph
         keep = {i.name for i in g.input} | {o.name for o in g.output}
+        fixed = {t.name for t in g.initializer if not t.name.startswith(("onnx::", "/"))}
 
         def nm(x: str) -> str:
-            if not x or x in fixed or (x in keep and x not in rename):
+            if not x or x in fixed or (x in keep and x not in wires):
                 return x
-            return rename.get(x) or prefix + x.lstrip("/")
+            return wires.get(x) or prefix + x.lstrip("/")
 
-        present = {t.name for t in g.initializer}
-        self.units.update({u: nm(v) for u, v in units.items() if v in present})
         _rename(g, nm)
         for n in g.node:
             if n.name:
@@ -263,19 +208,29 @@ class _Sink:
             self.f.close()
 
 
-def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_from=None, transform=None,
+def _state_items(src):
+    """(name, tensor) of the source's ``state_dict`` in name order, read one tensor at a time."""
+    from ..shapes import meta_model
+
+    if hasattr(src, "model"):                        # an in-memory model
+        yield from sorted(src.model.state_dict().items())
+        return
+    tied = src.args.tie_word_embeddings
+    for k in sorted(meta_model(src.args).state_dict()):
+        name = "model.embed_tokens.weight" if tied and k == "lm_head.weight" else k
+        yield k, src.read([name])[name]
+
+
+def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_from=None,
                    device: str = "cpu", log=None) -> Path:
     """Export ``source`` layer by layer to ``out_dir`` (see module doc); returns the directory."""
-    from .. import __version__
-    from ..checkpoint import config_from_args, resolve
-    from ..info import cache_bytes_per_token
     from ..model import rope_frequencies
     from ..shapes import meta_model
     from ..stream import as_source
-    from . import GRAPH_FILE, SPEC_FILE, ExportConfig, io_spec
+    from . import GRAPH_FILE, ExportConfig, write_export
     from .graph import dynamic_axes
     from .moe_contrib import contrib_routing
-    from .onnx_io import _moe_nodes
+    from .onnx_io import tensors_hash
 
     cfg = config or ExportConfig()
     src = as_source(source)
@@ -289,100 +244,69 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
                                    "export with moe='portable'")
     weight_bytes = sum(int(np.prod(t.shape)) * 4 for t in meta_model(a).state_dict().values())
     large = weight_bytes > cfg.external_data_threshold
-    ins, outs = io_names(L)
     axes = dynamic_axes(L)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(0)                   # as export._trace: nothing specialises
     ids = torch.randint(0, a.vocab_size, (2, 3), generator=gen)
-    past = torch.zeros(2, 2, W)
+    past, pad, keep = torch.zeros(2, 2, W), torch.tensor([0, 1]), torch.tensor(2)
+    rope_axes = {0: "pad_batch", 1: "seq"}
     out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
-        sparse: list[dict] = []
+        shared = {"cos4": "/shared/cos4", "sin4": "/shared/sin4", "future": "/shared/future"}
         try:
             inv_freq, scale = rope_frequencies(a)
-            emb = src.embedding()
-            pro = _Prologue(emb, inv_freq, scale)
-            x, cos4, sin4, future = pro(ids, past)
-            p = _trace(pro, (ids, past), ["input_ids", "past_latent.0"], ["x", "cos4", "sin4", "future"],
-                       {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"], **_AXES},
-                       cfg.opset, cfg.moe)
-            units, fixed, _ = prepare(p, "model.")
-            if transform:
-                transform("prologue", p, units)
-            shared = {"cos4": "/shared/cos4", "sin4": "/shared/sin4", "future": "/shared/future"}
-            sink.add(p, {"x": "/layers.0/x_in", **shared}, "/embed/", fixed, units)
-            del emb, pro, p
+            pro = _Prologue(src.embedding(), inv_freq, scale)
+            x, cos4, sin4, future = pro(ids, past, pad)
+            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"],
+                       ["x", "cos4", "sin4", "future"],
+                       {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
+                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, "cos4": rope_axes,
+                        "sin4": rope_axes, "future": {0: "seq", 1: "seq"}}, cfg.opset)
+            sink.add(p, {"x": "/layers.0/x_in", **shared}, "/embed/")
+            del pro, p
             for i in range(L):
-                block = src.layer(i, device)
-                step = _LayerStep(block, a, i, cfg.moe)
-                x_out, _ = step(x, past, cos4, sin4, future)
-                p = _trace(step, (x, past, cos4, sin4, future), ["x", "past", "cos4", "sin4", "future"],
+                step = _LayerStep(src.layer(i, device), a, i, cfg.moe).cpu()
+                x_out, _ = step(x, past, cos4, sin4, future, pad)
+                p = _trace(step, (x, past, cos4, sin4, future, pad), ["x", "past", "cos4", "sin4", "future", "pad"],
                            ["x_out", "new"],
-                           {**_AXES, "past": {0: "batch", 1: "past_seq"}, "x_out": {0: "batch", 1: "seq"},
-                            "new": {0: "batch", 1: "seq"}}, cfg.opset, cfg.moe)
-                units, fixed, sp = prepare(p, f"model.layers.{i}.", i)
-                sparse += sp
-                if transform:
-                    transform(i, p, units)
-                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **shared,
-                             "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"},
-                         f"/layers.{i}/", fixed, units)
+                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, "cos4": rope_axes,
+                            "sin4": rope_axes, "future": {0: "seq", 1: "seq"}, "pad": axes["left_pad"],
+                            "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}}, cfg.opset,
+                           ("edgekit", "com.microsoft") if cfg.moe == "contrib" and a.for_layer(i).is_moe else ("edgekit",))
+                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **shared, "pad": "left_pad",
+                             "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
                 x = x_out
-                del block, step, p
+                del step, p
                 if log:
                     log(f"export: layer {i + 1}/{L}")
-            norm, head = src.head()
-            epi = _Epilogue(norm, head)
-            keep = torch.tensor(2)
+            epi = _Epilogue(*src.head())
             p = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
-                       {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, cfg.moe)
-            units, fixed, _ = prepare(p, "")
-            if transform:
-                transform("epilogue", p, units)
-            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/", fixed, units)
+                       {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset)
+            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/")
+            del epi, p
         finally:
             sink.close()
-        graph = _assemble(sink, a, ins, outs, W)
-        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v)
-                                                             for d, v in sorted(sink.opsets.items())],
-                                       producer_name="edgekit")
+        proto = onnx.helper.make_model(_assemble(sink, a, W), producer_name="edgekit", opset_imports=[
+            onnx.helper.make_opsetid(d, v) for d, v in sorted(sink.opsets.items())])
         proto.ir_version = 8
-        spec = io_spec(a)
-        for k, v in {"edgekit.version": __version__, "edgekit.io_spec": json.dumps(spec),
-                     "edgekit.model_hash": "streamed"}.items():
-            proto.metadata_props.add(key=k, value=v)
-        experts = {"moe_nodes": _moe_nodes(proto), "sparse_experts": sparse}
-        onnx.save_model(proto, str(tmp / GRAPH_FILE))
-        doc = {
-            "format": "edgekit-onnx/1", "edgekit_version": __version__, "model_hash": "streamed",
-            "model_name": getattr(src, "name", None), "graph": GRAPH_FILE, "external_data": large,
-            "simplified": False, "opset": cfg.opset, "moe": cfg.moe, "dtype": "float32", "layered": True,
-            "num_layers": L, "vocab_size": a.vocab_size, "max_position_embeddings": a.max_position_embeddings,
-            "bos_token_id": a.bos_token_id, "eos_token_id": a.eos_token_id,
-            "cache": {"width": W, "kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim,
-                      "row": "[norm(c_kv) (kv_lora_rank) | rope(k_pe) (qk_rope_head_dim)]",
-                      "bytes_per_token": cache_bytes_per_token(a)},
-            **spec, **experts, "units": sink.units, "config": asdict(cfg),
-        }
-        (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
-        tok = resolve(tokenizer_from) / "tokenizer.json" if tokenizer_from is not None else None
-        if tok is not None:
-            if not tok.exists():
-                raise EdgekitError(f"{tok} not found; pass tokenizer_from= a checkpoint dir with tokenizer.json")
-            shutil.copy(tok, tmp / "tokenizer.json")
+        write_export(tmp, proto, a, cfg, digest=tensors_hash(a, _state_items(src)),
+                     model_name=getattr(src, "name", None), simplify=False, large=large, linears=None,
+                     tokenizer_from=tokenizer_from, data_written=large, extra={"layered": True})
     return out
 
 
-def _assemble(sink: _Sink, a, ins: list[str], outs: list[str], W: int) -> onnx.GraphProto:
+def _assemble(sink: _Sink, a, W: int) -> onnx.GraphProto:
+    """The graph inputs and outputs of ``export``'s graph around the stitched nodes."""
     from onnx import TensorProto, helper
 
-    L = a.num_hidden_layers
+    from .graph import io_names
+
+    ins, outs = io_names(a.num_hidden_layers)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "past_seq", W]) for n in ins[1:-1]]
-    inputs.append(helper.make_tensor_value_info("logits_keep", TensorProto.INT64, []))
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "past_seq", W]) for n in ins[1:-2]]
+    inputs += [helper.make_tensor_value_info("logits_keep", TensorProto.INT64, []),
+               helper.make_tensor_value_info("left_pad", TensorProto.INT64, ["pad_batch"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", a.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", W]) for n in outs[1:]]
-    keep = numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep")
-    assert len(outs) == L + 1
-    return helper.make_graph(sink.nodes, "edgekit_decoder", inputs, outputs, sink.inits + [keep])
+    return helper.make_graph(sink.nodes, "edgekit_decoder", inputs, outputs, sink.inits)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MASKED_LOGIT = -1e4   # router_probs of experts not chosen (never in the op's top-k)
+LOG_ROW = 16          # Log runs on rows padded to a multiple of this (the widest SIMD packet, floats)
 MIN_LOGIT = -1e3      # floor of log(weight) of a chosen expert, so it stays above MASKED_LOGIT
 
 
@@ -41,6 +42,15 @@ def contrib_routing(args, la) -> str | None:
     if args.scoring_func == "softmax" and args.topk_method == "greedy":
         return "softmax_all"
     return None
+
+
+def _row_log(w: torch.Tensor, k: int) -> torch.Tensor:
+    """log(w) for w [N, k], computed on rows padded with ones to a multiple of ``LOG_ROW`` columns.
+    onnxruntime's CPU Log vectorizes over the flattened tensor and computes its last few elements
+    with a scalar routine of different rounding, so a token's log would depend on where it sits in
+    the batch; with whole packets per row it does not (batched rows equal rows alone, bit for bit)."""
+    width = -(-k // LOG_ROW) * LOG_ROW                  # k: a Python int, so the pad is a constant
+    return F.pad(w, (0, width - k), value=1.0).log()[:, :k]
 
 
 class _MoEOp(torch.autograd.Function):
@@ -88,7 +98,7 @@ class ContribMoE(nn.Module):
         else:
             weights, indices = self.gate(x)                                 # [N, k]
             probs = torch.full((x.shape[0], self.fc1.shape[0]), MASKED_LOGIT, dtype=x.dtype, device=x.device)
-            probs = probs.scatter(1, indices, weights.log().clamp_min(MIN_LOGIT))  # [N, E]
+            probs = probs.scatter(1, indices, _row_log(weights, self.k).clamp_min(MIN_LOGIT))  # [N, E]
         y = _MoEOp.apply(x, probs, self.fc1, self.fc2, self.k, int(self.routing == "topk_softmax"))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -15,23 +15,38 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime.session import greedy
+
 LOGITS_TOL = 1e-4
 
 
-@torch.no_grad()
-def torch_greedy(model, ids: torch.Tensor, n: int) -> np.ndarray:
+class TorchSteps:
+    """``prefill``/``decode`` over ``Transformer.forward_cached`` (numpy in and out), so the torch
+    reference decodes through the same greedy loop as onnxruntime (``edgekit.runtime.session.greedy``)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @torch.no_grad()
+    def prefill(self, ids, capacity: int | None = None):
+        logits, kv, pe = self.model.forward_cached(torch.from_numpy(np.asarray(ids, np.int64)))
+        return logits[:, -1].numpy(), [kv, pe]
+
+    @torch.no_grad()
+    def decode(self, tokens, cache):
+        tok = torch.from_numpy(np.asarray(tokens, np.int64).reshape(-1, 1))
+        logits, cache[0], cache[1] = self.model.forward_cached(tok, *cache)
+        return logits[:, -1].numpy()
+
+
+def torch_greedy(model, ids, n: int) -> np.ndarray:
     """Greedy reference with n - 1 cached steps (so T + n - 1 positions are used, like OrtModel)."""
-    logits, kv, pe = model.forward_cached(ids)
-    out = [ids, logits[:, -1:].argmax(-1)]
-    for _ in range(n - 1):
-        logits, kv, pe = model.forward_cached(out[-1], kv, pe)
-        out.append(logits[:, -1:].argmax(-1))
-    return torch.cat(out, dim=1).numpy()
+    return greedy(TorchSteps(model), np.asarray(ids), n)
 
 
 def verify(model, export_dir, prompt_lens=(1, 7, 128), steps: int = 32, seed: int = 0,
            ort_model=None) -> dict:
-    from ..runtime import OrtModel
+    from ..runtime.session import OrtModel
 
     om = ort_model or OrtModel(export_dir, spinning=False)   # idle spinning threads slow the torch side
     a = model.args

@@ -19,6 +19,8 @@ TOML keys are strings) to its own ``{experts, heads, ffn}`` ratios, overriding t
 Invariants: all statistics come from the unpruned model in one calibration pass; at least one unit
 of each kind stays; the pruned model loads with the plain model class (``layer_overrides`` carry
 per-layer sizes when they differ); the teacher used for recovery is an untouched copy.
+Under torchrun (``edgekit.dist``) calibration and distillation are split over ranks with the same
+result on every rank; ``prune_checkpoint`` is then written by rank 0 alone (``dist.publish``).
 
 Failure modes: ratios outside [0, 1), removing every layer, unknown per-layer keys or layer
 indices raise ``ValueError`` (config) or ``EdgekitError`` (input) with the fix in the message.
@@ -29,12 +31,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import dist
 from ..errors import EdgekitError
 from .importance import EXPERT_CRITERIA, keep_channels, keep_experts, keep_heads, keep_layers
 from .stats import LayerStats, collect_stats
@@ -111,14 +115,23 @@ def _fill_unrouted(act_sq, count):
     return torch.where(routed[:, None], act_sq, fill)
 
 
-def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
-    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+def check_prunable(model, config: PruneConfig, calib_tokens: np.ndarray | None = None) -> None:
+    """Config vs this model (and enough calibration text), before any statistics are collected."""
     n_layers = len(model.model.layers)
     bad = [i for i in (config.per_layer or {}) if int(i) >= n_layers]
     if bad:
         raise EdgekitError(f"prune per_layer names layer {bad[0]} but the model has {n_layers}; use 0..{n_layers - 1}")
     if config.layers >= n_layers:
         raise EdgekitError(f"cannot remove {config.layers} of {n_layers} layers; use layers <= {n_layers - 1}")
+    if calib_tokens is not None:
+        from ..data import require_tokens
+
+        require_tokens(calib_tokens, config.calib_seq_len + 1, "calibration text for pruning")
+
+
+def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan:
+    """Which units to keep, from calibration statistics and the current weights (for channel norms)."""
+    check_prunable(model, config)
     plan = Plan(keep_layers([s.block_influence for s in stats], config.layers))
     for i in plan.layers:
         r, st = config.ratios(i), stats[i]
@@ -160,6 +173,7 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     ``config.recover_steps > 0``. Statistics run where the model is; distillation on ``device``."""
     from ..distill import distill_
 
+    check_prunable(model, config, calib_tokens)
     teacher = copy.deepcopy(model).eval() if config.recover_steps else None
     stats = collect_stats(model, calib_tokens, seq_len=config.calib_seq_len,
                           max_tokens=config.calib_max_tokens, progress=progress)
@@ -170,26 +184,43 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     return model.eval()
 
 
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, config: PruneConfig,
                      calib: str | os.PathLike = "calib", recover: str | os.PathLike | None = None,
-                     progress: bool = True) -> Path:
+                     progress: bool = True, calib_tokens: np.ndarray | None = None,
+                     recover_tokens: np.ndarray | None = None,
+                     after_write: Callable[[Path], None] | None = None, device: str = "cpu") -> Path:
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
-    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record."""
+    Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record:
+    ``{source, config, calib, recover, calib_tokens, recover_tokens, params_before, params_after,
+    world_size}``. ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit
+    compress`` passes them; ``calib``/``recover`` then only name them in the record). Under torchrun
+    every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing.
+    ``after_write(tmp)`` runs on the staged directory before it is renamed into place. ``device``:
+    where statistics and distillation run (``edgekit.device``; the checkpoint is written from CPU)."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
+    from ..device import pick
+    from ..info import param_count
 
-    model = load(src)
-    tok = load_tokenizer(src)
-    calib_ids = load_tokens(calib, tok)
-    recover_ids = load_tokens(recover, tok) if recover is not None else None
+    dev = pick(device)
+    model = load(src).to(dev)
+    if calib_tokens is None or (recover is not None and recover_tokens is None):
+        tok = load_tokenizer(src)
+        calib_tokens = load_tokens(calib, tok) if calib_tokens is None else calib_tokens
+        recover_tokens = load_tokens(recover, tok) if recover is not None and recover_tokens is None \
+            else recover_tokens
     before = param_count(model)
-    prune_(model, config, calib_ids, recover_ids, progress=progress)
+    prune_(model, config, calib_tokens, recover_tokens, progress=progress, device=dev.type)
+    model = model.cpu()
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
-              "recover": str(recover or calib), "params_before": before, "params_after": param_count(model)}
+              "recover": str(recover or calib), "calib_tokens": int(len(calib_tokens)),
+              "recover_tokens": int(len(calib_tokens if recover_tokens is None else recover_tokens)),
+              "params_before": before, "params_after": param_count(model), "world_size": dist.world().size}
     extra = {"prune.json": json.dumps(record, indent=2) + "\n"}
-    return save(model, out, tokenizer_from=src or "v3-nano", extra_files=extra)
+    def write(tmp: Path):
+        save(model, tmp, tokenizer_from=src or "v3-nano", extra_files=extra)
+        if after_write:
+            after_write(tmp)
+
+    return dist.publish(out, write)

@@ -19,6 +19,9 @@ in memory at a time, ``edgekit.stream``) collects identical statistics.
 
 Invariants: the model is unchanged (hooks are removed even on error); statistics are fp32 means
 over calibration tokens, on CPU; a routed expert that no token reaches has count 0 and zero stats.
+Under torchrun each rank runs its contiguous share of the windows (``dist.shard_range``) and the
+running sums are added over ranks (``dist.all_reduce_sums``) before the means, so every rank gets
+the statistics of all windows, equal to one process's up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import dist
 from ..data import windows
 from ..model import MLA, MLP, MoE, Transformer
 
@@ -50,6 +54,8 @@ class LayerStats:
 class _Acc:
     """Running sums for one layer; written by hooks, turned into LayerStats by ``finish``."""
 
+    SUMS = ("n", "bi", "head", "ffn", "shared", "e_sq", "e_cnt", "e_gate", "e_reap")
+
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
         self.n, self.bi = 0, 0.0
@@ -63,7 +69,8 @@ class _Acc:
             self.e_sq, self.e_cnt = torch.zeros(E, inter), torch.zeros(E)
             self.e_gate, self.e_reap = torch.zeros(E), torch.zeros(E)
         else:
-            self.ffn, self.shared, self.e_sq = torch.zeros(mlp.down_proj.in_features), None, None
+            self.ffn, self.shared = torch.zeros(mlp.down_proj.in_features), None
+            self.e_sq = self.e_cnt = self.e_gate = self.e_reap = None
 
     def finish(self) -> LayerStats:
         n = max(self.n, 1)
@@ -104,13 +111,18 @@ def layer_hooks(layer, acc: _Acc) -> list:
 
     handles.append(layer.register_forward_hook(on_block))
     handles.append(attn.o_proj.register_forward_pre_hook(on_o_proj))
+    # pre-hooks must return None: a returned value would replace the module's input
     if isinstance(mlp, MLP):
-        handles.append(mlp.down_proj.register_forward_pre_hook(
-            lambda mod, inp, acc=acc: acc.ffn.add_(_sq_sum(inp[0]))))
+        def on_ffn(mod, inp, acc=acc):
+            acc.ffn += _sq_sum(inp[0])
+
+        handles.append(mlp.down_proj.register_forward_pre_hook(on_ffn))
         return handles
     if mlp.shared_experts is not None:
-        handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(
-            lambda mod, inp, acc=acc: acc.shared.add_(_sq_sum(inp[0]))))
+        def on_shared(mod, inp, acc=acc):
+            acc.shared += _sq_sum(inp[0])
+
+        handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(on_shared))
 
     def on_gate(mod, inp, out, acc=acc):
         acc.routing = (out[0].detach().float(), out[1].detach())           # [N, k] each
@@ -146,11 +158,20 @@ def calib_rows(tokens: np.ndarray, seq_len: int, max_positions: int, max_tokens:
     return windows(tokens, seq_len)[:, :-1]
 
 
+def _sum_over_ranks(accs: list[_Acc]) -> None:
+    """Add every rank's running sums (one collective for all layers; a no-op in one process)."""
+    flat = dist.all_reduce_sums([getattr(a, f) for a in accs for f in _Acc.SUMS])
+    for i, a in enumerate(accs):
+        for j, f in enumerate(_Acc.SUMS):
+            setattr(a, f, flat[i * len(_Acc.SUMS) + j])
+
+
 @torch.no_grad()
 def collect_stats(model: Transformer, tokens: np.ndarray, seq_len: int = 256, batch_size: int = 8,
                   max_tokens: int = 0, progress: bool = False) -> list[LayerStats]:
     """Run ``model`` over ``tokens`` (1-D ids) in windows of ``seq_len``; one LayerStats per layer."""
     rows = calib_rows(tokens, seq_len, model.args.max_position_embeddings, max_tokens)   # [N, seq_len]
+    rows = rows[dist.shard_range(len(rows))]                                   # this rank's share
     accs = [_Acc(layer) for layer in model.model.layers]
     handles = _hooks(model, accs)
     device = next(model.parameters()).device
@@ -158,7 +179,7 @@ def collect_stats(model: Transformer, tokens: np.ndarray, seq_len: int = 256, ba
     model.eval()
     try:
         it = range(0, len(rows), batch_size)
-        if progress:
+        if progress and dist.world().is_main:
             from tqdm import tqdm
             it = tqdm(it, desc="calibrate", unit="batch", leave=False)
         for i in it:
@@ -167,4 +188,5 @@ def collect_stats(model: Transformer, tokens: np.ndarray, seq_len: int = 256, ba
         for h in handles:
             h.remove()
         model.train(was_training)
+    _sum_over_ranks(accs)
     return [a.finish() for a in accs]

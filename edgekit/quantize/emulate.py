@@ -8,13 +8,14 @@ computes what the rewritten ONNX graph computes (see rewrite.py):
   last axis; or the calibrated static scale), weights symmetric int8 per output channel;
 - routed experts: grouped int8 GEMMs (``experts_as_linears``: each expert Linear as a Linear unit,
   as on the portable path), or QMoE weights int8 per row (weights only), or per block of K with
-  int8 activations per token and block when ``moe_block`` > 0;
+  int8 activations per token and block when ``moe_block`` > 0; on the portable path
+  (``expert_act_int8=False``) int8 per output column, weights only;
 - embedding: int8 per row.
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
 Why emulate: one forward pass per trial on the calibration tokens instead of an export + session;
-the final quantized graph is still scored on onnxruntime (``edgekit.quantize.quantize_``) and its
-top-1 agreement with this emulation is reported.
+trials are scored like everything else (``edgekit.evaluate.score_rows``); the planned int8 graph is
+still scored on onnxruntime (``edgekit.quantize.mixed``) and its top-1 agreement is reported.
 
 Invariants: weights are restored and hooks removed on exit, even on error.
 """
@@ -26,27 +27,21 @@ import re
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-QMAX = 127.0
+from ..int8 import QMAX, fake_quant, fake_quant_blocks
 
 
 def fq(x: torch.Tensor, dim=None, scale: float | None = None, qmax: float = QMAX) -> torch.Tensor:
-    """Symmetric int8 fake quantization: max-abs scale over ``dim`` (None: whole tensor) or fixed;
-    ``qmax`` 63 for 7-bit weights (reduce_range)."""
-    if scale is not None:
-        s = torch.tensor(max(scale, 1e-12) / qmax, dtype=x.dtype)
-    else:
-        amax = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
-        s = amax.clamp_min(1e-12) / qmax
-    return torch.round(x / s).clamp(-qmax, qmax) * s
+    """Symmetric int8 fake quantization (``edgekit.int8.fake_quant``): max-abs scale over ``dim``
+    (None: whole tensor) or the fixed calibrated range ``scale``; ``qmax`` 63 for 7-bit weights
+    (reduce_range)."""
+    return fake_quant(x, dim, scale, qmax)
 
 
 def fq_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     """Per block of ``block`` along the last dim (weights [N, K] or activations [.., K])."""
-    shp = x.shape
-    return fq(x.reshape(*shp[:-1], shp[-1] // block, block), dim=-1).reshape(shp)
+    return fake_quant_blocks(x, block)
 
 
 def units(model) -> dict[str, nn.Module]:
@@ -67,9 +62,10 @@ def units(model) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
-             experts_as_linears: bool = False, wmax: float = QMAX):
+             experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True):
     """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
-    ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul."""
+    ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul;
+    ``expert_act_int8=False`` (portable.py): expert activations stay fp32."""
     static_scales = static_scales or {}
     saved, hooks = [], []
 
@@ -90,7 +86,8 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                 if name.endswith("mlp.experts") and experts_as_linears:
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
                         swap(lin.weight, fq(lin.weight.data, dim=1, qmax=wmax))
-                        hooks.append(lin.register_forward_pre_hook(act_hook(None)))
+                        if expert_act_int8:
+                            hooks.append(lin.register_forward_pre_hook(act_hook(None)))
                 elif name.endswith("mlp.experts"):
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
                         if moe_block and lin.weight.shape[1] % moe_block == 0:
@@ -150,23 +147,6 @@ def routing(model, rows: np.ndarray, batch_size: int = 8) -> dict[int, torch.Ten
 def agreement(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, float]:
     """Fraction of tokens whose chosen expert SET is identical, per layer."""
     return {i: float((a[i] == b[i]).all(dim=-1).float().mean()) for i in a}
-
-
-@torch.no_grad()
-def score(model, rows: np.ndarray, ref_logp: list | None = None, batch_size: int = 8):
-    """(accuracy vs next tokens, mean KL(ref || model) or None, per-batch log-probs)."""
-    correct = n = 0
-    kl, logps = 0.0, []
-    for j in range(0, len(rows), batch_size):
-        b = torch.from_numpy(rows[j: j + batch_size])
-        lp = F.log_softmax(model(b[:, :-1]).float(), dim=-1)
-        correct += int((lp.argmax(-1) == b[:, 1:]).sum())
-        n += b[:, 1:].numel()
-        if ref_logp is not None:
-            r = ref_logp[len(logps)]
-            kl += float((r.exp() * (r - lp)).sum())
-        logps.append(lp)
-    return correct / n, (kl / n if ref_logp is not None else None), logps
 
 
 def match(name: str, pattern: str) -> bool:

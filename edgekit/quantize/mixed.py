@@ -1,6 +1,15 @@
 """Accuracy-aware mixed precision: which units stay fp32 so the int8 model stays within budget.
 
-What: ``plan_precision(model, rows, cfg, ...) -> Plan``:
+What: ``plan_(model, export_dir, config, calib_tokens, max_drop) -> Plan`` is the planning step of
+the pipeline (inputs: the smoothed fp32 model, its export, calibration tokens, the budget; output:
+a ``Plan``, written as ``plan.json`` by the caller). It picks static activation scales
+(``config.mode``), the routed-expert path and QMoE block size (``choose_moe_path``), the weight
+range (7-bit with ``reduce_range``), then ``plan_precision`` on the torch emulation of the int8
+graph, and finally checks the planned graph on onnxruntime (``apply.quantize_export`` into a
+scratch dir): while the onnxruntime drop on the calibration rows exceeds the budget, the next most
+sensitive unit reverts to fp32 (at most ``config.max_ort_rounds`` times).
+
+``plan_precision(model, rows, overrides, max_drop, ...) -> Plan``:
 1. start from the overrides (exact names or ``re:`` patterns, ``_default`` for the rest; routers
    stay fp32 by default) -> the candidate int8 set;
 2. score fp32 and the emulated int8 model (emulate.py) on calibration rows: next-token accuracy;
@@ -12,30 +21,23 @@ Why greedy by single-unit KL: one forward per unit to rank and one per revert, w
 CPU-only tool can afford; reverting the highest-KL units first is what NNCF's accuracy control and
 ModelOpt's auto-quantize approximate as well.
 
-Invariants: units forced by an override never move; the returned drop is the last measured one.
+Invariants: units forced by an override never move; the returned drop is the last measured one;
+units the export holds no quantizable op for (``apply.quantizable_units``) stay fp32 with that reason.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 
-from .emulate import emulated, match, score, units
-
-
-@dataclass
-class Plan:
-    int8: set[str]
-    fp32: dict[str, str] = field(default_factory=dict)          # unit -> why
-    sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
-    accuracy_fp32: float = 0.0
-    accuracy_int8: float = 0.0
-    steps: list[dict] = field(default_factory=list)
-
-    @property
-    def drop(self) -> float:
-        return self.accuracy_fp32 - self.accuracy_int8
+from ..evaluate import Reference, score_rows
+from .apply import quantizable_units, quantize_export
+from .emulate import agreement, emulated, input_absmax, match, routing, units
+from .plan import Plan
 
 
 def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, str]:
@@ -54,8 +56,9 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
-                   experts_as_linears: bool = False, wmax: float = 127.0, rank_always: bool = False,
-                   ref_logp: list | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
+                   experts_as_linears: bool = False, wmax: float = 127.0, expert_act_int8: bool = True,
+                   rank_always: bool = False,
+                   ref: Reference | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
     whose products the absorbed attention precomputes, stay fp32 and are not emulated as int8)."""
     names = list(units(model))
@@ -64,16 +67,20 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
     absent = {n for n in names if in_graph is not None and n not in in_graph and n not in forced}
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
-                      **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}})
-    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax)
-    if ref_logp is None:
-        plan.accuracy_fp32, _, ref_logp = score(model, rows)
+                      **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
+                static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax)
+    kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax,
+              expert_act_int8=expert_act_int8)
+    if ref is None:
+        fp32 = score_rows(model, rows, as_reference=True)
+        ref = fp32.reference
     else:
-        plan.accuracy_fp32 = score(model, rows)[0]
+        fp32 = score_rows(model, rows)
+    plan.accuracy_fp32 = fp32.accuracy
 
     def measure(int8: set[str]) -> float:
         with emulated(model, int8, **kw):
-            return score(model, rows)[0]
+            return score_rows(model, rows).accuracy
 
     plan.accuracy_int8 = measure(plan.int8)
     plan.steps.append({"fp32_units": len(plan.fp32), "accuracy": plan.accuracy_int8})
@@ -83,7 +90,7 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
         return plan
     for n in sorted(plan.int8):
         with emulated(model, {n}, **kw):
-            plan.sensitivity[n] = score(model, rows, ref_logp)[1]
+            plan.sensitivity[n] = score_rows(model, rows, ref=ref).kl
     ranked = sorted(plan.int8, key=lambda n: -plan.sensitivity[n])
     for n in ranked:
         if plan.drop <= max_drop:
@@ -101,3 +108,105 @@ def next_to_revert(plan: Plan) -> str | None:
     """The most sensitive unit still int8 (used when onnxruntime disagrees with the emulation)."""
     left = [n for n in plan.int8 if n in plan.sensitivity]
     return max(left, key=lambda n: plan.sensitivity[n]) if left else None
+
+
+def choose_moe_path(cfg, args) -> str:
+    """The routed-expert path ``cfg.moe`` names; "auto" picks by the size of one expert: grouped
+    int8 GEMMs pay off when an expert's GEMMs dominate its ~25 graph nodes (1.6B shape, 2.4M
+    weights per expert: prefill 2.2x faster than QMoE), QMoE keeps small experts to one node per
+    layer (v3-nano, 123K weights per expert: node overhead dominates decode). The threshold is
+    recipe data."""
+    if cfg.moe != "auto":
+        return cfg.moe
+    sizes = [3 * args.hidden_size * args.for_layer(i).moe_intermediate_size for i in range(args.num_hidden_layers)
+             if args.for_layer(i).is_moe]
+    return "grouped" if sizes and min(sizes) >= cfg.grouped_min_expert_params else "row"
+
+
+def _moe_block(config, args) -> int:
+    if choose_moe_path(config, args) in ("row", "grouped"):
+        return 0
+    if config.moe_block:
+        return config.moe_block
+    sizes = [args.hidden_size] + [args.for_layer(i).moe_intermediate_size for i in range(args.num_hidden_layers)]
+    return next((b for b in (128, 64, 32, 16) if all(s % b == 0 for s in sizes)), 0)
+
+
+def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25) -> dict[str, float]:
+    """Static scale (calibrated max) per unit: all units for "static"; for "auto" only where the
+    calibrated max is within ``ratio`` of the median per-call max (a stable range, so a constant
+    scale loses little resolution and saves the 4 run-time scale ops)."""
+    out = {}
+    for n, v in absmax.items():
+        if len(v) and (mode == "static" or v.max() <= ratio * np.median(v)):
+            out[n] = float(v.max())
+    return out
+
+
+def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float | None = None, log=print) -> Plan:
+    """The planning step (see module doc). ``model`` is the fp32 model ``export_dir`` was exported
+    from (smoothed already); ``max_drop`` defaults to ``config.max_drop``. Leaves ``model`` as it
+    found it."""
+    from ..atomic import scratch_dir
+    from ..data import require_tokens, windows
+    from ..runtime.session import OrtModel
+
+    budget = config.max_drop if max_drop is None else max_drop
+    toks = np.asarray(calib_tokens, dtype=np.int64)[: config.calib_max_tokens + 1]
+    spec = json.loads((Path(export_dir) / "export.json").read_text())
+    seq = min(config.seq_len, model.args.max_position_embeddings)
+    require_tokens(toks, seq + 1, "calibration text for quantization")
+    rows = windows(toks, seq)
+    model.eval()
+    ref = score_rows(model, rows, as_reference=True)
+    ref_routes = routing(model, rows)
+    static = {}
+    if config.mode != "dynamic":
+        lin = [n for n, m in units(model).items() if hasattr(m, "in_features") or type(m).__name__ == "Gate"]
+        static = _static_choice(input_absmax(model, rows, lin), config.mode)
+    portable = spec.get("moe") == "portable"
+    path = choose_moe_path(config, model.args)
+    kw = dict(static_scales=static, moe_block=0 if portable else _moe_block(config, model.args),
+              experts_as_linears=portable or path == "grouped", wmax=63.0 if config.reduce_range else 127.0,
+              expert_act_int8=not portable)
+    plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
+                          ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
+    plan.merge, plan.moe_path = config.merge, path
+    with emulated(model, plan.int8, **kw):
+        routes_q = routing(model, rows)
+        acc_emul = score_rows(model, rows).accuracy
+    rounds = []
+    if config.verify_ort:
+        ort_rows = rows[: max(1, min(len(rows), 16))]
+        s32 = score_rows(OrtModel(export_dir), ort_rows, predictions=True)
+        work = scratch_dir(".plan-check.")
+        try:
+            for _ in range(config.max_ort_rounds + 1):
+                quantize_export(export_dir, work / "int8", plan)
+                s8 = score_rows(OrtModel(work / "int8"), ort_rows, predictions=True)
+                drop = s32.accuracy - s8.accuracy
+                rounds.append({"fp32": s32.accuracy, "int8": s8.accuracy, "drop": drop,
+                               "top1_agreement": float((s32.predictions == s8.predictions).mean())})
+                log(f"quantize: onnxruntime accuracy fp32 {s32.accuracy:.4f} int8 {s8.accuracy:.4f} "
+                    f"(drop {drop * 100:+.2f} points)")
+                if drop <= budget:
+                    break
+                if not plan.sensitivity:
+                    for n in sorted(plan.int8):
+                        with emulated(model, {n}, **kw):
+                            plan.sensitivity[n] = score_rows(model, rows, ref=ref.reference).kl
+                n = next_to_revert(plan)
+                if n is None:
+                    break
+                plan.int8.discard(n)
+                plan.fp32[n] = (f"onnxruntime drop {drop * 100:.2f} > {budget * 100:.2f} points; "
+                                "next by sensitivity")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    plan.report = {
+        "config": asdict(config), "max_drop": budget,
+        "accuracy": {"calib_tokens": int(rows[:, 1:].size), "fp32_torch": ref.accuracy,
+                     "int8_emulated": acc_emul, "emulated_drop": ref.accuracy - acc_emul, "ort": rounds},
+        "routing_agreement": {str(k): v for k, v in agreement(ref_routes, routes_q).items()},
+    }
+    return plan

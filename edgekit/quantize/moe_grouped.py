@@ -43,6 +43,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..int8 import quantize_sym
 from .rewrite import used_names
 
 MS = "com.microsoft"
@@ -52,12 +53,6 @@ MS = "com.microsoft"
 class GroupedMoEConfig:
     wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
     fold: bool = True            # column scales as the kernel's per-column b_scale instead of a Mul (faster prefill)
-
-
-def _sym_cols(w: np.ndarray, qmax: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """w [K, N] -> q int8 [K, N], per-column scale [N]."""
-    s = np.maximum(np.abs(w).max(axis=0), eps) / qmax
-    return np.clip(np.rint(w / s), -qmax, qmax).astype(np.int8), s.astype(np.float32)
 
 
 class _Emit:
@@ -155,8 +150,8 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     ys = []
     for e in range(E):
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
-        q1, s1 = _sym_cols(w1, cfg.wmax, eps)
-        q2, s2 = _sym_cols(fc2[e].T, cfg.wmax, eps)                                                     # [I, D]
+        q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
+        q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
         W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
         W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
         then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, c, cfg.fold)

@@ -40,32 +40,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..int8 import EPS, QMAX, quantize_blocks, quantize_sym
+
 MS = "com.microsoft"
-QMAX = 127.0
-EPS = 1e-12
-
-
-# ---------------------------------------------------------------------------------------------
-# pure numpy weight quantizers
-# ---------------------------------------------------------------------------------------------
-def quantize_sym(w: np.ndarray, axis: int, qmax: float = QMAX) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 along ``axis`` (the reduced axis): q = round(w / s), s = max|w| / qmax.
-    Returns (q int8, s float32 with ``axis`` dropped). ``qmax`` 63 = 7-bit weights (reduce_range)."""
-    s = np.maximum(np.abs(w).max(axis=axis), EPS) / qmax
-    q = np.clip(np.rint(w / np.expand_dims(s, axis)), -qmax, qmax).astype(np.int8)
-    return q, s.astype(np.float32)
-
-
-def quantize_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [..., N, K] -> q int8 [..., N, K], scales [..., N, K // block] (symmetric per block of K)."""
-    *lead, n, k = w.shape
-    wb = w.reshape(*lead, n, k // block, block)
-    q, s = quantize_sym(wb, axis=-1)
-    return q.reshape(w.shape), s
-
-
-def dequant_rows(q: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * s[..., None]
 
 
 # ---------------------------------------------------------------------------------------------

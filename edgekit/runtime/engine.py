@@ -8,8 +8,8 @@ several requests in one batch (sample_apps/server).
 
 Why: the device has onnxruntime, numpy and tokenizers, not torch. This module imports only those
 plus the stdlib and torch-free edgekit modules (errors, bundle, runtime.session); the target's
-threads/spinning come from the bundle's ``recipe.toml`` through ``tomllib`` (``edgekit.recipes``
-pulls torch-dependent stage configs).
+threads/spinning come from the bundle's ``recipe.toml`` read as plain TOML (only ``[target]``
+threads/spinning are needed, so a recipe from another edgekit version still loads).
 
 Invariants:
 - the prompt is encoded without special tokens (as ``reference.json`` was recorded), so
@@ -72,6 +72,8 @@ class GenerationConfig:
             bad(f"top_p={self.top_p!r}: pass a number in (0, 1] (1 = no nucleus filter)")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad(f"stop={self.stop!r}: pass non-empty strings")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            bad(f"seed={self.seed!r}: pass an integer >= 0 (or none for fresh entropy)")
         if self.truncate not in TRUNCATE:
             bad(f"truncate={self.truncate!r}: use one of {TRUNCATE}")
 
@@ -95,7 +97,12 @@ def sample(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) 
 
 class TextStream:
     """Token ids -> text pieces. ``push(id)`` returns the newly safe text ('' while waiting);
-    ``stopped`` turns True once a stop string appears; ``flush()`` returns what was held back."""
+    ``stopped`` turns True once a stop string appears; ``flush()`` returns what was held back.
+
+    Constant work per token (a streaming server calls this for every row at every step): only the
+    ids since the last complete character are decoded, with a few ids before them as context
+    (decoders that strip a leading space, e.g. Metaspace, need it), and the new text is what that
+    window decodes to beyond its context; the full text equals decoding all ids at once."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tok, self.stop = tokenizer, stop
@@ -103,13 +110,23 @@ class TextStream:
         self.text = ""          # decoded text of all ids (complete characters only)
         self.sent = 0           # chars of self.text already returned
         self.stopped = False
+        self._ctx = 0           # ids[_ctx:_done] are context for decoding ids[_done:]
+        self._done = 0          # ids[:_done] are in self.text
+
+    def _tail(self) -> str:
+        """Text of ids[_done:] (may end in an incomplete character)."""
+        window = self.tok.decode(self.ids[self._ctx:], skip_special_tokens=True)
+        context = self.tok.decode(self.ids[self._ctx:self._done], skip_special_tokens=True)
+        return window[len(context):] if window.startswith(context) else \
+            self.tok.decode(self.ids, skip_special_tokens=True)[len(self.text):]
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT):          # a multi-byte character is still incomplete
+        new = self._tail()
+        if new.endswith(REPLACEMENT):           # a multi-byte character is still incomplete
             return ""
-        self.text = text
+        text = self.text = self.text + new
+        self._ctx, self._done = max(self._done - 4, 0), len(self.ids)
         cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0),
                   default=-1)
         if cut >= 0:
@@ -120,7 +137,8 @@ class TextStream:
 
     def flush(self) -> str:
         if not self.stopped:
-            self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.text += self._tail()
+            self._ctx = self._done = len(self.ids)
         return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
@@ -142,19 +160,20 @@ class Engine:
     def from_bundle(cls, bundle_dir, threads: int | None = None, spinning: bool | None = None,
                     verify: bool = True) -> Engine:
         """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
-        from tokenizers import Tokenizer
-
         d = Path(bundle_dir)
         manifest = _bundle.verify(d) if verify else _bundle.read_manifest(d)
         target = {}
         if (d / "recipe.toml").exists():
-            target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            try:
+                target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+                raise EdgekitError(f"{d / 'recipe.toml'} is corrupt; {_bundle.REBUILD}") from None
         threads = threads or target.get("threads") or manifest.get("threads")
         spinning = spinning if spinning is not None else target.get("spinning", manifest.get("spinning"))
         if not (d / "tokenizer.json").exists():
             raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
-        return cls(OrtModel(d, threads=threads, spinning=spinning), Tokenizer.from_file(str(d / "tokenizer.json")),
-                   manifest, d, threads, spinning)
+        tokenizer = _bundle.read_tokenizer(d, "bundle")
+        return cls(OrtModel(d, threads=threads, spinning=spinning), tokenizer, manifest, d, threads, spinning)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -175,6 +194,11 @@ class Engine:
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise EdgekitError(f"prompt is a {type(prompt).__name__}; pass a str")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EdgekitError(f"the prompt is not valid Unicode (a lone surrogate {prompt[e.start]!r} at "
+                               f"character {e.start}); send UTF-8 text") from None
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         if not prompt or not ids:
             raise EdgekitError("the prompt is empty; pass at least one character of text")

@@ -1,36 +1,53 @@
-"""Dynamic batching for the HTTP sample app: concurrent requests stepped together through one graph.
+"""Continuous batching for the HTTP sample app: requests join the running batch at every step.
 
 What: ``Batcher(engine, max_batch, batch_wait_ms, queue_size)`` owns the engine on one worker
 thread. ``submit(job)`` puts a ``Job`` on a bounded queue (``queue.Full`` when it is full: the
-server answers 503). The worker admits jobs while fewer than ``max_batch`` rows are active (when
-idle it waits up to ``batch_wait_ms`` for more to arrive), prefills jobs of equal prompt length
-together as one [B, T] batch, then runs one decode step per group per round; jobs report text
-pieces and a final summary through their own ``out`` queue.
+server answers 503 with ``retry_after_s()``). Every step the worker
+1. drops rows whose client went away (``Job.cancelled``) and rows that finished;
+2. admits queued jobs while fewer than ``max_batch`` rows are active (when idle it first waits up
+   to ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
+   (``OrtModel.prefill_rows``), sampling each one's first token. Jobs are grouped by prompt length
+   (``prefill_groups``): one call per group, the grouping that minimises padded token-rows plus
+   ``prefill_call_tokens`` per call (a call's fixed cost, in token-rows), so a 10-token prompt is
+   not padded to the length of a 500-token one that arrived with it;
+3. joins their cache rows to the running batch (``LatentCache.join``: rows of any cache length)
+   and runs one decode call for every active row.
+Jobs report text pieces and a final summary through their own ``out`` queue; ``Job.results``
+is what an HTTP handler iterates (it notices a closed client and cancels the job).
+``max_batch=1`` runs one request at a time: the no-batching baseline of benchmarks/load_test.py.
 
-Why equal lengths (exactness): the graph has no attention mask and takes positions from the cache
-length, so every row of a call must have the same number of cached tokens; padding would attend
-to pad rows. A group is a set of rows with the same cache length. Rows leave a group when they
-finish (their cache rows are dropped), and two groups whose cache lengths meet (a 20-token prompt
-admitted when an older 16-token group has decoded 4 tokens) are merged, so later arrivals join
-running batches when lengths allow. With ``max_batch=1`` the worker runs one request at a time:
-the no-batching baseline of benchmarks/load_test.py.
+Why a row's answer does not depend on its neighbours: the graph computes a padded row's attention
+on the row's own columns and everything else per token (edgekit/export/graph.py), and int8 graphs
+quantize activations per token; so on int8 bundles with grouped experts a row's logits equal the
+request served alone bit for bit, and greedy answers are identical (tests/test_sample_apps.py
+sends prompts of different lengths together and compares). fp32 bundles match to ~1e-6.
 
-Caveat: int8 graphs with per-tensor dynamic activation scales take the scale over the whole batch,
-so a row's logits can differ slightly from the same request run alone (fp32 graphs: float noise).
+Metrics (``metrics.text()``, Prometheus format): queue depth, active rows, rows per decode and
+prefill call (histograms), requests by finish reason (and rejected), prompt and generated
+tokens, tokens/s over the last 10 s, time to first token (histogram).
+
+Failure modes: an exception in a call ends the jobs of that call with finish_reason "error"
+(the message goes to the client) and the worker keeps serving.
 """
 
 from __future__ import annotations
 
 import queue
+import select
+import socket
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+from metrics import Counter, Gauge, Histogram, Rate, Registry
 
 from edgekit.runtime import GenerationConfig, TextStream, sample
 from edgekit.runtime.session import LatentCache
+
+POLL_S = 0.1                 # how often a waiting handler checks whether its client went away
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 @dataclass
@@ -44,22 +61,86 @@ class Job:
     last: int = -1                       # the token to feed at the next decode step
     text: TextStream | None = None
     rng: np.random.Generator | None = None
+    submitted: float = 0.0               # time.monotonic() at submit
+
+    def results(self, timeout_s: float, gone=None):
+        """Yield text pieces, then the summary dict. Raises ``queue.Empty`` after ``timeout_s``
+        without output; ``gone()`` (polled every ``POLL_S``) True -> cancel the job and stop."""
+        last_item = checked = time.monotonic()
+        while True:
+            try:
+                item = self.out.get(timeout=POLL_S)
+            except queue.Empty:
+                item = None
+            now = time.monotonic()
+            if gone is not None and now - checked >= POLL_S:
+                checked = now
+                if gone():
+                    self.cancelled = True
+                    return
+            if item is None:
+                if now - last_item >= timeout_s:
+                    self.cancelled = True
+                    raise queue.Empty
+                continue
+            last_item = now
+            yield item
+            if isinstance(item, dict):
+                return
 
 
-@dataclass
-class Group:
-    jobs: list[Job]
-    cache: LatentCache
+def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into prefill calls, shortest first: the split of the sorted
+    lengths into runs that minimises sum(rows x longest) + call_tokens x calls (exact, O(n^2))."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)       # best[k]: cost of the first k
+    for k in range(1, n + 1):
+        for j in range(k):                                      # last group = order[j:k]
+            c = best[j] + (k - j) * lengths[order[k - 1]] + call_tokens
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    groups, k = [], n
+    while k > 0:
+        groups.append(order[cut[k]:k])
+        k = cut[k]
+    return groups[::-1]
+
+
+def client_gone(sock) -> bool:
+    """True when the peer closed the connection (readable with no data) or the socket is dead."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 class Batcher:
-    def __init__(self, engine, max_batch: int = 8, batch_wait_ms: float = 10.0, queue_size: int = 64):
+    def __init__(self, engine, max_batch: int = 16, batch_wait_ms: float = 5.0, queue_size: int = 64,
+                 prefill_call_tokens: int = 64):
         self.engine, self.max_batch, self.wait_s = engine, max_batch, batch_wait_ms / 1e3
+        self.prefill_call_tokens = prefill_call_tokens
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.groups: list[Group] = []
+        self.rows: list[Job] = []                       # active rows, in cache row order
+        self.cache: LatentCache | None = None
         self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0}
+        self._job_s = 1.0                               # running mean of a job's duration (Retry-After)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        r = self.metrics = Registry()
+        r.add(Gauge("edgekit_queue_depth", "Requests waiting for a batch slot.", self.queue.qsize))
+        r.add(Gauge("edgekit_active_rows", "Requests being generated (rows of the running batch).",
+                    lambda: len(self.rows)))
+        self.m_decode_rows = r.add(Histogram("edgekit_decode_batch_rows", "Rows per decode call.", BATCH_BUCKETS))
+        self.m_prefill_rows = r.add(Histogram("edgekit_prefill_batch_rows", "Rows per prefill call.", BATCH_BUCKETS))
+        self.m_requests = r.add(Counter("edgekit_requests_total", "Finished requests by finish reason "
+                                        "(length, stop, cancelled, error; rejected = 503 queue full).", "reason"))
+        self.m_prompt = r.add(Counter("edgekit_prompt_tokens_total", "Prompt tokens prefilled."))
+        self.m_tokens = r.add(Counter("edgekit_generated_tokens_total", "Tokens generated."))
+        self.m_rate = r.add(Rate("edgekit_tokens_per_second", "Generated tokens per second over the last 10 s."))
+        self.m_ttft = r.add(Histogram("edgekit_time_to_first_token_seconds",
+                                      "From submit to the first generated token.", TTFT_BUCKETS))
 
     def start(self) -> Batcher:
         self._thread.start()
@@ -72,26 +153,43 @@ class Batcher:
     def submit(self, job: Job) -> Job:
         job.text = TextStream(self.engine.tokenizer, job.cfg.stop)
         job.rng = np.random.default_rng(job.cfg.seed)
-        self.queue.put_nowait(job)          # raises queue.Full: the caller answers 503
+        job.submitted = time.monotonic()
+        try:
+            self.queue.put_nowait(job)          # raises queue.Full: the caller answers 503
+        except queue.Full:
+            self.m_requests.inc(label="rejected")
+            raise
         return job
+
+    def retry_after_s(self) -> int:
+        """Seconds until a queued request would likely start: queue / batch slots x mean job time."""
+        return int(min(60, max(1, round((self.queue.qsize() + 1) / self.max_batch * self._job_s))))
+
+    def health(self) -> dict:
+        return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
+                "max_batch": self.max_batch, **self.stats}
 
     # -- worker ----------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            active = sum(len(g.jobs) for g in self.groups)
-            new = self._admit(self.max_batch - active, wait=active == 0)
-            try:
+            self.step(wait=True)
+
+    def step(self, wait: bool = False) -> None:
+        """One round: drop cancelled rows, admit + prefill queued jobs, decode every active row.
+        ``wait``: when no row is active, block briefly for a job (the worker thread's loop)."""
+        new: list[Job] = []
+        try:
+            self._drop([j for j in self.rows if j.cancelled], "cancelled")
+            new = self._admit(self.max_batch - len(self.rows), wait=wait and not self.rows)
+            if new:
                 self._prefill(new)
-                for g in list(self.groups):
-                    self._decode(g)
-                self._merge()
-            except Exception as e:   # a failed call ends its jobs, never the worker
-                for g in self.groups:
-                    for j in g.jobs:
-                        self._finish(j, "error", str(e).splitlines()[0][:300])
-                for j in new:
-                    self._finish(j, "error", str(e).splitlines()[0][:300])
-                self.groups = []
+            if self.rows:
+                self._decode()
+        except Exception as e:   # a failed call ends its jobs, never the worker
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            for j in self.rows + new:
+                self._finish(j, "error", msg)
+            self.rows, self.cache = [], None
 
     def _admit(self, room: int, wait: bool) -> list[Job]:
         jobs: list[Job] = []
@@ -111,40 +209,72 @@ class Batcher:
         return jobs
 
     def _prefill(self, jobs: list[Job]) -> None:
-        by_len = defaultdict(list)
         for j in jobs:
-            if not j.cancelled:
-                by_len[len(j.ids)].append(j)
-        for T, js in by_len.items():
-            ids = np.asarray([j.ids for j in js], np.int64)                       # [B, T]
-            logits, cache = self.engine.model.prefill(ids, capacity=T + max(j.cfg.max_new_tokens for j in js))
-            self.stats["prefill_calls"] += 1
-            self.stats["jobs"] += len(js)
-            g = Group(js, cache)
-            if self._advance(g, logits):
-                self.groups.append(g)
-
-    def _decode(self, g: Group) -> None:
-        tokens = np.asarray([j.last for j in g.jobs], np.int64)                   # [B]
-        logits = self.engine.model.decode(tokens, g.cache)                        # [B, V]
-        self.stats["decode_calls"] += 1
-        self.stats["rows_decoded"] += len(g.jobs)
-        if not self._advance(g, logits):
-            self.groups.remove(g)
-
-    def _advance(self, g: Group, logits: np.ndarray) -> bool:
-        """Sample one token per row, report text, drop finished rows; False when none is left."""
-        keep = []
-        eos = self.engine.eos_token_id
-        for r, j in enumerate(g.jobs):
-            tok = sample(logits[r], j.cfg, j.rng)
-            reason = None
             if j.cancelled:
-                reason = "cancelled"
-            elif j.cfg.stop_at_eos and tok == eos:
+                self._finish(j, "cancelled")
+        jobs = [j for j in jobs if not j.cancelled]
+        for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens):
+            self._prefill_group([jobs[i] for i in group])
+
+    def _prefill_group(self, jobs: list[Job]) -> None:
+        need = max(len(j.ids) + j.cfg.max_new_tokens for j in jobs)
+        logits, cache = self.engine.model.prefill_rows([j.ids for j in jobs], capacity=need)
+        self.stats["prefill_calls"] += 1
+        self.stats["jobs"] += len(jobs)
+        self.m_prefill_rows.observe(len(jobs))
+        self.m_prompt.inc(sum(len(j.ids) for j in jobs))
+        keep = self._advance(jobs, logits)
+        if not keep:
+            return
+        cache.take(keep)
+        jobs = [jobs[r] for r in keep]
+        if self.cache is None:
+            self.rows, self.cache = jobs, cache
+        else:
+            left = max(j.cfg.max_new_tokens - j.n for j in self.rows + jobs)
+            self.cache = LatentCache.join(self.cache, cache, max(self.cache.length, cache.length) + left)
+            self.rows = self.rows + jobs
+
+    def _decode(self) -> None:
+        tokens = np.fromiter((j.last for j in self.rows), np.int64, len(self.rows))
+        logits = self.engine.model.decode(tokens, self.cache)                        # [B, V]
+        self.stats["decode_calls"] += 1
+        self.stats["rows_decoded"] += len(self.rows)
+        self.m_decode_rows.observe(len(self.rows))
+        keep = self._advance(self.rows, logits)
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _drop(self, jobs: list[Job], reason: str) -> None:
+        if not jobs:
+            return
+        for j in jobs:
+            self._finish(j, reason)
+        self._keep([r for r, j in enumerate(self.rows) if not j.done])
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[r] for r in keep]
+        if self.rows:
+            self.cache.take(keep)
+        else:
+            self.cache = None
+
+    def _advance(self, jobs: list[Job], logits: np.ndarray) -> list[int]:
+        """Sample one token per row, report text, finish rows that are done; returns the rows kept."""
+        keep, eos, now, made = [], self.engine.eos_token_id, time.monotonic(), 0
+        for r, j in enumerate(jobs):
+            if j.cancelled:
+                self._finish(j, "cancelled")
+                continue
+            tok = sample(logits[r], j.cfg, j.rng)
+            if j.n == 0:
+                self.m_ttft.observe(now - j.submitted)
+            reason = None
+            if j.cfg.stop_at_eos and tok == eos:
                 reason = "stop"
             else:
                 j.n += 1
+                made += 1
                 piece = j.text.push(tok)
                 if piece:
                     j.out.put(piece)
@@ -157,44 +287,19 @@ class Batcher:
             else:
                 j.last = tok
                 keep.append(r)
-        if len(keep) < len(g.jobs):
-            g.jobs = [g.jobs[r] for r in keep]
-            if keep:
-                g.cache.buffers = [b[keep] for b in g.cache.buffers]          # [B', cap, W] copies
-        return bool(keep)
+        self.m_tokens.inc(made)
+        self.m_rate.add(made)
+        return keep
 
     def _finish(self, j: Job, reason: str, error: str | None = None) -> None:
         if j.done:
             return
         j.done = True
+        self.m_requests.inc(label=reason)
+        self._job_s += 0.1 * (time.monotonic() - j.submitted - self._job_s)
         if reason in ("stop", "length"):
             tail = j.text.flush()
             if tail:
                 j.out.put(tail)
         j.out.put({"finish_reason": reason, "completion_tokens": j.n, "prompt_tokens": len(j.ids),
                    **({"error": error} if error else {})})
-
-    def _merge(self) -> None:
-        """Join groups whose cache lengths are equal (up to max_batch rows)."""
-        by_len = defaultdict(list)
-        for g in self.groups:
-            by_len[g.cache.length].append(g)
-        merged = []
-        for gs in by_len.values():
-            cur = gs[0]
-            for g in gs[1:]:
-                if len(cur.jobs) + len(g.jobs) > self.max_batch:
-                    merged.append(cur)
-                    cur = g
-                    continue
-                cap = max(cur.cache.capacity, g.cache.capacity)
-                bufs = []
-                for a, b in zip(cur.cache.buffers, g.cache.buffers):
-                    m = np.zeros((a.shape[0] + b.shape[0], cap, a.shape[2]), np.float32)
-                    m[:a.shape[0], :cur.cache.length] = a[:, :cur.cache.length]
-                    m[a.shape[0]:, :cur.cache.length] = b[:, :cur.cache.length]
-                    bufs.append(m)
-                cur.cache.buffers = bufs
-                cur.jobs = cur.jobs + g.jobs
-            merged.append(cur)
-        self.groups = merged

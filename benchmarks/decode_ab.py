@@ -1,0 +1,80 @@
+"""Batch-1 decode latency of two exports of the same model, interleaved in one process.
+
+    python benchmarks/decode_ab.py BEFORE_DIR AFTER_DIR [--threads 1 --rounds 9 --steps 32 --ctx 128 1024]
+
+What: for each context length, each round prefills the same random prompt in both exports (order
+alternating per round) and times ``--steps`` single-token ``OrtModel.decode`` calls; a round's
+figure is the median ms/token, and the result is the median over rounds plus the after/before
+ratio. Also prints the graphs' node counts. Used to show that a graph change (e.g. the
+``left_pad`` input) does not slow decode: run it on the export before and after the change.
+
+Why interleaved rounds: on a shared machine, load drifts over minutes; alternating the two
+exports inside every round lets the drift hit both alike (the spread across rounds is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decode_ms(om, ctx: int, steps: int, seed: int = 0) -> float:
+    ids = np.random.default_rng(seed).integers(0, om.vocab_size, (1, ctx))
+    _, cache = om.prefill(ids, capacity=ctx + steps)
+    tok, times = np.array([1]), []
+    for _ in range(steps):
+        t = time.perf_counter()
+        tok = om.decode(tok, cache).argmax(-1)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("before")
+    ap.add_argument("after")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--ctx", type=int, nargs="+", default=[128, 1024])
+    ap.add_argument("--json", default=None, help="also write the result here")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    import onnx
+
+    from edgekit.runtime import OrtModel
+
+    models = {k: OrtModel(d, threads=a.threads, spinning=False) for k, d in (("before", a.before), ("after", a.after))}
+    nodes = {k: len(onnx.load(str(Path(d) / "model.onnx"), load_external_data=False).graph.node)
+             for k, d in (("before", a.before), ("after", a.after))}
+    res = {"threads": a.threads, "rounds": a.rounds, "steps": a.steps, "nodes": nodes, "ctx": {}}
+    for ctx in a.ctx:
+        for om in models.values():                       # warm-up
+            decode_ms(om, ctx, 4)
+        got = {k: [] for k in models}
+        for r in range(a.rounds):
+            for k in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                got[k].append(decode_ms(models[k], ctx, a.steps))
+        med = {k: statistics.median(v) for k, v in got.items()}
+        res["ctx"][ctx] = {"ms_per_token": {k: round(v, 4) for k, v in med.items()},
+                           "rounds_ms": {k: [round(x, 4) for x in v] for k, v in got.items()},
+                           "after_over_before": round(med["after"] / med["before"], 3)}
+        print(f"ctx {ctx}: before {med['before']:.3f} ms/token, after {med['after']:.3f} ms/token, "
+              f"ratio {med['after'] / med['before']:.3f} (rounds before {min(got['before']):.3f}-"
+              f"{max(got['before']):.3f}, after {min(got['after']):.3f}-{max(got['after']):.3f})", flush=True)
+    print(f"nodes: before {nodes['before']}, after {nodes['after']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

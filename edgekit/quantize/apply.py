@@ -1,0 +1,106 @@
+"""The int8 graph pass: ``quantize_export(src, out, plan)``, an fp32 export + a plan -> an int8 export.
+
+What: reads ``src/export.json``'s ``units`` (module name -> graph node and initializers, written by
+``edgekit.export``) and rewrites the units the plan puts in int8 (rewrite.py): linears (``MatMul``
+on ``<module>.weight_t``) -> ``MatMulIntegerToFloat``, the embedding ``Gather`` -> int8 rows,
+contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py) or ``QMoE``, as ``plan.moe_path``
+says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
+(portable.py). ``out`` gets the same files as ``src`` (graph I/O unchanged), ``export.json`` with
+``dtype: "int8"`` and a ``quantization`` section, and ``quantize.json`` (the plan's report + what
+the pass did + the graph size).
+
+Why a pure pass keyed by names: no model and no torch are needed, nothing is re-exported or
+matched by value, and the same plan on the same export always writes the same graph.
+
+Invariants: ``out`` appears only when complete; units the plan keeps fp32 keep their fp32 ops.
+Failure modes (``EdgekitError``): ``src`` is not an fp32 export, its ``export.json`` has no
+``units`` (written before unit maps: re-export), the plan names a unit the graph does not hold,
+or a unit's node/initializer is missing from ``model.onnx`` (export.json and graph disagree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..atomic import atomic_dir
+from ..errors import EdgekitError
+from .plan import Plan
+
+QUANTIZABLE = ("MatMul", "Gather", "MoE", "If")   # export.json unit ops this pass can rewrite
+
+
+def quantizable_units(spec: dict) -> set[str]:
+    """Units of an export (its ``export.json``) that the int8 pass can rewrite."""
+    return {u for u, e in spec.get("units", {}).items() if e["op"] in QUANTIZABLE}
+
+
+def read_spec(src: Path) -> dict:
+    if not (src / "export.json").exists():
+        raise EdgekitError(f"{src} has no export.json; pass a directory written by `edgekit export`")
+    spec = json.loads((src / "export.json").read_text())
+    if spec.get("dtype") != "float32":
+        raise EdgekitError(f"{src} is already {spec.get('dtype')}; quantize the fp32 export")
+    if "units" not in spec:
+        raise EdgekitError(f"{src}/export.json has no unit map (older edgekit); re-export it with `edgekit export`")
+    return spec
+
+
+def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan: Plan | str | os.PathLike) -> dict:
+    """Rewrite the fp32 export ``src_dir`` to int8 in ``out_dir`` as ``plan`` (a ``Plan`` or a
+    ``plan.json`` path) says; returns the ``quantize.json`` report."""
+    import onnx
+
+    from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
+    from .portable import rewrite_sparse_experts
+    from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
+
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    src = Path(src_dir)
+    spec = read_spec(src)
+    units = spec["units"]
+    unknown = sorted(u for u in plan.int8 if u not in quantizable_units(spec))
+    if unknown:
+        raise EdgekitError(f"the plan puts {unknown[0]} in int8 but {src} holds no quantizable op for it; "
+                           "plan against this export")
+    proto = onnx.load(str(src / spec["graph"]))
+    nodes = {n.name: n for n in proto.graph.node}
+    inits = {i.name for i in proto.graph.initializer}
+    for u in sorted(plan.int8):
+        e = units[u]
+        if e["node"] not in nodes or not set(e["weights"]) <= inits:
+            raise EdgekitError(f"{src}: export.json maps {u} to node {e['node']}, which model.onnx lacks; re-export")
+    by_op = {op: sorted(u for u in plan.int8 if units[u]["op"] == op) for op in QUANTIZABLE}
+    done = rewrite_linears(proto, {units[u]["weights"][0]: u for u in by_op["MatMul"]}, set(by_op["MatMul"]),
+                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold)
+    emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0])]
+    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold)
+    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg) if plan.moe_path == "grouped"
+               else rewrite_moe(proto, units[u]["node"], plan.moe_block)) for u in by_op["MoE"]}
+    moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax)
+                for u in by_op["If"]})
+    ensure_ms_opset(proto)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        for p in src.iterdir():
+            if p.is_file() and p.name != spec["graph"] and not p.name.endswith(".data"):
+                shutil.copy(p, tmp / p.name)
+        large = proto.ByteSize() > 2**31 - 2**26
+        onnx.save_model(proto, str(tmp / spec["graph"]), save_as_external_data=large,
+                        all_tensors_to_one_file=True, location=spec["graph"] + ".data")
+        static = sorted(u for u in plan.static_scales if u in plan.int8)
+        summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
+                   "activation_scales": "static" if static else "dynamic",
+                   "static_units": static, "merged_siblings": plan.merge}
+        spec.update(dtype="int8", external_data=large, quantization=summary)
+        (tmp / "export.json").write_text(json.dumps(spec, indent=2) + "\n")
+        size = sum(p.stat().st_size for p in tmp.glob(spec["graph"] + "*"))
+        report = {**plan.report, "int8_units": len(plan.int8), "fp32_units": plan.fp32,
+                  "sensitivity_top": dict(sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:10]),
+                  "static_scales": sorted(plan.static_scales), "moe_path": plan.moe_path, "moe_block": plan.moe_block,
+                  "graph": summary, "size_bytes": size}
+        (tmp / "quantize.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return report

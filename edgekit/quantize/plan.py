@@ -1,0 +1,68 @@
+"""The int8 plan: what the precision planning step decided, and the only input of the graph pass
+besides the fp32 export.
+
+What: ``Plan`` names units by module (the names ``export.json``'s ``units`` uses): ``int8`` (rewrite
+these), ``fp32`` (unit -> why it stays fp32), ``static_scales`` (unit -> calibrated activation max;
+absent units quantize activations per token), ``moe_path`` (routed experts: "grouped" int8 GEMMs,
+QMoE "row"/"block"), ``moe_block`` (QMoE weights per block of K; 0: per row), ``wmax`` (weight
+range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the kernel) and ``merge``
+(one matmul for int8 linears sharing an input). What the planning measured rides
+along in ``sensitivity``, ``steps`` and ``report``. ``plan.save(dir)`` / ``Plan.load(dir)``
+round-trip it through ``plan.json``.
+
+Who writes it: ``edgekit.quantize.mixed.plan_`` (accuracy-aware, on the smoothed model + its
+export). Who reads it: ``edgekit.quantize.apply.quantize_export``. No torch, no onnx here.
+
+Invariants: ``int8`` and ``fp32`` are disjoint; JSON keeps sets sorted so equal plans write equal
+files (the stage cache keys on them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Plan:
+    int8: set[str]
+    fp32: dict[str, str] = field(default_factory=dict)           # unit -> why it stays fp32
+    static_scales: dict[str, float] = field(default_factory=dict)  # unit -> calibrated max |x|
+    moe_path: str = "grouped"                                    # routed experts: "grouped", "row" or "block"
+    moe_block: int = 0                                           # QMoE: 0 per-row weights, else block along K
+    wmax: float = 63.0                                           # weight range: 63 = 7-bit (reduce_range), 127
+    fold: bool = True                                            # column scales as the kernel's b_scale
+    merge: bool = True                                           # one matmul for int8 linears sharing an input
+    sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
+    accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
+    accuracy_int8: float = 0.0
+    steps: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)                   # what planning measured (quantize.json)
+
+    def __post_init__(self):
+        self.int8 = set(self.int8)
+        both = self.int8 & set(self.fp32)
+        if both:
+            raise ValueError(f"plan lists {sorted(both)[0]} as both int8 and fp32")
+        if self.moe_path not in ("grouped", "row", "block"):
+            raise ValueError(f"plan moe_path={self.moe_path!r}: use 'grouped', 'row' or 'block'")
+
+    @property
+    def drop(self) -> float:
+        return self.accuracy_fp32 - self.accuracy_int8
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "int8": sorted(self.int8)}
+
+    def save(self, out_dir: str | Path) -> Path:
+        f = Path(out_dir) / PLAN_FILE
+        f.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=float) + "\n")
+        return f
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        return cls(**json.loads((p / PLAN_FILE if p.is_dir() else p).read_text()))
