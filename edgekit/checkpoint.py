@@ -36,8 +36,14 @@ import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_dir
-from .hfconfig import (SUPPORTED_TYPES, args_from_config, config_from_args, read_config,  # noqa: F401 (re-exported)
-                       reference_model_dir, resolve)
+from .hfconfig import (  # noqa: F401 (re-exported: checkpoint is the public face of config I/O)
+    SUPPORTED_TYPES,
+    args_from_config,
+    config_from_args,
+    read_config,
+    reference_model_dir,
+    resolve,
+)
 from .model import Transformer, rope_tables
 
 

@@ -366,7 +366,7 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
         from .lazy import CheckpointReader
         from .pipeline_streamed import check_streamable
 
-        CheckpointReader(src)  # header checks (one-line errors) before any work, without loading weights
+        reader = CheckpointReader(src)  # header checks (one-line errors) before any work, no weights loaded
         check_streamable(recipe, auto, w.enabled)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     out = dist.main_first(lambda: prepare(out, force, inputs=[src])) or out  # rank 0 alone writes the bundle
@@ -377,7 +377,11 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     texts = load_texts(src, tok, recipe, plan, auto)
     # validate the checkpoint, the recipe against it and the calibration text (one-line errors) before any work
-    if not stream:
+    if stream:
+        from .stream import LazyModel
+
+        check_prunable(LazyModel(reader), recipe.prune, texts.calib)
+    else:
         check_prunable(load(src), recipe.prune, texts.calib)
     require_tokens(texts.calib, recipe.quantize.seq_len + 1, "calibration text for quantization")
     scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")

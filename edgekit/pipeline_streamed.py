@@ -1,28 +1,38 @@
-"""``edgekit compress`` for checkpoints larger than memory: every stage holds one decoder layer.
+"""``edgekit compress --stream``: the pipeline's stages for checkpoints larger than memory, one
+decoder layer in memory at a time.
 
-What: ``compress_streamed(src, recipe, ...)`` runs the pipeline's stages on a
-``CheckpointReader`` instead of a loaded model:
-baseline (streamed torch accuracy on the eval tokens + the size of a layer-by-layer fp32 export)
--> prune (``stream.prune_streamed``: statistics, plan, surgery, written shard by shard)
--> score pruned fp32 (streamed torch) -> SmoothQuant + layer-by-layer export + int8 rewrite
-(``quantize.layered.quantize_streamed``) -> validate (onnxruntime on the int8 graph, as the
-in-memory path) -> bundle (``pipeline.write_bundle``). Stage artifacts are cached like the
-in-memory path's (``StageCache``).
+What: the same stage walk, artifacts and cache entries as ``edgekit.pipeline`` (its diagram), with
+each stage's function swapped for its layer-by-layer counterpart:
+
+    stage      streamed function                          in-memory counterpart
+    baseline   baseline_for: stream.evaluate_streamed +   pipeline.baseline_for
+               export.layered.export_layered (its size)
+    prune      stream.prune_streamed                      prune.prune_checkpoint (no distillation)
+    smooth     stream.smooth_streamed                     smooth.smooth_checkpoint
+    export     export.layered.export_layered              export.export (same units, model hash)
+    score      stream.evaluate_streamed (fp32 torch on    pipeline._cached_accuracy (fp32 ONNX)
+               the smoothed checkpoint: fp32 unchanged)
+    plan       quantize.mixed.overrides_plan              quantize.mixed.plan_ (emulated search)
+    quantize   quantize.apply.quantize_export             the same pass (weights read per unit)
+
+then validate and bundle as in-memory (``pipeline._compress``). ``build`` returns the same
+``Built`` record, so ``_compress`` runs either walk.
 
 Why: the in-memory pipeline holds the model several times over (teacher copy, reference copy for
 the precision search, the traced export and its protobuf, the fp32 onnxruntime sessions): 55.6 GB
 for a 6.4 GB checkpoint. Here peak memory is a few layers + hidden states of the calibration rows
-+ embeddings + onnxruntime's session of the (int8) bundle.
++ embeddings, and then onnxruntime's session of the int8 graph (validation).
 
-Same results: each streamed stage equals its in-memory counterpart on the same inputs (stats, pruned
-checkpoint, smoothed weights, evaluation bit for bit; int8 graph outputs, tests/test_stream*.py).
-What the streamed path does not do, and says so: distillation after pruning (``recover_steps``
-must be 0), the emulated mixed-precision search (every unit the overrides allow is int8) and
-static activation scales; the fp32 baseline's latency is not measured (it would need the whole
-fp32 graph in one onnxruntime session).
+Same results: each streamed stage equals its in-memory counterpart on the same inputs (statistics,
+pruned and smoothed checkpoints, evaluation, the export's units), and the plan equals ``plan_``'s
+whenever all-int8 is within the budget, so the bundles agree (tests/test_stream_compress.py).
+What the streamed path does not do, and ``check_streamable`` says so before any work: distillation
+after pruning (``recover_steps`` must be 0), static activation scales, ``--auto``, torchrun; and
+the precision search (a miss of the budget shows in the accuracy gate). The fp32 baseline's
+latency is not measured (it needs the whole fp32 graph in one onnxruntime session).
 
-Devices: torch work (statistics, smoothing statistics, evaluation) runs on ``device`` (auto: CUDA
-when present); each stage's row in the report says where it ran.
+Devices: torch work (statistics, smoothing statistics, evaluation) runs on the ``Stages``'s device
+(auto: CUDA when present); each stage's row says where it ran.
 """
 
 from __future__ import annotations
@@ -32,40 +42,68 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .device import pick, where
 from .errors import EdgekitError
 from .stagecache import dir_digest
 
 
-def check_streamable(recipe) -> None:
+def check_streamable(recipe, auto: bool = False, distributed: bool = False) -> None:
+    """One-line errors for what the streamed pipeline cannot do, before any work."""
     if recipe.prune.recover_steps:
         raise EdgekitError(f"streamed compression cannot distill (prune recover_steps={recipe.prune.recover_steps}); "
                            "set recover_steps = 0 in the recipe, or pass --no-stream if the model fits in memory")
     if recipe.quantize.mode != "dynamic":
         raise EdgekitError(f"streamed compression uses dynamic activation scales (quantize mode="
                            f"{recipe.quantize.mode!r}); set mode = \"dynamic\" or pass --no-stream")
+    if auto:
+        raise EdgekitError("--auto searches candidates in memory; pass --no-stream (or drop --auto)")
+    if distributed:
+        raise EdgekitError("streamed compression runs in one process; run without torchrun (or pass --no-stream)")
 
 
-def compress_streamed(src: Path, recipe, tok, calib, eval_tokens, out: Path, strict: bool, cache, console,
-                      device: str = "auto"):
+def should_stream(src: Path, fraction: float = 0.25) -> bool:
+    """Stream when the fp32 model would take more than ``fraction`` of the memory available now."""
+    from .lazy import CheckpointReader
+
+    need = _params(CheckpointReader(src).args) * 4
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return False
+    return need > fraction * avail
+
+
+def _params(args) -> int:
+    from .info import param_count
+    from .shapes import meta_model
+
+    return param_count(meta_model(args))
+
+
+def fp32_evaluator(src: Path, st):
+    """``tokens -> EvalResult`` of the unpruned fp32 model, streamed (``domains.ood_report``)."""
+    from .stream import evaluate_streamed
+
+    return lambda tokens, seq_len=512: evaluate_streamed(src, tokens, seq_len=seq_len, device=pick(st.device))
+
+
+def baseline_for(src: Path, recipe, eval_tokens: np.ndarray, cache, st) -> dict:
+    """``pipeline.baseline_for`` streamed: fp32 torch accuracy and the fp32 ONNX size (no latency)."""
     from .export import ExportConfig
     from .export.layered import export_layered
     from .lazy import CheckpointReader
-    from .pipeline import CompressResult, Stages, _tokens_hash, features_of, write_bundle
-    from .quantize.layered import quantize_streamed
-    from .stream import evaluate_streamed, prune_streamed
-    from .validate import graph_bytes, validate
+    from .pipeline import _tokens_hash
+    from .stream import evaluate_streamed
+    from .validate import graph_bytes
 
-    check_streamable(recipe)
-    dev = pick(device)
-    ran_on = where(dev)
-    st = Stages(console, total=6)
-    reader = CheckpointReader(src)
-    seq = recipe.validate.seq_len
-    src_key = dir_digest(src)
+    dev = pick(st.device)
 
-    def do_baseline(tmp: Path):
-        res = evaluate_streamed(reader, eval_tokens, seq_len=seq, device=dev)
+    def do(tmp: Path):
+        reader = CheckpointReader(src)
+        res = evaluate_streamed(reader, eval_tokens, seq_len=recipe.validate.seq_len, device=dev)
         export_layered(reader, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=False))
         meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": _params(reader.args),
                 "latency": None, "streamed": True,
@@ -74,79 +112,53 @@ def compress_streamed(src: Path, recipe, tok, calib, eval_tokens, out: Path, str
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    bkey = [src_key, _tokens_hash(eval_tokens), seq, recipe.export.moe, "streamed"]
-    bdir = st.run("baseline (streamed fp32 accuracy + ONNX size)",
-                  lambda: cache.get("baseline-streamed", bkey, do_baseline), device=ran_on)
-    baseline = json.loads((bdir / "meta.json").read_text())
-    key = [src_key, _tokens_hash(calib), dataclasses.asdict(recipe.prune), "streamed"]
-    pdir = st.run("prune (streamed)", lambda: cache.get(
-        "prune-streamed", key, lambda tmp: prune_streamed(reader, tmp / "ckpt", recipe.prune, calib, device=dev)),
-        device=ran_on)
-    pruned = pdir / "ckpt"
-    if not (pruned / "tokenizer.json").exists() and (src / "tokenizer.json").exists():
-        shutil.copy(src / "tokenizer.json", pruned / "tokenizer.json")
-
-    def score_pruned():
-        f = pdir / "meta.json"
-        meta = json.loads(f.read_text()) if f.exists() else {}
-        k = f"accuracy:{_tokens_hash(eval_tokens)}:{seq}"
-        if k not in meta:
-            meta[k] = evaluate_streamed(pruned, eval_tokens, seq_len=seq, device=dev).accuracy
-            f.write_text(json.dumps(meta))
-        return meta[k]
-
-    pruned_acc = st.run("score pruned fp32 (streamed)", score_pruned, device=ran_on)
-    left = recipe.goals.accuracy_drop * 0.75 - (baseline["accuracy"] - pruned_acc)
-    floor = recipe.goals.accuracy_drop / 4
-    qcfg = dataclasses.replace(recipe.quantize, export_moe=recipe.export.moe,
-                               max_drop=round(min(recipe.quantize.max_drop, max(floor, left)), 5))
-    st.log(f"pruning cost {100 * (baseline['accuracy'] - pruned_acc):.2f} points; int8 budget "
-           f"{100 * qcfg.max_drop:.2f} points")
-    key += [dataclasses.asdict(recipe.export), dataclasses.asdict(qcfg)]
-    qdir = st.run("scale + export + int8 (streamed)", lambda: cache.get(
-        "quantize-streamed", key, lambda tmp: quantize_streamed(pruned, tmp / "int8", qcfg, calib, tokenizer_from=src,
-                                                                 device=dev, log=st.log)), device=ran_on)
-    quantized = qdir / "int8"
-    recipe = dataclasses.replace(recipe, quantize=qcfg)
-    report = st.run("validate", lambda: validate(quantized, recipe, baseline, eval_tokens), device="cpu (onnxruntime)")
-    pruned_params = _params(CheckpointReader(pruned).args)
-    report["stages"] = [
-        {"name": "fp32", "params": baseline["params"], "accuracy": baseline["accuracy"],
-         "size_bytes": baseline["onnx_bytes"]},
-        {"name": "pruned fp32", "params": pruned_params, "accuracy": pruned_acc, "size_bytes": None},
-        {"name": "int8 bundle", "params": pruned_params, "accuracy": report["compressed"]["accuracy"],
-         "size_bytes": report["compressed"]["size_bytes"]},
-    ]
-    report["timings"] = st.rows
-    report["stage_cache_hits"] = cache.hits
-    report["model"] = str(src)
-    report["streamed"] = True
-    report["devices"] = {r["name"]: r.get("device") for r in st.rows}
-    for k, f in {"pruning": pruned / "prune.json", "quantization": quantized / "quantize.json"}.items():
-        if f.exists():
-            report[k] = json.loads(f.read_text())
-    bundle = st.run("bundle", lambda: write_bundle(out, quantized, src, recipe, report,
-                                                   features_of(recipe) + ["streamed-pipeline"], src.name, tok))
-    failed = [k for k, g in report["gates"].items() if g["status"] == "fail"]
-    unverified = [k for k, g in report["gates"].items() if g["status"] == "unverified"]
-    return CompressResult(report, bundle, 1 if failed or (strict and unverified) else 0)
+    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe, "streamed"]
+    d = st.run("baseline (streamed fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do),
+               device=where(dev))
+    return json.loads((d / "meta.json").read_text())
 
 
-def _params(args) -> int:
-    from .shapes import meta_model
+def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: float, cache, st):
+    """``pipeline.build`` streamed (see the module doc); returns ``pipeline.Built``."""
+    from .export.layered import export_layered
+    from .hfconfig import args_from_config, read_config
+    from .pipeline import Built, _prune_key
+    from .quantize.apply import quantize_export
+    from .quantize.mixed import overrides_plan
+    from .stream import prune_streamed, smooth_streamed
 
-    return sum(p.numel() for p in meta_model(args).parameters())
+    dev = pick(st.device)
+    ran = where(dev)
+    key = _prune_key(src, recipe, texts) + ["streamed"]
+    pruned = st.run("prune (streamed)", lambda: cache.get(
+        "prune", key, lambda tmp: prune_streamed(src, tmp, recipe.prune, texts.calib, device=dev)), device=ran)
+    key.append(dataclasses.asdict(recipe.smooth))
+    smoothed = st.run("smooth (streamed)", lambda: cache.get(
+        "smooth", key, lambda tmp: smooth_streamed(pruned, tmp, texts.calib, recipe.smooth, device=dev)), device=ran)
+    key.append(dataclasses.asdict(recipe.export))
+    exported = st.run("export (layer by layer, fp32)", lambda: cache.get(
+        "export", key, lambda tmp: export_layered(smoothed, tmp, recipe.export, tokenizer_from=smoothed)))
+    pruned_acc = st.run("score pruned fp32 (streamed torch)",
+                        lambda: _cached_accuracy(smoothed, score_tokens, recipe, cache, dev), device=ran)
+    budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)
+    st.log(f"pruning cost {100 * (fp32_accuracy - pruned_acc):.2f} points; int8 budget {100 * budget:.2f} points")
+    key.append([dataclasses.asdict(recipe.quantize), budget, "overrides"])
+    args = args_from_config(read_config(exported)[1])
+    planned = st.run("plan int8 precision (overrides, no search)", lambda: cache.get(
+        "plan", key, lambda tmp: overrides_plan(exported, recipe.quantize, args, budget).save(tmp)))
+    quantized = st.run("quantize int8 (graph pass)", lambda: cache.get(
+        "quantize", key, lambda tmp: quantize_export(exported, tmp, planned)))
+    return Built(pruned, smoothed, exported, planned, quantized, pruned_acc, budget)
 
 
-def should_stream(src: Path, fraction: float = 0.25) -> bool:
-    """Stream when the fp32 model would take more than ``fraction`` of the memory available now."""
-    from .lazy import CheckpointReader
+def _cached_accuracy(ckpt: Path, tokens: np.ndarray, recipe, cache, device) -> float:
+    """fp32 torch accuracy of checkpoint ``ckpt`` on ``tokens``, streamed (its own cache entry)."""
+    from .pipeline import _tokens_hash
+    from .stream import evaluate_streamed
 
-    args = CheckpointReader(src).args
-    need = _params(args) * 4
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return False
-    return need > fraction * avail
+    def do(tmp: Path):
+        acc = evaluate_streamed(ckpt, tokens, seq_len=recipe.validate.seq_len, device=device).accuracy
+        (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
+
+    d = cache.get("score", [ckpt.name, _tokens_hash(tokens), recipe.validate.seq_len, "streamed"], do)
+    return json.loads((d / "meta.json").read_text())["accuracy"]

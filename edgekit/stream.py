@@ -86,7 +86,10 @@ class _LazyLayers:
         return self.source.layer(i)
 
 
-class _LazyModel:
+class LazyModel:
+    """``model.args`` and ``model.model.layers`` (read on access) of a layer source: what pruning's
+    plan and checks read."""
+
     def __init__(self, source):
         from types import SimpleNamespace
 
@@ -159,7 +162,8 @@ def _write_checkpoint(tmp: Path, writer: ShardWriter, args, src_dir: Path | None
 def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray, progress: bool = False,
                    device: str = "cpu", shard_bytes: int = 1 << 30) -> Path:
     """``prune.prune_checkpoint`` for checkpoints larger than memory (no distillation)."""
-    from .prune import param_count, plan_from_stats
+    from .info import param_count
+    from .prune import check_prunable, plan_from_stats
     from .prune.surgery import LayerPlan, _slice_layer, args_for_layers
     from .shapes import meta_model
 
@@ -167,9 +171,10 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
         raise EdgekitError(f"streamed pruning cannot distill (recover_steps={config.recover_steps}): distillation "
                            "holds student and teacher in memory; set prune recover_steps = 0 or use the in-memory path")
     r = as_source(src)
+    check_prunable(LazyModel(r), config, calib_tokens)
     stats = collect_stats_streamed(r, calib_tokens, config.calib_seq_len, max_tokens=config.calib_max_tokens,
                                    progress=progress, device=device)
-    plan = plan_from_stats(_LazyModel(r), stats, config)
+    plan = plan_from_stats(LazyModel(r), stats, config)
     args, out = r.args, Path(out)
     with atomic_dir(out) as tmp:
         w = ShardWriter(tmp, shard_bytes)
@@ -195,13 +200,15 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
 
 def smooth_streamed(src, out: str | os.PathLike, calib_tokens: np.ndarray, config=None, device: str = "cpu",
                     shard_bytes: int = 1 << 30, progress: bool = False) -> dict:
-    """``smooth.smooth_`` on a checkpoint, one layer at a time; writes the smoothed checkpoint to
-    ``out`` (with ``smooth.json``) and returns the per-group report."""
+    """``smooth.smooth_checkpoint`` one layer at a time: writes the smoothed checkpoint to ``out``
+    with the same ``smooth.json`` (``{"config", "groups"}``) and returns the per-group report."""
     from .smooth import SmoothConfig, calib_rows, finish_norm_stats, fold_group, layer_groups, norm_hooks, selected
 
     cfg = config or SmoothConfig()
     r = as_source(src)
     rows = calib_rows(calib_tokens, cfg, r.args.max_position_embeddings)
+    if not cfg.enabled:       # the stage passes the weights through unchanged: no statistics needed
+        rows = rows[:0]
     report, out = {}, Path(out)
     with atomic_dir(out) as tmp:
         w = ShardWriter(tmp, shard_bytes)
@@ -211,7 +218,7 @@ def smooth_streamed(src, out: str | os.PathLike, calib_tokens: np.ndarray, confi
 
         def before(i, block):
             state.clear()
-            state["groups"] = selected(layer_groups(i, block), cfg)
+            state["groups"] = selected(layer_groups(i, block), cfg) if cfg.enabled else []
             return norm_hooks({name: norm for name, norm, _, _ in state["groups"]}, cfg, state.setdefault("s", {}))
 
         def after(i, block):
@@ -227,8 +234,9 @@ def smooth_streamed(src, out: str | os.PathLike, calib_tokens: np.ndarray, confi
         w.add("model.norm.weight", g["model.norm.weight"])
         if not r.args.tie_word_embeddings:
             w.add("lm_head.weight", g["lm_head.weight"])
+        record = {"config": asdict(cfg), "groups": report}
         _write_checkpoint(tmp, w, r.args, getattr(r, "dir", None),
-                          {"smooth.json": json.dumps(report, indent=2, default=float) + "\n"})
+                          {"smooth.json": json.dumps(record, indent=2, default=float) + "\n"})
     return report
 
 

@@ -91,6 +91,11 @@ def test_streamed_compress_builds_the_same_bundle(ckpt, tmp_path):
     # the layered fp32 graph is not onnxsim-simplified: a few % larger on this tiny model (graph vs weights)
     assert a["baseline"]["onnx_bytes"] == pytest.approx(b["baseline"]["onnx_bytes"], rel=0.05)
     assert a["pruning"]["params_after"] == b["pruning"]["params_after"]
+    # the overrides' plan (no search) equals plan_'s when all-int8 is within the budget
+    assert a["quantization"]["int8_units"] == b["quantization"]["int8_units"]
+    assert a["quantization"]["fp32_units"] == b["quantization"]["fp32_units"]
+    assert a["smoothing"]["groups"] == pytest.approx(b["smoothing"]["groups"])
+    assert all(r.get("peak_rss_mb", 0) > 0 for r in b["timings"])
     assert _int8_weights(mem.bundle) == _int8_weights(st.bundle)
     ids = np.random.default_rng(0).integers(0, 4096, (2, 30))
     diff = np.abs(OrtModel(mem.bundle).logits(ids) - OrtModel(st.bundle).logits(ids)).max()

@@ -236,7 +236,8 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     src = as_source(source)
     a = src.args
     L, W = a.num_hidden_layers, a.kv_lora_rank + a.qk_rope_head_dim
-    if cfg.moe == "contrib":
+    contrib = cfg.moe == "contrib"
+    if contrib:
         for i in range(L):
             la = a.for_layer(i)
             if la.is_moe and contrib_routing(a, la) is None:
@@ -273,7 +274,7 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
                            {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, "cos4": rope_axes,
                             "sin4": rope_axes, "future": {0: "seq", 1: "seq"}, "pad": axes["left_pad"],
                             "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}}, cfg.opset,
-                           ("edgekit", "com.microsoft") if cfg.moe == "contrib" and a.for_layer(i).is_moe else ("edgekit",))
+                           ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",))
                 sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **shared, "pad": "left_pad",
                              "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
                 x = x_out
