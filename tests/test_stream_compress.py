@@ -94,7 +94,8 @@ def test_streamed_compress_builds_the_same_bundle(ckpt, tmp_path):
     # the overrides' plan (no search) equals plan_'s when all-int8 is within the budget
     assert a["quantization"]["int8_units"] == b["quantization"]["int8_units"]
     assert a["quantization"]["fp32_units"] == b["quantization"]["fp32_units"]
-    assert a["smoothing"]["groups"] == pytest.approx(b["smoothing"]["groups"])
+    assert {g: r["alpha"] for g, r in a["smoothing"]["groups"].items()} == \
+        {g: r["alpha"] for g, r in b["smoothing"]["groups"].items()}
     assert all(r.get("peak_rss_mb", 0) > 0 for r in b["timings"])
     assert _int8_weights(mem.bundle) == _int8_weights(st.bundle)
     ids = np.random.default_rng(0).integers(0, 4096, (2, 30))
