@@ -129,7 +129,7 @@ def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int
     """Point every tensor of ``proto`` over ``threshold`` bytes into the new file ``data``, one tensor
     at a time: bytes held inline are moved there, bytes still in ``src``'s external data are copied."""
     import onnx
-    from onnx.external_data_helper import ExternalDataInfo, set_external_data
+    from onnx.external_data_helper import ExternalDataInfo
 
     from ..bundle import member
 
@@ -150,7 +150,9 @@ def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int
             f.write(b"\0" * pad)
             offset += pad
             f.write(raw)
-            set_external_data(t, data.name, offset=offset, length=len(raw))
-            t.data_location = onnx.TensorProto.EXTERNAL
             t.ClearField("raw_data")
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
             offset += len(raw)
