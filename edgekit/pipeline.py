@@ -49,7 +49,6 @@ nothing later can wait on a peer that has gone. ``auto`` is single-process only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -75,6 +74,7 @@ from .recipes import Recipe, load_recipe, recipe_to_toml, with_overrides
 from .report import write_report
 from .smooth import SmoothConfig
 from .stagecache import StageCache, dir_digest, seal
+from .stages import Built, Stages, Texts, prune_key, tokens_hash
 from .validate import graph_bytes, score, validate
 
 # the compile stages' recipe tables and the config each is built into (registered with the recipe parser)
@@ -89,63 +89,6 @@ class CompressResult:
     exit_code: int
 
 
-@dataclass
-class Texts:
-    """The token ids the stages read, loaded once (``load_texts``); ``dev`` only with --auto."""
-    calib: np.ndarray
-    recover: np.ndarray
-    eval: np.ndarray
-    dev: np.ndarray | None
-    calib_name: str
-    recover_name: str
-    dev_name: str = ""
-
-
-@dataclass
-class Built:
-    """The artifacts of one ``build`` (stage cache directories) and what it measured."""
-    pruned: Path
-    smoothed: Path
-    exported: Path
-    planned: Path
-    quantized: Path
-    pruned_accuracy: float        # on the scoring tokens
-    int8_budget: float
-
-
-class Stages:
-    """Runs and times the stages, printing one line per stage (inner loops show their own bars)."""
-
-    def __init__(self, console, total: int, device: str = "cpu"):
-        self.console, self.total, self.i, self.rows = console, total, 0, []
-        self.device = device               # torch device of the stages that run torch (``edgekit.device``)
-
-    def log(self, msg: str) -> None:
-        if self.console:
-            self.console.print(f"      {msg}")
-
-    def run(self, name: str, fn, **row):
-        self.i += 1
-        if self.console:
-            self.console.print(f"[bold cyan][{self.i}/{self.total}][/] {name} ...")
-        from .latency import peak_rss_mb, reset_peak_rss
-
-        measured = reset_peak_rss()
-        t = time.perf_counter()
-        out = fn()
-        row = {"name": name, **row, "seconds": round(time.perf_counter() - t, 2)}
-        if measured:  # this process's peak during the stage (subprocesses, e.g. latency workers, not included)
-            row["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        self.rows.append(row)
-        if self.console:
-            self.console.print(f"      done in {row['seconds']:.1f}s")
-        return out
-
-
-def _tokens_hash(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()[:20]
-
-
 def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp32_accuracy: float,
           cache: StageCache, st: Stages) -> Built:
     """prune -> smooth -> export (once) -> score -> plan -> quantize for one recipe, each stage cached.
@@ -157,7 +100,7 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     from .quantize.mixed import plan_
     from .smooth import smooth_checkpoint
 
-    key = _prune_key(src, recipe, texts)
+    key = prune_key(src, recipe, texts)
     pruned = st.run("prune + recover", lambda: cache.get(
         "prune", key, lambda tmp: _prune_to(tmp, src, recipe, texts, device=st.device)), device=where(pick(st.device)))
     key.append(dataclasses.asdict(recipe.smooth))
@@ -177,10 +120,6 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     return Built(pruned, smoothed, exported, planned, quantized, pruned_acc, budget)
 
 
-def _prune_key(src: Path, recipe: Recipe, texts: Texts) -> list:
-    return [dir_digest(src), _tokens_hash(texts.calib), _tokens_hash(texts.recover), dataclasses.asdict(recipe.prune)]
-
-
 def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts, seal_as: str | None = None,
               device: str = "cpu") -> None:
     """The prune (+recover) stage: ``prune_checkpoint`` on the loaded texts (rank 0 writes under
@@ -196,7 +135,7 @@ def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts, seal_as: str |
 def prune_on_all_ranks(src: Path, recipe: Recipe, texts: Texts, cache: StageCache, console=None) -> dict:
     """Under torchrun: the prune (+recover) stage on every rank, its cache entry written (and sealed)
     by rank 0, skipped when rank 0 holds an intact one. Returns the stage's timing row."""
-    key = _prune_key(src, recipe, texts)
+    key = prune_key(src, recipe, texts)
     n = dist.world().size
     hit = cache.lookup("prune", key) is not None if dist.world().is_main else None
     row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(hit))}
@@ -234,7 +173,7 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
+    key = [dir_digest(src), tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
            recipe.target.threads, recipe.goals.prefill_tokens]
     d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do), device=where(dev))
     return json.loads((d / "meta.json").read_text())
@@ -246,7 +185,7 @@ def fp32_accuracy(src: Path, tokens: np.ndarray, recipe: Recipe, cache: StageCac
         res = evaluate(load(src), tokens, seq_len=recipe.validate.seq_len, progress=True)
         (tmp / "meta.json").write_text(json.dumps(res.to_dict()))
 
-    key = [dir_digest(src), _tokens_hash(tokens), recipe.validate.seq_len]
+    key = [dir_digest(src), tokens_hash(tokens), recipe.validate.seq_len]
     d = st.run(f"fp32 accuracy on {what}", lambda: cache.get("fp32-accuracy", key, do))
     return json.loads((d / "meta.json").read_text())["accuracy"]
 
@@ -474,5 +413,5 @@ def _cached_accuracy(export_dir: Path, tokens: np.ndarray, recipe: Recipe, cache
         acc = score(export_dir, tokens, recipe.validate.seq_len)["accuracy"]
         (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
 
-    d = cache.get("score", [export_dir.name, _tokens_hash(tokens), recipe.validate.seq_len], do)
+    d = cache.get("score", [export_dir.name, tokens_hash(tokens), recipe.validate.seq_len], do)
     return json.loads((d / "meta.json").read_text())["accuracy"]

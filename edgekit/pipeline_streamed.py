@@ -95,7 +95,7 @@ def baseline_for(src: Path, recipe, eval_tokens: np.ndarray, cache, st) -> dict:
     from .export import ExportConfig
     from .export.layered import export_layered
     from .lazy import CheckpointReader
-    from .pipeline import _tokens_hash
+    from .stages import tokens_hash
     from .stream import evaluate_streamed
     from .validate import graph_bytes
 
@@ -112,7 +112,7 @@ def baseline_for(src: Path, recipe, eval_tokens: np.ndarray, cache, st) -> dict:
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe, "streamed"]
+    key = [dir_digest(src), tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe, "streamed"]
     d = st.run("baseline (streamed fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do),
                device=where(dev))
     return json.loads((d / "meta.json").read_text())
@@ -122,14 +122,14 @@ def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: flo
     """``pipeline.build`` streamed (see the module doc); returns ``pipeline.Built``."""
     from .export.layered import export_layered
     from .hfconfig import args_from_config, read_config
-    from .pipeline import Built, _prune_key
     from .quantize.apply import quantize_export
     from .quantize.mixed import overrides_plan
+    from .stages import Built, prune_key
     from .stream import prune_streamed, smooth_streamed
 
     dev = pick(st.device)
     ran = where(dev)
-    key = _prune_key(src, recipe, texts) + ["streamed"]
+    key = prune_key(src, recipe, texts) + ["streamed"]
     pruned = st.run("prune (streamed)", lambda: cache.get(
         "prune", key, lambda tmp: prune_streamed(src, tmp, recipe.prune, texts.calib, device=dev)), device=ran)
     key.append(dataclasses.asdict(recipe.smooth))
@@ -153,12 +153,12 @@ def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: flo
 
 def _cached_accuracy(ckpt: Path, tokens: np.ndarray, recipe, cache, device) -> float:
     """fp32 torch accuracy of checkpoint ``ckpt`` on ``tokens``, streamed (its own cache entry)."""
-    from .pipeline import _tokens_hash
+    from .stages import tokens_hash
     from .stream import evaluate_streamed
 
     def do(tmp: Path):
         acc = evaluate_streamed(ckpt, tokens, seq_len=recipe.validate.seq_len, device=device).accuracy
         (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
 
-    d = cache.get("score", [ckpt.name, _tokens_hash(tokens), recipe.validate.seq_len, "streamed"], do)
+    d = cache.get("score", [ckpt.name, tokens_hash(tokens), recipe.validate.seq_len, "streamed"], do)
     return json.loads((d / "meta.json").read_text())["accuracy"]
