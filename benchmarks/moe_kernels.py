@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgekit.quantize.moe_grouped import GroupedMoEConfig, rewrite_moe_grouped  # noqa: E402
+from edgekit.quantize.nbits import NBitsConfig  # noqa: E402
 from edgekit.quantize.rewrite import ensure_ms_opset, rewrite_moe  # noqa: E402
 
 
@@ -83,6 +84,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--nbits", default="8/32,8/128,4/32",
+                    help="grouped experts on MatMulNBits: comma-separated BITS/BLOCK variants ('' for none)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     base = moe_graph(a.hidden, a.inter, a.experts, a.k)
@@ -97,6 +100,13 @@ def main(argv=None) -> dict:
         rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(wmax=63.0, fold=fold))
         ensure_ms_opset(gm)
         variants[f"grouped int8{' (scales in kernel)' if fold else ''}"] = gm
+    for spec in [x for x in a.nbits.split(",") if x]:
+        bits, block = (int(v) for v in spec.split("/"))
+        gm = onnx.ModelProto()
+        gm.CopyFrom(base)
+        rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(nbits=NBitsConfig(bits=bits, block=block)))
+        ensure_ms_opset(gm)
+        variants[f"grouped MatMulNBits {bits}-bit block {block}"] = gm
     rows = []
     feeds = {n: inputs(n, a.hidden, a.experts, a.k) for n in (a.tokens, 1)}
     ref = {n: session(base, a.threads).run(None, f)[0] for n, f in feeds.items()}

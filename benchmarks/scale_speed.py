@@ -116,13 +116,26 @@ def profile(d: Path, threads: int, phase: str, tokens: int, runs: int, work: Pat
     return summarize_profile(Path(out.stdout.strip().splitlines()[-1]), runs, skip_runs=int(phase == "decode"))
 
 
+def plan_for(path: str, int8: set[str]):
+    """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags."""
+    from edgekit.quantize import Plan
+
+    parts = path.split("+")
+    nb = next((p for p in parts[1:] if p.startswith("nb")), None)
+    kernel, block = "integer", 32
+    if nb:
+        bits, _, blk = nb[2:].partition("b")
+        kernel, block = f"nbits{bits}", int(blk or 32)
+    return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block)
+
+
 def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> dict[str, Path]:
     import torch
 
     from edgekit.checkpoint import args_from_config
     from edgekit.export import ExportConfig, export
     from edgekit.model import Transformer
-    from edgekit.quantize import Plan, quantize_export
+    from edgekit.quantize import quantize_export
     from edgekit.quantize.apply import quantizable_units
     from edgekit.quantize.emulate import units
     from edgekit.shapes import shape_config
@@ -153,8 +166,7 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
         if not (d / "export.json").exists():
             int8 = int8 or {n for n in units(model) if not n.endswith("mlp.gate")} & quantizable_units(
                 json.loads((fp32 / "export.json").read_text()))
-            quantize_export(fp32, d, Plan(int8=int8, moe_path=path.split("+")[0], wmax=63.0,
-                                          fold=path.endswith("+fold")))
+            quantize_export(fp32, d, plan_for(path, int8))
             log(f"int8 ({path}) rewrite done")
         out[f"int8-{path}"] = d
     return out
@@ -175,6 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--parallel", default="0", help="'0', '1' or '0,1': onnxruntime's parallel executor too")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are appended)")
     a = ap.parse_args(argv)
@@ -197,14 +210,15 @@ def main(argv=None) -> dict:
         a.out.with_suffix(".md").write_text(render(res))
 
     for t in [int(x) for x in a.threads.split(",")]:
-        for name in [f"int8-{p}" for p in paths]:
+        for name, par in [(f"int8-{p}", par) for p in paths for par in a.parallel.split(",")]:
             lat = measure(dirs[name], threads=t, prefill_tokens=a.prefill, decode_tokens=a.decode_tokens,
-                          runs=a.runs, warmup=2)
-            res["latency"][f"{name}@{t}"] = {k: lat[k] for k in ("prefill_ms", "decode_ms", "peak_rss_mb") if k in lat}
-            log(f"{name} {t} threads: prefill p50 {lat['prefill_ms']['p50']:.1f} p95 {lat['prefill_ms']['p95']:.1f} ms"
+                          runs=a.runs, warmup=2, parallel=par == "1")
+            key = f"{name}{'+parallel' if par == '1' else ''}@{t}"
+            res["latency"][key] = {k: lat[k] for k in ("prefill_ms", "decode_ms", "peak_rss_mb") if k in lat}
+            log(f"{key}: prefill p50 {lat['prefill_ms']['p50']:.1f} p95 {lat['prefill_ms']['p95']:.1f} ms"
                 f" | decode p50 {lat['decode_ms']['p50']:.2f} p95 {lat['decode_ms']['p95']:.2f} ms/token")
             save()
-            if a.profile and t == int(a.threads.split(",")[0]):
+            if a.profile and t == int(a.threads.split(",")[0]) and par == a.parallel.split(",")[0]:
                 for phase, runs in (("prefill", 4), ("decode", 16)):
                     res["profiles"][f"{name}@{t}:{phase}"] = p = profile(dirs[name], t, phase, a.prefill, runs, work)
                     top = list(p["by_layer_kind"].items())[:4]
@@ -222,7 +236,8 @@ def render(res: dict) -> str:
              "|---|---|---|---|---|---|"]
     for key, v in res["latency"].items():
         name, t = key.split("@")
-        lines.append(f"| {name} | {res['sizes_mb'].get(name, '')} | {t} | {v['prefill_ms']['p50']:.1f} / "
+        mb = res["sizes_mb"].get(name.removesuffix("+parallel"), "")
+        lines.append(f"| {name} | {mb} | {t} | {v['prefill_ms']['p50']:.1f} / "
                      f"{v['prefill_ms']['p95']:.1f} | {v['decode_ms']['p50']:.2f} / {v['decode_ms']['p95']:.2f} | "
                      f"{v.get('peak_rss_mb', 0):.0f} |")
     for key, p in res["profiles"].items():

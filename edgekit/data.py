@@ -4,7 +4,8 @@ What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids 
 (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
 shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
 ``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
-``recover``; see ``edgekit/nano/mixed.py``), or a path to a UTF-8 text file;
+``recover``; see ``edgekit/nano/mixed.py``; ``recover`` files are shipped gzipped), or a path to a
+UTF-8 text file;
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
 the next-token target). ``DomainData.of(domain)`` names the four splits of one domain for
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
@@ -22,6 +23,7 @@ for one full calibration window (``require_tokens``) raise ``EdgekitError`` nami
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -34,10 +36,16 @@ from .errors import EdgekitError
 SPLITS = ("eval", "calib", "recover")
 DOMAIN_SPLITS = ("eval", "calib", "dev", "recover")
 DOMAINS_DIR = Path(__file__).parent / "data" / "domains"
+GZIPPED = ("recover",)      # shipped gzipped (the large distillation samples); read transparently
+
+
+def shipped_file(folder: Path, split: str) -> Path:
+    """The file of a shipped split in ``folder``: ``{split}.txt``, or ``.txt.gz`` for the large ones."""
+    return folder / (f"{split}.txt.gz" if split in GZIPPED else f"{split}.txt")
 
 
 def split_path(name: str) -> Path:
-    return Path(__file__).parent / "data" / "splits" / f"{name}.txt"
+    return shipped_file(Path(__file__).parent / "data" / "splits", name)
 
 
 def domain_names() -> list[str]:
@@ -55,7 +63,7 @@ def _named_path(source) -> Path | None:
     if isinstance(source, str) and source.count("/") == 1:
         d, s = source.split("/")
         if is_domain(d) and s in DOMAIN_SPLITS:
-            return DOMAINS_DIR / d / f"{s}.txt"
+            return shipped_file(DOMAINS_DIR / d, s)
     return None
 
 
@@ -92,8 +100,8 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
         raise EdgekitError(f"data file {p} not found; pass a UTF-8 text file, one of {SPLITS} or DOMAIN/SPLIT "
                            f"(domains {', '.join(domain_names())}; splits {', '.join(DOMAIN_SPLITS)})")
     try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
+        text = gzip.decompress(p.read_bytes()).decode("utf-8") if p.suffix == ".gz" else p.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
         raise EdgekitError(f"{p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
     if not text.strip():
         raise EdgekitError(f"{p} is empty; pass a text file with at least a few hundred tokens")

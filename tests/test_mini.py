@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgekit.checkpoint import load
-from edgekit.data import DOMAINS_DIR, DomainData, domain_names, load_text, load_tokens, model_domains, split_path
+from edgekit.data import DOMAINS_DIR, DomainData, domain_names, load_text, load_tokens, model_domains
 from edgekit.errors import EdgekitError
 from edgekit.nano import corpus, debian, mixed
 from edgekit.nano.specs import MINI_CONFIG, SPECS
@@ -28,17 +28,17 @@ def test_shipped_domain_splits_match_the_manifest_and_are_disjoint():
         assert all(f["split"] == "train" for f in dom["files"] if f.get("recover")), "recover samples train only"
         for split in mixed.SHIPPED:
             want = sum(1 for f in dom["files"] if (f.get("recover") if split == "recover" else f["split"] == split))
-            text = (DOMAINS_DIR / name / f"{split}.txt").read_text(encoding="utf-8")
+            text = load_text(f"{name}/{split}")
             assert text.count(corpus.SEPARATOR) == want, (name, split)
         held = sum(len((DOMAINS_DIR / name / f"{s}.txt").read_bytes()) for s in ("eval", "calib", "dev"))
-        assert held < 1_000_000 and len((DOMAINS_DIR / name / "recover.txt").read_bytes()) <= 2_600_000
+        assert held < 1_000_000 and len(load_text(f"{name}/recover").encode()) <= 2_600_000
     for name in ("c", "prose"):
         assert all(p["version"] and len(p["deb_sha256"]) == 64 for p in MANIFEST["domains"][name]["packages"])
 
 
 def test_python_domain_is_v3_nanos_held_out_text_plus_a_dev_split_from_its_train_files():
     for s in ("eval", "calib", "recover"):
-        assert (DOMAINS_DIR / "python" / f"{s}.txt").read_bytes() == split_path(s).read_bytes(), s
+        assert load_text(f"python/{s}") == load_text(s), s
     nano = {f["path"]: f["split"] for f in json.loads(corpus.MANIFEST_PATH.read_text())["files"]}
     dev = [f["path"] for f in MANIFEST["domains"]["python"]["files"] if f["split"] == "dev"]
     assert dev and all(nano[p] == "train" for p in dev), "dev comes out of v3-nano's train files"

@@ -32,6 +32,7 @@ Run: ``python -m edgekit.nano.corpus``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import platform
@@ -39,6 +40,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..data import load_text, shipped_file
 
 SEPARATOR = "<|eos|>"
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")
@@ -176,8 +179,10 @@ def recover_sample(docs: list[Document], split_of: dict[str, str]) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
+    """UTF-8 text; a ``.gz`` path is gzipped reproducibly (no name or time in the header)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.encode("utf-8"))
+    data = text.encode("utf-8")
+    path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0) if path.suffix == ".gz" else data)
 
 
 def manifest_sha256(path: Path = MANIFEST_PATH) -> str:
@@ -195,7 +200,7 @@ def build(root: Path, rewrite_manifest: bool = False) -> dict[str, Path]:
     texts = split_texts(docs, split_of)
     texts["recover"] = recover_sample(docs, split_of)
     paths = {"eval": SPLITS_DIR / "eval.txt", "calib": SPLITS_DIR / "calib.txt", "train": TRAIN_PATH,
-             "recover": SPLITS_DIR / "recover.txt"}
+             "recover": shipped_file(SPLITS_DIR, "recover")}
     for split, path in paths.items():
         write_text(path, texts[split])
     return paths
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, path in paths.items():
-        n_docs = path.read_text(encoding="utf-8").count(SEPARATOR)
+        n_docs = load_text(str(path)).count(SEPARATOR)
         print(f"{split:5s} {n_docs:5d} docs {path.stat().st_size / 1e3:9.1f} KB  {path}")
     print(f"manifest {MANIFEST_PATH} sha256 {manifest_sha256()[:16]}")
     return 0

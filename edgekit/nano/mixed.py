@@ -48,6 +48,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import shipped_file
 from . import corpus
 from .corpus import SEPARATOR, SPECIAL_TOKENS, CorpusError, Document, sha256_hex
 from .debian import DebianError, extract, fetch, read_files, sha256_file
@@ -255,7 +256,7 @@ def build(cache: Path = DEB_CACHE, rewrite_manifest: bool = False, domains: dict
         }
     for name, t in texts.items():
         for s in SHIPPED:
-            corpus.write_text(out_dir / name / f"{s}.txt", t[s])
+            corpus.write_text(shipped_file(out_dir / name, s), t[s])
         corpus.write_text(train_dir / f"{name}.txt", t["train"])
     if pinned is None:
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")

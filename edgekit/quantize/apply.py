@@ -59,6 +59,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     import onnx
 
     from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
+    from .nbits import NBitsConfig
     from .portable import rewrite_sparse_experts
     from .rewrite import ensure_ms_opset, rewrite_embedding, rewrite_linears, rewrite_moe
 
@@ -79,10 +80,12 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         if e["node"] not in nodes or not set(e["weights"]) <= inits:
             raise EdgekitError(f"{src}: export.json maps {u} to node {e['node']}, which model.onnx lacks; re-export")
     by_op = {op: sorted(u for u in plan.int8 if units[u]["op"] == op) for op in QUANTIZABLE}
+    nb = NBitsConfig(bits=int(plan.kernel[5:]), block=plan.nbits_block) if plan.kernel.startswith("nbits") else None
     done = rewrite_linears(proto, {units[u]["weights"][0]: u for u in by_op["MatMul"]}, set(by_op["MatMul"]),
-                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, base_dir=base)
+                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, nbits=nb,
+                           base_dir=base)
     emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
-    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold)
+    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
     moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg, base) if plan.moe_path == "grouped"
                else rewrite_moe(proto, units[u]["node"], plan.moe_block, base)) for u in by_op["MoE"]}
     moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
@@ -100,6 +103,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         onnx.save_model(proto, str(tmp / spec["graph"]))
         static = sorted(u for u in plan.static_scales if u in plan.int8)
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
+                   "kernel": plan.kernel, **({"nbits_block": plan.nbits_block} if nb else {}),
                    "activation_scales": "static" if static else "dynamic",
                    "static_units": static, "merged_siblings": plan.merge}
         spec.update(dtype="int8", external_data=large, quantization=summary)

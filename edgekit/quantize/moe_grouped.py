@@ -12,9 +12,10 @@ attributes ``k``, ``normalize_routing_weights``) in place by::
     xq, sx    = int8(x) per token                # quantized once per layer, gathered in expert order
     for e in experts:                            # unrolled; an If skips experts with no tokens
         h  = silu(xq_e @ G_e * sx_e * sg_e) * (xq_e @ U_e * sx_e * su_e)   # one GEMM over [G_e | U_e]
-        hq, sh = int8(h) per token
-        y_e = hq @ D_e * sh * w_e * sd_e
-    y = sum over the k slots of concat(y_e)[argsort(order)]
+        hq, sh_e = int8(h) per token
+        y_e = hq @ D_e * sd_e
+    y_sorted = concat(y_e) * concat(sh_e) * w      # one row factor per layer, not one Mul per expert
+    y = sum over the k slots of y_sorted[argsort(order)]
 
 Why (measured, see benchmarks/results/ and benchmarks/moe_kernels.py): onnxruntime's CPU ``QMoE``
 kernel with 8-bit weights dequantizes each used expert's weights to fp32 and runs an fp32 GEMM,
@@ -44,6 +45,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..int8 import quantize_sym
+from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
 MS = "com.microsoft"
@@ -53,6 +55,7 @@ MS = "com.microsoft"
 class GroupedMoEConfig:
     wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
     fold: bool = True            # column scales as the kernel's per-column b_scale instead of a Mul (faster prefill)
+    nbits: NBitsConfig | None = None   # set: each expert GEMM is one MatMulNBits (block scales, int8 compute)
 
 
 class _Emit:
@@ -86,20 +89,41 @@ def token_quant(em: _Emit, x: str, c: dict) -> tuple[str, str]:
     return xq, s
 
 
-def _expert_branch(em: _Emit, e: int, xq: str, sx: str, w: str, W1: str, s1: str, W2: str, s2: str,
+def _expert_branch(em: _Emit, e: int, xq: str, sx: str, W1: str, s1: str, W2: str, s2: str,
                    c: dict, fold: bool) -> onnx.GraphProto:
-    """The then-branch for expert ``e``: rows xq [n, D] (uint8), their scales sx [n, 1] and routing
-    weights w [n, 1] -> y [n, D]."""
+    """The then-branch for expert ``e``: rows xq [n, D] (uint8) and their scales sx [n, 1] ->
+    (y [n, D] before its per-row factor, sh [n, 1] that factor's activation scale). The routing
+    weight and ``sh`` are applied once per layer, after the experts' rows are concatenated."""
     sub = _Emit(f"{em.prefix}e{e}")
     a = sub.op("MatMulIntegerToFloat", [xq, W1, c["one"], s1 if fold else c["one"], c["zp"]], "gu", domain=MS)
     a = sub.op("Mul", [a, sx]) if fold else sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
     g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
     h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
     hq, sh = token_quant(sub, h, c)
-    y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], s2 if fold else c["one"], c["zp"]], "dn", domain=MS)
     out = f"{em.prefix}e{e}.y"
-    y = y if fold else sub.op("Mul", [y, s2])
-    sub.nodes.append(helper.make_node("Mul", [y, sub.op("Mul", [sh, w])], [out], name=out))
+    if fold:
+        sub.nodes.append(helper.make_node("MatMulIntegerToFloat", [hq, W2, c["one"], s2, c["zp"]], [out],
+                                          name=out, domain=MS))
+    else:
+        y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], c["one"], c["zp"]], "dn", domain=MS)
+        sub.nodes.append(helper.make_node("Mul", [y, s2], [out], name=out))
+    return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
+                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None),
+                              helper.make_tensor_value_info(sh, TensorProto.FLOAT, None)])
+
+
+def _expert_branch_nbits(em: _Emit, e: int, xs: str, w1: np.ndarray, w2: np.ndarray,
+                         c: dict, cfg: NBitsConfig) -> onnx.GraphProto:
+    """The then-branch for expert ``e`` on the MatMulNBits path: fp32 rows xs [n, D] -> y [n, D]
+    before the routing weight; the kernel quantizes its inputs per row and block itself."""
+    sub = _Emit(f"{em.prefix}e{e}")
+    add = lambda arr, hint: em.const(arr, f"e{e}.{hint}")                                      # noqa: E731
+    a = sub.name("gu")
+    sub.nodes.append(matmul_nbits(xs, w1, a, a, add, cfg, "w1"))
+    g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
+    h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
+    out = f"{em.prefix}e{e}.y"
+    sub.nodes.append(matmul_nbits(h, w2, out, out, add, cfg, "w2"))
     return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
@@ -115,10 +139,11 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     inter = two_i // 2
     x, probs, out = node.input[0], node.input[1], node.output[0]
     em = _Emit("m" + (node.name or "moe").replace("moe.", ""))
-    c = {"one": em.const(np.array(1.0, np.float32), "one"), "zp": em.const(np.array(128, np.uint8), "zp"),
-         "inv_qmax": em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
-         "eps": em.const(np.array(eps, np.float32), "eps"),
-         "split_gu": em.const(np.array([inter, inter], np.int64), "split_gu")}
+    c = {"split_gu": em.const(np.array([inter, inter], np.int64), "split_gu")}
+    if cfg.nbits is None:                       # the MatMulIntegerToFloat path's quantization constants
+        c.update(one=em.const(np.array(1.0, np.float32), "one"), zp=em.const(np.array(128, np.uint8), "zp"),
+                 inv_qmax=em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
+                 eps=em.const(np.array(eps, np.float32), "eps"))
     k_t = em.const(np.array([k], np.int64), "k")
     vals, idx = em.op("TopK", [probs, k_t], "topk", n_out=2, axis=-1, largest=1, sorted=1)   # [N, k]
     if normalize:
@@ -135,34 +160,49 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     onehot = em.op("OneHot", [flat, em.const(np.array(E, np.int64), "E"), em.const(np.array([0, 1], np.int64), "oh")],
                    "onehot", axis=-1)                                                              # [N*k, E]
     counts = em.op("ReduceSum", [onehot, em.const(np.array([0], np.int64), "ax0")], "counts", keepdims=0)  # [E]
-    xq, sx = token_quant(em, x, c)
-    xs = em.op("Gather", [xq, token], "xs", axis=0)
-    ss = em.op("Gather", [sx, token], "ss", axis=0)
+    nb = cfg.nbits
+    if nb is not None and (D % nb.block or inter % nb.block):
+        raise ValueError(f"{node.name}: expert sizes {D}, {inter} are not multiples of the MatMulNBits "
+                         f"block {nb.block}")
+    if nb is None:
+        xq, sx = token_quant(em, x, c)
+        xs = em.op("Gather", [xq, token], "xs", axis=0)
+        ss = em.op("Gather", [sx, token], "ss", axis=0)
+        ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
+    else:
+        xs = em.op("Gather", [x, token], "xs", axis=0)
+        ss_e = [None] * E
     ws = em.op("Gather", [em.op("Reshape", [w, em.const(np.array([-1, 1], np.int64), "col")]), order], "ws",
                axis=0)
     xs_e = em.op("Split", [xs, counts], "xs_e", n_out=E, axis=0)
-    ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
-    ws_e = em.op("Split", [ws, counts], "ws_e", n_out=E, axis=0)
     if E == 1:
-        xs_e, ss_e, ws_e = [xs_e], [ss_e], [ws_e]
+        xs_e = [xs_e]
+        ss_e = ss_e if nb is not None else [ss_e]
     has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
-    empty = numpy_helper.from_array(np.zeros((0, D), np.float32), f"{em.prefix}.empty")   # [0, D]
-    ys = []
+    empties = [np.zeros((0, D), np.float32)] + ([] if nb is not None else [np.zeros((0, 1), np.float32)])
+    ys, shs = [], []
     for e in range(E):
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
-        q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
-        q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
-        W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
-        W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
-        then = _expert_branch(em, e, xs_e[e], ss_e[e], ws_e[e], W1, S1, W2, S2, c, cfg.fold)
+        if nb is not None:
+            then = _expert_branch_nbits(em, e, xs_e[e], w1, fc2[e].T, c, nb)
+        else:
+            q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                      # per column
+            q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                # [I, D]
+            W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
+            W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
+            then = _expert_branch(em, e, xs_e[e], ss_e[e], W1, S1, W2, S2, c, cfg.fold)
         # an If per expert: one without tokens costs a Gather and an If, not a GEMM chain over 0 rows
         cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
-        y_empty = f"{em.prefix}e{e}.0"
-        els = helper.make_graph([helper.make_node("Constant", [], [y_empty], value=empty, name=y_empty)],
-                                f"{em.prefix}e{e}.else", [],
-                                [helper.make_tensor_value_info(y_empty, TensorProto.FLOAT, None)])
-        ys.append(em.op("If", [cond], f"e{e}.y", then_branch=then, else_branch=els))
-    y_sorted = em.op("Concat", ys, "y_sorted", axis=0)                                             # [N*k, D]
+        names = [f"{em.prefix}e{e}.{j}" for j in range(len(empties))]
+        els = helper.make_graph([helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v, n), name=n)
+                                 for n, v in zip(names, empties)], f"{em.prefix}e{e}.else", [],
+                                [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+        outs = em.op("If", [cond], f"e{e}.y", n_out=len(empties), then_branch=then, else_branch=els)
+        ys.append(outs[0] if nb is None else outs)
+        shs += [outs[1]] if nb is None else []
+    # one per-row factor for all experts' rows: routing weight (x the down GEMM's activation scale)
+    factor = ws if nb is not None else em.op("Mul", [em.op("Concat", shs, "sh", axis=0), ws], "row_factor")
+    y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
     y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)                               # [N*k, D]
     shape = em.const(np.array([-1, k, D], np.int64), "nkd")
     y3 = em.op("Reshape", [y_slots, shape], "y3")

@@ -5,10 +5,11 @@ What: ``Plan`` names units by module (the names ``export.json``'s ``units`` uses
 these), ``fp32`` (unit -> why it stays fp32), ``static_scales`` (unit -> calibrated activation max;
 absent units quantize activations per token), ``moe_path`` (routed experts: "grouped" int8 GEMMs,
 QMoE "row"/"block"), ``moe_block`` (QMoE weights per block of K; 0: per row), ``wmax`` (weight
-range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the kernel) and ``merge``
-(one matmul for int8 linears sharing an input). What the planning measured rides
-along in ``sensitivity``, ``steps`` and ``report``. ``plan.save(dir)`` / ``Plan.load(dir)``
-round-trip it through ``plan.json``.
+range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the kernel), ``merge``
+(one matmul for int8 linears sharing an input) and ``kernel`` ("integer": per-token int8 into
+``MatMulIntegerToFloat``; "nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``).
+What the planning measured rides along in ``sensitivity``, ``steps`` and ``report``.
+``plan.save(dir)`` / ``Plan.load(dir)`` round-trip it through ``plan.json``.
 
 Who writes it: ``edgekit.quantize.mixed.plan_`` (accuracy-aware, on the smoothed model + its
 export). Who reads it: ``edgekit.quantize.apply.quantize_export``. No torch, no onnx here.
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PLAN_FILE = "plan.json"
+KERNELS = ("integer", "nbits8", "nbits4")   # int8 linears/experts: MatMulIntegerToFloat, or MatMulNBits 8/4-bit
 
 
 @dataclass
@@ -36,6 +38,8 @@ class Plan:
     wmax: float = 63.0                                           # weight range: 63 = 7-bit (reduce_range), 127
     fold: bool = True                                            # column scales as the kernel's b_scale
     merge: bool = True                                           # one matmul for int8 linears sharing an input
+    kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
+    nbits_block: int = 32                                        # MatMulNBits block along K
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
     accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
     accuracy_int8: float = 0.0
@@ -47,6 +51,8 @@ class Plan:
         both = self.int8 & set(self.fp32)
         if both:
             raise ValueError(f"plan lists {sorted(both)[0]} as both int8 and fp32")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"plan kernel={self.kernel!r}: use one of {KERNELS}")
         if self.moe_path not in ("grouped", "row", "block"):
             raise ValueError(f"plan moe_path={self.moe_path!r}: use 'grouped', 'row' or 'block'")
 

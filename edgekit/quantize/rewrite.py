@@ -41,6 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..int8 import EPS, QMAX, quantize_blocks, quantize_sym
+from .nbits import NBitsConfig, matmul_nbits
 
 MS = "com.microsoft"
 
@@ -171,9 +172,12 @@ def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarr
 
 def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str],
                     static_scales: dict[str, float] | None = None, merge: bool = True,
-                    wmax: float = QMAX, fold: bool = False, base_dir: str = "") -> list[str]:
+                    wmax: float = QMAX, fold: bool = False, nbits: NBitsConfig | None = None,
+                    base_dir: str = "") -> list[str]:
     """Replace MatMuls whose unit (``units[weight_name]``) is in ``int8``. Returns the unit names done.
     ``wmax`` 63: 7-bit weights, so u8 x s8 pair sums fit int16 on CPUs without VNNI (reduce_range).
+    ``nbits``: one ``MatMulNBits`` per matmul instead (block scales; the kernel quantizes its input
+    per row and block), for units whose K is a multiple of the block and that have no static scale.
     ``base_dir``: where weights kept as external data live (read one unit at a time)."""
     G = _Graph(proto, base_dir)
     static_scales = static_scales or {}
@@ -195,8 +199,19 @@ def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str
         unit_names = [units[w] for _, w in group]
         scale = max((static_scales[u] for u in unit_names if u in static_scales), default=None)
         tag = unit_tag(unit_names[0])
-        xq, s, zp, per_row = _act_quant(G, x, scale, new_nodes, tag)
         ws = [G.array(w) for _, w in group]
+        if nbits is not None and scale is None and ws[0].shape[0] % nbits.block == 0:
+            cat = np.concatenate(ws, axis=1) if merge and len(group) > 1 else None
+            pairs = [(cat, G.fresh("ycat"))] if cat is not None else [(w, n.output[0]) for (n, _), w in zip(group, ws)]
+            for w, y in pairs:
+                new_nodes.append(matmul_nbits(x, w, y, G.node_name(tag, "gemm"), G.add_init, nbits, tag))
+            if cat is not None:
+                split = G.add_init(np.array([w.shape[1] for w in ws], np.int64), "split")
+                new_nodes.append(helper.make_node("Split", [pairs[0][1], split], [n.output[0] for n, _ in group],
+                                                  axis=-1, name=G.node_name(tag, "split")))
+            done += unit_names
+            continue
+        xq, s, zp, per_row = _act_quant(G, x, scale, new_nodes, tag)
         if merge and len(group) > 1:
             y = G.fresh("ycat")
             _int8_matmul(G, xq, s, zp, per_row, np.concatenate(ws, axis=1), y, tag, new_nodes, wmax, fold)

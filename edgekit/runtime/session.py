@@ -1,6 +1,6 @@
 """Run an ``edgekit export`` directory on onnxruntime CPU, without torch.
 
-What: ``OrtModel(export_dir, threads=None, spinning=None)``
+What: ``OrtModel(export_dir, threads=None, spinning=None, parallel=False)``
 - ``logits(ids [B, T]) -> [B, T, V]``: full-sequence prefill logits (what ``edgekit.evaluate`` scores);
 - ``prefill(ids) -> (logits [B, V] of the last position, cache)`` and
   ``decode(tokens [B], cache) -> logits [B, V]``: incremental generation with the latent cache;
@@ -120,7 +120,8 @@ class LatentCache:
 
 
 class OrtModel:
-    def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None):
+    def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None,
+                 parallel: bool = False):
         d = Path(export_dir)
         spec_file = d / "export.json"
         if not spec_file.exists():
@@ -132,6 +133,9 @@ class OrtModel:
             so.intra_op_num_threads = threads
         if spinning is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if parallel:   # independent branches (a layer's expert If nodes) may run at once on inter-op threads
+            so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+            so.inter_op_num_threads = threads or 0
         try:
             self.session = ort.InferenceSession(str(d / spec["graph"]), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # e.g. a contrib-op graph on a runtime build without com.microsoft ops
