@@ -14,10 +14,14 @@ stage and everything it starts, e.g. the latency worker of ``validate``) every 5
 - ``prune``: statistics + plan + surgery, written shard by shard (``stream.prune_streamed``);
 - ``baseline``: streamed fp32 torch accuracy on eval tokens;
 - ``export``: layer-by-layer fp32 ONNX export with external data (the baseline's size);
-- ``quantize``: SmoothQuant + layer-by-layer export + int8 rewrite of the pruned checkpoint;
+- ``quantize``: the streamed smooth + layer-by-layer export + the overrides' plan + the int8 graph
+  pass (``quantize_export``, weights read per unit) of the pruned checkpoint;
 - ``validate``: onnxruntime accuracy, latency and size of the int8 graph (``edgekit.validate``);
 - ``compress``: the whole ``edgekit compress --stream`` end to end; each of its stages' own peak
-  (VmHWM reset at the stage's start) comes from the report's ``timings``.
+  (VmHWM reset at the stage's start) comes from the report's ``timings``;
+- ``compress-memory`` (contrast): the same compress in memory (``--no-stream``), same recipe.
+A stage whose process tree passes ``--rss-limit-gb`` is killed and reported as such (its peak is
+then a lower bound), so the in-memory contrast cannot take the machine down.
 Prints one row per stage: peak tree RSS, its ratio to the fp32 checkpoint size, the stage's own
 VmHWM, wall time; writes ``OUT.json`` and ``OUT.md``.
 
@@ -39,7 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("synth", "load", "calibrate", "prune", "baseline", "export", "quantize", "validate", "compress")
+STAGES = ("synth", "load", "calibrate", "prune", "baseline", "export", "quantize", "validate", "compress",
+          "compress-memory")
 
 
 def _children(pid: int) -> list[int]:
@@ -71,16 +76,23 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def run_sampled(cmd: list[str], env=None) -> dict:
-    """Run ``cmd``; sample its process tree's RSS; the stage prints its own result as JSON last."""
+def run_sampled(cmd: list[str], env=None, limit_mb: float = 0.0) -> dict:
+    """Run ``cmd``; sample its process tree's RSS; the stage prints its own result as JSON last.
+    ``limit_mb`` > 0: kill the tree when its RSS passes it."""
+    import signal
+
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0.0]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    peak, killed = [0.0], [False]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss_mb(p.pid))
+            if limit_mb and peak[0] > limit_mb and not killed[0]:
+                killed[0] = True
+                os.killpg(p.pid, signal.SIGKILL)
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -90,6 +102,8 @@ def run_sampled(cmd: list[str], env=None) -> dict:
     th.join()
     wall = time.perf_counter() - t0
     res = {"peak_tree_rss_mb": round(peak[0], 1), "wall_s": round(wall, 1), "returncode": p.returncode}
+    if killed[0]:
+        res["killed_over_limit_mb"] = limit_mb
     last = [line for line in out.strip().splitlines() if line.startswith("{")]
     if last:
         res.update(json.loads(last[-1]))
@@ -118,6 +132,7 @@ def _recipe(a, work: Path) -> Path:
     d["target"]["name"] = "cpu4"
     d["prune"].update(experts=a.experts, recover_steps=0, calib_max_tokens=a.calib_tokens)
     d["quantize"].update(calib_max_tokens=a.quant_tokens, mode="dynamic")
+    d.setdefault("smooth", {}).update(calib_max_tokens=a.quant_tokens)
     d["validate"].update(eval_max_tokens=a.eval_tokens, runs=a.runs, warmup=2)
     d["build"] = {"device": a.device, "stream": "true"}
     p = work / "recipe.toml"
@@ -160,12 +175,18 @@ def stage(name: str, a) -> dict:
         export_layered(ck, work / "onnx-fp32", ExportConfig(simplify=False))
         info["onnx_bytes"] = graph_bytes(work / "onnx-fp32")
     elif name == "quantize":
-        from edgekit.quantize.layered import quantize_streamed
+        from edgekit.export.layered import export_layered
+        from edgekit.lazy import CheckpointReader
+        from edgekit.pipeline import STAGE_CONFIGS
+        from edgekit.quantize import quantize_export
+        from edgekit.quantize.mixed import overrides_plan
         from edgekit.recipes import load_recipe
-        q = load_recipe(str(_recipe(a, work))).quantize
-        r = quantize_streamed(pruned, int8, q, _tokens("calib", None),
-                              tokenizer_from=ck, device=a.device, log=lambda m: print(m, file=sys.stderr))
-        info["int8_bytes"] = r["size_bytes"]
+        from edgekit.stream import smooth_streamed
+        r = load_recipe(str(_recipe(a, work)), STAGE_CONFIGS)
+        smooth_streamed(pruned, work / "smoothed", _tokens("calib", a.quant_tokens + 1), r.smooth, device=a.device)
+        export_layered(work / "smoothed", work / "onnx-pruned", r.export, tokenizer_from=ck)
+        plan = overrides_plan(work / "onnx-pruned", r.quantize, CheckpointReader(pruned).args, r.quantize.max_drop)
+        info["int8_bytes"] = quantize_export(work / "onnx-pruned", int8, plan)["size_bytes"]
     elif name == "validate":
         from edgekit.recipes import load_recipe
         from edgekit.validate import validate
@@ -175,9 +196,10 @@ def stage(name: str, a) -> dict:
         info.update(size_ratio=rep["gates"]["size_ratio"]["value"], accuracy=rep["compressed"]["accuracy"],
                     prefill_p95_ms=rep["gates"]["latency_prefill_p95_ms"]["value"],
                     decode_p95_ms=rep["gates"]["latency_decode_p95_ms"]["value"])
-    elif name == "compress":
+    elif name in ("compress", "compress-memory"):
         from edgekit.pipeline import compress
-        res = compress(ck, str(_recipe(a, work)), out=work / "bundle", use_cache=False, stream=True, device=a.device)
+        res = compress(ck, str(_recipe(a, work)), out=work / "bundle", use_cache=False, force=True,
+                       stream=name == "compress", device=a.device)
         info.update(exit_code=res.exit_code, status=res.report["status"],
                     gates={k: g["status"] for k, g in res.report["gates"].items()},
                     accuracy={"fp32": res.report["baseline"]["accuracy"], "int8": res.report["compressed"]["accuracy"]},
@@ -205,6 +227,8 @@ def main():
     ap.add_argument("--quant-tokens", type=int, default=2048)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--runs", type=int, default=5, help="validate latency repetitions")
+    ap.add_argument("--rss-limit-gb", type=float, default=0.0,
+                    help="kill a stage whose process tree passes this many GB (0: no limit)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.stage:
@@ -223,13 +247,14 @@ def main():
     fp32_gb = shape_info(a.shape)["params_total"] * 4 / 1e9
     print(f"{a.shape}: fp32 checkpoint {fp32_gb:.2f} GB; stages in subprocesses, tree RSS sampled every 50 ms")
     for name in a.stages.split(","):
-        r = run_sampled(base + ["--stage", name])
+        r = run_sampled(base + ["--stage", name], limit_mb=a.rss_limit_gb * 1e3)
         results[name] = r
         results_file.write_text(json.dumps(results, indent=1))
         gb = r["peak_tree_rss_mb"] / 1e3
         print(f"  {name:10s} peak {gb:6.2f} GB = {gb / fp32_gb:5.2f}x "
               f"the fp32 checkpoint (own VmHWM {r.get('vmhwm_mb', 0) / 1e3:.2f} GB), {r['wall_s']:7.1f} s"
-              + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
+              + (f"  KILLED over {a.rss_limit_gb} GB" if "killed_over_limit_mb" in r else
+                 f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
         for row in r.get("stages", []):
             if row.get("peak_rss_mb"):
                 print(f"      {row['name']:45s} peak {row['peak_rss_mb'] / 1e3:6.2f} GB = "
