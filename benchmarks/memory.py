@@ -257,8 +257,9 @@ def main():
                  f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
         for row in r.get("stages", []):
             if row.get("peak_rss_mb"):
+                where = row.get("device") or "-"
                 print(f"      {row['name']:45s} peak {row['peak_rss_mb'] / 1e3:6.2f} GB = "
-                      f"{row['peak_rss_mb'] / 1e3 / fp32_gb:5.2f}x, {row['seconds']:7.1f} s ({row.get('device')})")
+                      f"{row['peak_rss_mb'] / 1e3 / fp32_gb:5.2f}x, {row['seconds']:7.1f} s ({where})")
     ck_bytes = sum(p.stat().st_size for p in (work / "ckpt").glob("*.safetensors")) if (work / "ckpt").exists() else 0
     doc = {"shape": a.shape, "dtype": a.dtype, "params": shape_info(a.shape)["params_total"],
            "fp32_checkpoint_gb": round(fp32_gb, 3), "checkpoint_files_gb": round(ck_bytes / 1e9, 3),
@@ -278,8 +279,9 @@ def main():
                         f"{r.get('vmhwm_mb', 0) / 1e3:.2f} GB | {r['wall_s']} | {json.dumps(notes)} |")
             for st in r.get("stages", []):
                 if st.get("peak_rss_mb"):
+                    where = st.get("device") or "-"
                     rows.append(f"| &nbsp;&nbsp;{name}: {st['name']} | | {st['peak_rss_mb'] / 1e3 / fp32_gb:.2f} | "
-                                f"{st['peak_rss_mb'] / 1e3:.2f} GB | {st['seconds']} | ran on {st.get('device')} |")
+                                f"{st['peak_rss_mb'] / 1e3:.2f} GB | {st['seconds']} | ran on {where} |")
         Path(a.out + ".md").write_text(
             f"# Peak memory per stage: {a.shape} ({fp32_gb:.2f} GB fp32)\n\n`{doc['command']}`\n\n"
             f"{os.cpu_count()} CPUs, {platform.platform()}\n\n" + "\n".join(rows) + "\n")

@@ -365,7 +365,8 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         built = (streamed.build if stream else build)(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
         auto_info, pruned_eval = None, built.pruned_accuracy
     recipe = with_overrides(recipe, quantize={"max_drop": built.int8_budget})  # as applied (effective budget)
-    report = st.run("validate", lambda: validate(built.quantized, recipe, baseline, texts.eval))
+    report = st.run("validate", lambda: validate(built.quantized, recipe, baseline, texts.eval),
+                    device="cpu (onnxruntime)")
     records = {k: json.loads(f.read_text()) for k, f in (
         ("pruning", built.pruned / "prune.json"), ("smoothing", built.smoothed / "smooth.json"),
         ("quantization", built.quantized / "quantize.json")) if f.exists()}
