@@ -39,13 +39,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_TEXT = ROOT / "edgekit" / "data" / "splits" / "eval.txt"
+sys.path.insert(0, str(ROOT))
+
+from edgekit.data import load_text  # noqa: E402
+
 PROMPT_CHARS = (48, 160, 320, 640)
 READY_S = 180.0                 # a server must answer within this long after start
 
 
 def make_prompts(n: int) -> list[str]:
-    text = EVAL_TEXT.read_text()
+    text = load_text("eval")
     out = []
     for i in range(n):
         start = text.find("\n", (i * 7919) % (len(text) - 4000)) + 1

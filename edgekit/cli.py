@@ -141,7 +141,8 @@ def synth(shape, out, seed, dtype, shard_mb, list_shapes, force):
 @click.argument("model", required=False)
 @click.option("--data", default="eval", show_default=True,
               help="Text file to score, or a shipped split name (eval, calib).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="Window length in tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="Window length in tokens [default: 512, or the model's positions if fewer].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (ONNX/bundle).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -151,10 +152,15 @@ def eval_(model, data, seq_len, max_tokens, threads, as_json):
     MODEL may be a checkpoint, an exported ONNX directory or a bundle.
     """
     from .data import load_tokens
-    from .evaluate import evaluate
+    from .evaluate import evaluate, max_positions
     from .sources import open_model
 
     scorer, tok, kind = open_model(model, threads=threads)
+    limit = max_positions(scorer) or 512
+    if seq_len is None:
+        seq_len = min(512, limit)
+    elif seq_len > limit:
+        raise EdgekitError(f"--seq-len {seq_len} is over the model's {limit} positions; pass --seq-len {limit} or less")
     res = evaluate(scorer, load_tokens(data, tok, max_tokens), seq_len=seq_len,
                    progress=not as_json and sys.stderr.isatty())
     out = {"model": str(model or "v3-nano"), "kind": kind, "data": str(data), **res.to_dict()}

@@ -4,8 +4,8 @@ What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids 
 (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
 shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
 ``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
-``recover``; see ``edgekit/nano/mixed.py``; ``recover`` files are shipped gzipped), or a path to a
-UTF-8 text file;
+``recover``; see ``edgekit/nano/mixed.py``; shipped gzipped, ``{split}.txt.gz``), or a path to a
+UTF-8 text file (``.gz``: gzipped);
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
 the next-token target). ``DomainData.of(domain)`` names the four splits of one domain for
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
@@ -36,11 +36,12 @@ from .errors import EdgekitError
 SPLITS = ("eval", "calib", "recover")
 DOMAIN_SPLITS = ("eval", "calib", "dev", "recover")
 DOMAINS_DIR = Path(__file__).parent / "data" / "domains"
-GZIPPED = ("recover",)      # shipped gzipped (the large distillation samples); read transparently
+GZIPPED = ("eval", "calib", "dev", "recover")   # every shipped split is gzipped; read transparently
 
 
 def shipped_file(folder: Path, split: str) -> Path:
-    """The file of a shipped split in ``folder``: ``{split}.txt``, or ``.txt.gz`` for the large ones."""
+    """The file of a shipped split in ``folder``: ``{split}.txt.gz`` (``{split}.txt`` for a name
+    outside ``GZIPPED``)."""
     return folder / (f"{split}.txt.gz" if split in GZIPPED else f"{split}.txt")
 
 
@@ -49,7 +50,9 @@ def split_path(name: str) -> Path:
 
 
 def domain_names() -> list[str]:
-    return sorted(p.name for p in DOMAINS_DIR.iterdir() if (p / "eval.txt").is_file()) if DOMAINS_DIR.is_dir() else []
+    if not DOMAINS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in DOMAINS_DIR.iterdir() if shipped_file(p, "eval").is_file())
 
 
 def is_domain(name) -> bool:

@@ -15,7 +15,8 @@ comparison that matters, fp32 vs compressed, is paired: see ``agreement``). The 
 tokens of KL(reference || model)) is what mixed precision ranks units by.
 
 Invariants: numpy only (torch is imported only to call a torch module); logits are scored in
-float32. Failure modes: empty data raises ``EdgekitError``.
+float32. Failure modes: empty data, or windows longer than the model's positions, raise
+``EdgekitError``.
 """
 
 from __future__ import annotations
@@ -140,9 +141,23 @@ def eval_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return windows(np.asarray(tokens, dtype=np.int64), seq_len)
 
 
+def max_positions(model) -> int | None:
+    """Positions ``model`` can score in one window: ``max_position_embeddings`` of a torch model's
+    args or an onnxruntime runner's ``max_positions``; None when it does not say."""
+    limit = getattr(model, "max_positions", None) or getattr(getattr(model, "args", None), "max_position_embeddings",
+                                                              None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
              progress: bool = True, return_predictions: bool = False):
     """Score ``model`` on ``tokens`` (1-D ids) in non-overlapping windows of ``seq_len``."""
+    if tokens is None or len(tokens) < 2:
+        raise EdgekitError("evaluation data is empty; pass a text file with at least a few hundred tokens")
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise EdgekitError(f"a window of {seq_len} tokens does not fit the model's {limit} positions; use a "
+                           f"sequence length (--seq-len, or the recipe's [validate] seq_len) of at most {limit}")
     r = score_rows(model, eval_rows(tokens, seq_len), batch_size, predictions=return_predictions, progress=progress)
     res = r.result()
     return (res, r.predictions) if return_predictions else res

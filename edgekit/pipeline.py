@@ -319,9 +319,17 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     if stream:
         from .stream import LazyModel
 
+        args = reader.args
         check_prunable(LazyModel(reader), recipe.prune, texts.calib)
     else:
-        check_prunable(load(src), recipe.prune, texts.calib)
+        model = load(src)
+        check_prunable(model, recipe.prune, texts.calib)
+        args = model.args
+        del model
+    limit = args.max_position_embeddings
+    if recipe.validate.seq_len > limit:
+        raise EdgekitError(f"{recipe.source or recipe.target.name}: [validate] seq_len = {recipe.validate.seq_len} "
+                           f"is over the model's {limit} positions; set it to {limit} or less")
     require_tokens(texts.calib, recipe.quantize.seq_len + 1, "calibration text for quantization")
     scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")
     try:

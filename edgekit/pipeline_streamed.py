@@ -57,6 +57,9 @@ def check_streamable(recipe, auto: bool = False, distributed: bool = False) -> N
     if recipe.quantize.mode != "dynamic":
         raise EdgekitError(f"streamed compression uses dynamic activation scales (quantize mode="
                            f"{recipe.quantize.mode!r}); set mode = \"dynamic\" or pass --no-stream")
+    if getattr(recipe.quantize, "expert_scales", "dynamic") == "static":
+        raise EdgekitError("streamed compression plans without calibrating expert activations ([quantize] "
+                           "expert_scales = \"static\"); set expert_scales = \"dynamic\" or pass --no-stream")
     if auto:
         raise EdgekitError("--auto searches candidates in memory; pass --no-stream (or drop --auto)")
     if distributed:

@@ -298,3 +298,17 @@ def test_cache_bytes_and_export_api(tiny_m):
     assert c["latent"] == a.num_hidden_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * 4
     assert c["per_head_kv"] > c["latent"]
     assert callable(edgekit.export.export) and type(edgekit.export) is types.ModuleType  # no module hacks
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope_as_constant_matmuls_is_bit_identical_to_the_model(interleave):
+    from edgekit.export.graph import _rope, rope_matrices
+    from edgekit.model import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    x, ang = torch.randn(2, 5, 3, 32, generator=g), torch.randn(2, 5, 16, generator=g) * 50
+    cos, sin = ang.cos(), ang.sin()
+    pick, swap = rope_matrices(32, interleave)
+    got = _rope(x, pick, swap, torch.cat([cos, cos], -1)[:, :, None], torch.cat([sin, sin], -1)[:, :, None])
+    ref = apply_rope(x, cos, sin, interleave)
+    assert torch.equal(got, ref), f"max diff {(got - ref).abs().max().item():.3g}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgekit.checkpoint import load
-from edgekit.data import DOMAINS_DIR, DomainData, domain_names, load_text, load_tokens, model_domains
+from edgekit.data import DOMAINS_DIR, DomainData, domain_names, load_text, load_tokens, model_domains, shipped_file
 from edgekit.errors import EdgekitError
 from edgekit.nano import corpus, debian, mixed
 from edgekit.nano.specs import MINI_CONFIG, SPECS
@@ -30,7 +30,7 @@ def test_shipped_domain_splits_match_the_manifest_and_are_disjoint():
             want = sum(1 for f in dom["files"] if (f.get("recover") if split == "recover" else f["split"] == split))
             text = load_text(f"{name}/{split}")
             assert text.count(corpus.SEPARATOR) == want, (name, split)
-        held = sum(len((DOMAINS_DIR / name / f"{s}.txt").read_bytes()) for s in ("eval", "calib", "dev"))
+        held = sum(len(load_text(f"{name}/{s}").encode()) for s in ("eval", "calib", "dev"))
         assert held < 1_000_000 and len(load_text(f"{name}/recover").encode()) <= 2_600_000
     for name in ("c", "prose"):
         assert all(p["version"] and len(p["deb_sha256"]) == 64 for p in MANIFEST["domains"][name]["packages"])
@@ -107,7 +107,7 @@ def test_build_pins_then_verifies_and_names_a_changed_file(tmp_path, monkeypatch
 def test_domain_sources_resolve_and_unknown_names_fail_with_the_choices(tmp_path):
     dd = DomainData.of("prose")
     assert (dd.calib, dd.recover, dd.dev, dd.eval) == ("prose/calib", "prose/recover", "prose/dev", "prose/eval")
-    assert load_text("c/dev") == (DOMAINS_DIR / "c" / "dev.txt").read_text(encoding="utf-8")
+    assert load_text("c/dev") == load_text(str(shipped_file(DOMAINS_DIR / "c", "dev")))
     with pytest.raises(EdgekitError, match="python"):
         DomainData.of("rust")
     with pytest.raises(EdgekitError, match="DOMAIN/SPLIT"):
@@ -127,7 +127,7 @@ def test_v3_mini_config_is_v3_shaped():
 
 @pytest.mark.slow
 def test_train_v3_mini_on_cpu_writes_a_loadable_bf16_sharded_checkpoint(tmp_path):
-    text = DOMAINS_DIR / "c" / "calib.txt"
+    text = shipped_file(DOMAINS_DIR / "c", "calib")
     out = tmp_path / "ck"
     train_main(["--model", "v3-mini", "--out", str(out), "--steps", "2", "--batch", "1", "--seq", "16",
                 "--warmup", "1", "--eval-every", "2", "--eval-max-rows", "1", "--device", "cpu",
@@ -154,7 +154,7 @@ def test_prepared_tokens_round_trip_and_a_stale_file_is_refused(tmp_path):
     from edgekit.nano.train import load_train_tokens
 
     spec = SPECS["v3-mini"]
-    texts = [DOMAINS_DIR / d / "calib.txt" for d in ("python", "c")]
+    texts = [shipped_file(DOMAINS_DIR / d, "calib") for d in ("python", "c")]
     d = prepare_tokens(spec, spec.tokenizer, texts, tmp_path / "tok")
     ids, meta = load_train_tokens(spec, spec.tokenizer, d)
     from tokenizers import Tokenizer

@@ -94,11 +94,14 @@ def test_plan_reverts_most_sensitive_first():
         assert reverted[0] == top and top in plan.fp32
 
 
-@pytest.mark.parametrize("moe,full", [("row", False), ("block", True), ("grouped", True)])
+@pytest.mark.parametrize("moe,full", [("row", False), ("block", True), ("grouped", True), ("grouped+static", True)])
 def test_quantize_end_to_end(tmp_path, moe, full):
     m = tiny_model()
     calib = np.random.default_rng(0).integers(0, 128, 600)
-    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=full)
+    static = moe.endswith("+static")           # grouped experts with calibrated activation scales
+    moe = moe.split("+")[0]
+    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=full,
+                      expert_scales="static" if static else "dynamic")
     rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=full, calib_seq_len=64, calib_max_tokens=512))
     fp32 = export(m, tmp_path / "fp32")                             # the smoothed model, fp32
@@ -107,8 +110,11 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert spec8["inputs"] == spec32["inputs"] and spec8["outputs"] == spec32["outputs"]
     g8 = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph
     ops = {n.op_type for n in g8.node}
+    assert bool(rep["expert_scales"]) == static and rep["graph"]["expert_activation_scales"] == (
+        "static" if static else "per token"), rep["graph"]
+    expert_ifs = [n.name for n in g8.node if n.op_type == "If" and not n.name.startswith("rowattn")]
     assert "MatMulIntegerToFloat" in ops and "MoE" not in ops, ops
-    assert ("QMoE" in ops) == (moe != "grouped") and ("If" in ops) == (moe == "grouped"), ops
+    assert ("QMoE" in ops) == (moe != "grouped") and bool(expert_ifs) == (moe == "grouped"), (ops, expert_ifs)
     assert set(rep["routing_agreement"]) == {"1", "2"}, rep["routing_agreement"]
     if full:
         assert rep["accuracy"]["ort"] and "top1_agreement" in rep["accuracy"]["ort"][-1], rep["accuracy"]
@@ -122,7 +128,8 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert np.median(cos) > 0.99 and cos.mean() > 0.95, \
         f"int8 vs fp32 logits cosine median {np.median(cos):.4f} mean {cos.mean():.4f} min {cos.min():.4f}"
     with emulated(m, {n for n in units(m) if n not in rep["fp32_units"]}, moe_block=rep["moe_block"],
-                  experts_as_linears=moe == "grouped", wmax=rep["graph"]["weight_max"]):
+                  experts_as_linears=moe == "grouped", wmax=rep["graph"]["weight_max"],
+                  expert_scales=rep["expert_scales"] if static else None):
         with torch.no_grad():
             e = m(torch.from_numpy(ids)).numpy()
     d = np.abs(e - b)
@@ -217,6 +224,7 @@ def test_quantize_portable_experts_int8(tmp_path):
     rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=False), export_config=ExportConfig(moe="portable"))
     assert rep["graph"]["moe"] == {"model.layers.1.mlp.experts": "w8-col", "model.layers.2.mlp.experts": "w8-col"}
+    assert rep["moe_path"] == "portable", rep["moe_path"]          # not the contrib path [quantize] moe names
     proto = onnx.load(str(tmp_path / "q8" / "model.onnx"))
     onnx.checker.check_model(proto)
     assert not any(t.name.endswith(("fc1", "fc2")) for t in proto.graph.initializer), "fp32 experts left"

@@ -133,16 +133,34 @@ class _Shared(NamedTuple):
     P: int
     cos: torch.Tensor       # [b, T, rope/2], b = B or 1 (per-row positions)
     sin: torch.Tensor
-    cos4: torch.Tensor      # [b, T, 1, rope/2]
+    cos3: torch.Tensor      # [b, T, rope]: cos repeated for both output halves (the shared key)
+    sin3: torch.Tensor
+    cos4: torch.Tensor      # [b, T, 1, rope] (per-head queries)
     sin4: torch.Tensor
-    future: torch.Tensor    # [T, T] bool, True where a new token must not attend
+    mask: torch.Tensor      # [T, P + T] bool, True where query t must not attend (column > P + t)
     pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """``model.apply_rope`` with cos/sin already shaped [b, T, 1, rope/2] (shared by all layers)."""
-    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleave else x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+def _rope(x: torch.Tensor, pick: torch.Tensor, swap: torch.Tensor, cos: torch.Tensor,
+          sin: torch.Tensor) -> torch.Tensor:
+    """``model.apply_rope`` as two small constant MatMuls: ``x @ pick`` = [x1 | x2] (the halves
+    ``apply_rope`` rotates, de-interleaved or not) and ``x @ swap`` = [-x2 | x1], then
+    ``* cos + * sin`` with cos/sin [b, T, 1, rope] shared by all layers. Each MatMul output is one
+    input times +-1 plus zeros, so the values are bit-identical to the slicing form, without its
+    strided slices and concatenation (onnxruntime's per-node cost, once per q and k per layer)."""
+    return torch.matmul(x, pick) * cos + torch.matmul(x, swap) * sin
+
+
+def rope_matrices(rope: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """pick, swap [rope, rope] for ``_rope``."""
+    half = rope // 2
+    src1 = torch.arange(0, rope, 2) if interleave else torch.arange(half)        # where x1 sits in x
+    src2 = src1 + 1 if interleave else torch.arange(half, rope)
+    pick, swap = torch.zeros(rope, rope), torch.zeros(rope, rope)
+    out1, out2 = torch.arange(half), torch.arange(half, rope)
+    pick[src1, out1], pick[src2, out2] = 1.0, 1.0
+    swap[src2, out1], swap[src1, out2] = -1.0, 1.0
+    return pick, swap
 
 
 class _Absorbed(nn.Module):
@@ -164,6 +182,9 @@ class LatentDecoder(nn.Module):
         # [max_positions, rope/2] cos/sin tables: the same values, and no tables in the graph
         inv_freq, self.rope_scale = rope_frequencies(a)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        pick, swap = rope_matrices(a.qk_rope_head_dim, a.rope_interleave)
+        self.register_buffer("rope_pick", pick, persistent=False)
+        self.register_buffer("rope_swap", swap, persistent=False)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             H, nope, v, kvl = attn.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
@@ -185,14 +206,14 @@ class LatentDecoder(nn.Module):
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))) if a.q_lora_rank else attn.q_proj(x)
         q_nope, q_pe = q.view(B, T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        q_pe = _rope(q_pe, cos, sin, a.rope_interleave)                         # [B, T, H, rope]
-        k_pe = _rope(k_pe.unsqueeze(2), cos, sin, a.rope_interleave).squeeze(2)  # [B, T, rope]
+        q_pe = _rope(q_pe, self.rope_pick, self.rope_swap, cos, sin)            # [B, T, H, rope]
+        k_pe = _rope(k_pe, self.rope_pick, self.rope_swap, ctx.cos3, ctx.sin3)  # [B, T, rope]
         new = torch.cat([attn.kv_a_layernorm(c_kv), k_pe], dim=-1)              # [B, T, W]
         q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]
         past4, new4 = past.unsqueeze(1), new.unsqueeze(1)                       # [B, 1, S, W]
-        o = RowAttention.apply(q, past4, new4, ctx.future, ctx.pad)             # [B, H, T, W]
-        o = torch.matmul(o[..., :a.kv_lora_rank], ab.w_uv)                      # [B, H, T, v]
+        o = RowAttention.apply(q, past4, new4, ctx.mask, ctx.pad, a.kv_lora_rank)  # [B, H, T, kvl]
+        o = torch.matmul(o, ab.w_uv)                                            # [B, H, T, v]
         o = o.transpose(1, 2).reshape(B, T, H * a.v_head_dim)
         return attn.o_proj(o), new
 
@@ -217,8 +238,9 @@ class LatentDecoder(nn.Module):
         pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
         freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
         cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        future = idx[None, :] > idx[:, None]                                    # [T, T] masked
-        ctx = _Shared(B, T, P, cos, sin, cos.unsqueeze(2), sin.unsqueeze(2), future, pad)
+        cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [b, T, rope]
+        mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+        ctx = _Shared(B, T, P, cos, sin, cos2, sin2, cos2.unsqueeze(2), sin2.unsqueeze(2), mask, pad)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):

@@ -199,7 +199,7 @@ def build(root: Path, rewrite_manifest: bool = False) -> dict[str, Path]:
         MANIFEST_PATH.write_text(json.dumps(build_manifest(docs, split_of, excluded), indent=1) + "\n")
     texts = split_texts(docs, split_of)
     texts["recover"] = recover_sample(docs, split_of)
-    paths = {"eval": SPLITS_DIR / "eval.txt", "calib": SPLITS_DIR / "calib.txt", "train": TRAIN_PATH,
+    paths = {"eval": shipped_file(SPLITS_DIR, "eval"), "calib": shipped_file(SPLITS_DIR, "calib"), "train": TRAIN_PATH,
              "recover": shipped_file(SPLITS_DIR, "recover")}
     for split, path in paths.items():
         write_text(path, texts[split])

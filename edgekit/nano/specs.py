@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import shipped_file
 from . import corpus, mixed
 
 DATA_DIR = corpus.PACKAGE_DIR.parent / "data"
@@ -77,8 +78,8 @@ class ModelSpec:
     def heldout_paths(self) -> dict[str, Path]:
         """name -> shipped text; ``calib`` ones drive model selection, ``eval`` ones are reported."""
         if not self.domains:
-            return {s: corpus.SPLITS_DIR / f"{s}.txt" for s in ("calib", "eval")}
-        return {f"{d}/{s}": mixed.DOMAINS_DIR / d / f"{s}.txt" for d in self.domains for s in ("calib", "eval")}
+            return {s: shipped_file(corpus.SPLITS_DIR, s) for s in ("calib", "eval")}
+        return {f"{d}/{s}": shipped_file(mixed.DOMAINS_DIR / d, s) for d in self.domains for s in ("calib", "eval")}
 
 
 SPECS = {

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import save
+from ..data import load_text
 from ..model import Gate, ModelArgs, MoE, Transformer
 from . import shards
 from .corpus import SEPARATOR, sha256_hex
@@ -93,11 +94,10 @@ def prepare_tokens(spec: ModelSpec, tokenizer: Path, texts: list[Path], out: Pat
     if tok.get_vocab_size() > 2 ** 16:
         raise SystemExit(f"error: vocab {tok.get_vocab_size()} does not fit uint16 token files")
     parts, spans, at = [], {}, 0
-    names = [p.stem for p in texts]
-    if len(set(names)) < len(names):
-        names = [f"{p.parent.name}/{p.stem}" for p in texts]
+    stems = [p.name.removesuffix(".gz").removesuffix(".txt") for p in texts]
+    names = stems if len(set(stems)) == len(stems) else [f"{p.parent.name}/{s}" for p, s in zip(texts, stems)]
     for name, p in zip(names, texts):
-        ids = encode_split(tok, p.read_text(encoding="utf-8")).numpy().astype(np.uint16)
+        ids = encode_split(tok, load_text(str(p))).numpy().astype(np.uint16)
         spans[name] = [at, at + len(ids)]
         at += len(ids)
         parts.append(ids)
@@ -317,7 +317,7 @@ def load_data(a: argparse.Namespace, device: torch.device):
     tok = Tokenizer.from_file(str(a.tokenizer))
     tokens_dir = a.tokens or spec.tokens_dir
     if a.train_text:
-        ids = torch.cat([encode_split(tok, p.read_text(encoding="utf-8")) for p in a.train_text])
+        ids = torch.cat([encode_split(tok, load_text(str(p))) for p in a.train_text])
         spans = {"train": [0, len(ids)]}
     else:
         if not (tokens_dir / "train.json").exists():
@@ -326,7 +326,7 @@ def load_data(a: argparse.Namespace, device: torch.device):
         spans = meta["spans"]
     held = {}
     for name, path in spec.heldout_paths().items():
-        rows = eval_windows(encode_split(tok, path.read_text(encoding="utf-8")), a.seq)
+        rows = eval_windows(encode_split(tok, load_text(str(path))), a.seq)
         held[name] = rows[: a.eval_max_rows] if a.eval_max_rows else rows
     return ids.to(device), spans, held
 

@@ -25,6 +25,7 @@ or a unit's node/initializer is missing from ``model.onnx`` (export.json and gra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -86,7 +87,11 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                            base_dir=base)
     emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
     gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
-    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg, base) if plan.moe_path == "grouped"
+    def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
+        s = plan.expert_scales.get(u)
+        return dataclasses.replace(gcfg, static_x=s[0], static_h=tuple(s[1])) if s else gcfg
+
+    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg_of(u), base) if plan.moe_path == "grouped"
                else rewrite_moe(proto, units[u]["node"], plan.moe_block, base)) for u in by_op["MoE"]}
     moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
                                           base_dir=base) for u in by_op["If"]})
@@ -103,6 +108,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         onnx.save_model(proto, str(tmp / spec["graph"]))
         static = sorted(u for u in plan.static_scales if u in plan.int8)
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
+                   "expert_activation_scales": "static" if plan.expert_scales else "per token",
                    "kernel": plan.kernel, **({"nbits_block": plan.nbits_block} if nb else {}),
                    "activation_scales": "static" if static else "dynamic",
                    "static_units": static, "merged_siblings": plan.merge}
@@ -111,7 +117,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         size = sum(p.stat().st_size for p in tmp.glob(spec["graph"] + "*"))
         report = {**plan.report, "int8_units": len(plan.int8), "fp32_units": plan.fp32,
                   "sensitivity_top": dict(sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:10]),
-                  "static_scales": sorted(plan.static_scales), "moe_path": plan.moe_path, "moe_block": plan.moe_block,
+                  "static_scales": sorted(plan.static_scales), "expert_scales": plan.expert_scales,
+                  "moe_path": plan.moe_path, "moe_block": plan.moe_block,
                   "graph": summary, "size_bytes": size}
         (tmp / "quantize.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report

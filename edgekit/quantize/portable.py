@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgekitError
-from .rewrite import quantize_sym
+from ..int8 import QMAX, quantize_sym
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -93,7 +93,7 @@ def _rewrite_branch(graph: onnx.GraphProto, names: dict[str, tuple[str, str]], t
     return done
 
 
-def rewrite_sparse_experts(proto: onnx.ModelProto, if_name: str, fc1: str, fc2: str, qmax: float = 127.0,
+def rewrite_sparse_experts(proto: onnx.ModelProto, if_name: str, fc1: str, fc2: str, qmax: float = QMAX,
                            base_dir: str = "") -> str:
     """int8 weights for the portable experts of the If node ``if_name``; returns 'w8-col'.
     ``qmax`` 63: 7-bit weights (the reduce_range setting of the rest of the graph); ``base_dir``:
