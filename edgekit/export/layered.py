@@ -3,7 +3,7 @@ and stitched, with weights written to external data as each layer is done.
 
 What: ``export_layered(source, out_dir, config)`` where ``source`` is a layer source
 (``edgekit.lazy.CheckpointReader``, ``edgekit.stream.ModelSource`` or a checkpoint path) traces
-- the prologue (token embedding, RoPE angles per row from ``inv_freq`` and ``left_pad``, the causal
+- the prologue (token embedding and ``graph.shared``: RoPE rows per row from ``left_pad``, the causal
   mask of the new tokens: what ``LatentDecoder.forward`` computes once per call),
 - each decoder layer ``i`` with its own weights (``_LayerStep``: ``LatentDecoder.attention`` with
   its ``RowAttention`` placeholder, the dense FFN or the MoE through the same
@@ -45,7 +45,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import EdgekitError
-from .graph import _Absorbed, _Shared, name_keyed_weights
+from .graph import _Absorbed, _Shared, name_keyed_weights, shared
 
 ALIGN = 64
 
@@ -59,7 +59,7 @@ def _paths(**mods) -> nn.Module:
 
 
 class _Prologue(nn.Module):
-    """(input_ids, past_latent.0, left_pad) -> (x, cos4, sin4, future), as ``LatentDecoder.forward``."""
+    """(input_ids, past_latent.0, left_pad) -> (x, cos3, sin3, cos4, sin4, mask): ``graph.shared``."""
 
     def __init__(self, embed: nn.Embedding, inv_freq: torch.Tensor, scale: float):
         super().__init__()
@@ -68,24 +68,18 @@ class _Prologue(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, input_ids, past0, pad):
-        T, P = input_ids.shape[1], past0.shape[1]
-        idx = torch.arange(T, device=input_ids.device)
-        q_col = idx + P                                                         # [T] query columns
-        pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
-        freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
-        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        future = idx[None, :] > idx[:, None]                                    # [T, T] masked
-        return self.model.model.embed_tokens(input_ids), cos.unsqueeze(2), sin.unsqueeze(2), future
+        c = shared(self.inv_freq, self.rope_scale, input_ids, past0, pad)
+        return self.model.model.embed_tokens(input_ids), c.cos3, c.sin3, c.cos4, c.sin4, c.mask
 
 
 class _LayerStep(nn.Module):
-    """Decoder layer ``i`` of ``LatentDecoder``: (x, past, cos4, sin4, future, pad) -> (x, new). The
+    """Decoder layer ``i`` of ``LatentDecoder``: (x, past, *shared, pad) -> (x, new). The
     model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names."""
 
     def __init__(self, block, args, i: int, moe: str):
         super().__init__()
         from ..model import MoE
-        from .graph import LatentDecoder
+        from .graph import LatentDecoder, rope_matrices
 
         self.model = _paths(model=_paths(layers=nn.ModuleDict({str(i): block})))
         self.model.args = args
@@ -102,9 +96,12 @@ class _LayerStep(nn.Module):
         self.ffn = nn.ModuleDict({str(i): mlp})
         self.i = str(i)
         self._attention = LatentDecoder.attention
+        pick, swap = rope_matrices(args.qk_rope_head_dim, args.rope_interleave)   # as LatentDecoder's
+        self.register_buffer("rope_pick", pick, persistent=False)
+        self.register_buffer("rope_swap", swap, persistent=False)
 
-    def forward(self, x, past, cos4, sin4, future, pad):
-        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cos4, sin4, future, pad)
+    def forward(self, x, past, cos3, sin3, cos4, sin4, mask, pad):
+        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cos3, sin3, cos4, sin4, mask, pad)
         blk = self.model.model.layers[self.i]
         h, new = self._attention(self, blk.self_attn, self.absorbed[self.i], blk.input_layernorm(x), ctx, past)
         x = x + h
@@ -161,7 +158,7 @@ class _Sink:
     """The stitched graph under construction and its external data file."""
 
     def __init__(self, data_path: Path | None):
-        self.nodes, self.inits, self.opsets = [], [], {}
+        self.nodes, self.inits, self.opsets, self.names = [], [], {}, set()
         self.data_path, self.offset = data_path, 0
         self.f = open(data_path, "wb") if data_path else None
 
@@ -185,6 +182,9 @@ class _Sink:
             self.nodes.append(n)
         for t in g.initializer:
             t.name = nm(t.name)
+            if t.name in self.names:      # a constant every layer holds (the RoPE matrices): kept once
+                continue
+            self.names.add(t.name)
             self._store(t)
             self.inits.append(t)
         for op in proto.opset_import:
@@ -249,33 +249,32 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     gen = torch.Generator().manual_seed(0)                   # as export._trace: nothing specialises
     ids = torch.randint(0, a.vocab_size, (2, 3), generator=gen)
     past, pad, keep = torch.zeros(2, 2, W), torch.tensor([0, 1]), torch.tensor(2)
-    rope_axes = {0: "pad_batch", 1: "seq"}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
-        shared = {"cos4": "/shared/cos4", "sin4": "/shared/sin4", "future": "/shared/future"}
+        names = ["cos3", "sin3", "cos4", "sin4", "mask"]
+        wired = {n: f"/shared/{n}" for n in names}
+        rope_axes = {0: "pad_batch", 1: "seq"}
+        shared_axes = {**dict.fromkeys(names[:4], rope_axes), "mask": {0: "seq", 1: "total_seq"}}
         try:
             inv_freq, scale = rope_frequencies(a)
             pro = _Prologue(src.embedding(), inv_freq, scale)
-            x, cos4, sin4, future = pro(ids, past, pad)
-            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"],
-                       ["x", "cos4", "sin4", "future"],
+            x, *sh = pro(ids, past, pad)
+            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
                        {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
-                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, "cos4": rope_axes,
-                        "sin4": rope_axes, "future": {0: "seq", 1: "seq"}}, cfg.opset)
-            sink.add(p, {"x": "/layers.0/x_in", **shared}, "/embed/")
+                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset)
+            sink.add(p, {"x": "/layers.0/x_in", **wired}, "/embed/")
             del pro, p
             for i in range(L):
+                custom = ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",)
                 step = _LayerStep(src.layer(i, device), a, i, cfg.moe).cpu()
-                x_out, _ = step(x, past, cos4, sin4, future, pad)
-                p = _trace(step, (x, past, cos4, sin4, future, pad), ["x", "past", "cos4", "sin4", "future", "pad"],
-                           ["x_out", "new"],
-                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, "cos4": rope_axes,
-                            "sin4": rope_axes, "future": {0: "seq", 1: "seq"}, "pad": axes["left_pad"],
-                            "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}}, cfg.opset,
-                           ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",))
-                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **shared, "pad": "left_pad",
+                x_out, _ = step(x, past, *sh, pad)
+                p = _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
+                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
+                            "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
+                           cfg.opset, custom)
+                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired, "pad": "left_pad",
                              "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
                 x = x_out
                 del step, p
