@@ -101,8 +101,9 @@ def info(model, as_json):
 @click.argument("shape", required=False)
 @click.option("-o", "--out", default=None, help="Output checkpoint directory (replaced when complete).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Storage dtype of the weights (routers stay fp32).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True,
+              help="Storage of the weights: fp32, bf16 (routers fp32), fp8 (e4m3 linears with 128x128 block "
+                   "scales, as DeepSeek publishes V3).")
 @click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
               help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
 @click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
@@ -309,8 +310,14 @@ def targets():
 @click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
 @click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse cached stage artifacts.")
+@click.option("--stream/--no-stream", default=None,
+              help="Run every stage one decoder layer at a time (checkpoints larger than memory). "
+                   "Default: the recipe's [build] stream (auto: fp32 model > 1/4 of free memory).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where torch work runs (calibration, importance, distillation, torch eval). Default: the recipe's "
+                   "[build] device (auto: CUDA when present).")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
-def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, force):
+def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, stream, device, force):
     """Compress MODEL for a target and validate it: the main job.
 
     prune (+recover) -> smooth -> export (once) -> plan int8 -> quantize the graph -> validate -> bundle.
@@ -331,7 +338,7 @@ def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cac
     with dist.session() as w:
         res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict,
                   auto=auto, use_cache=not no_cache, console=Console(stderr=True) if w.is_main else None,
-                  force=force)
+                  force=force, stream=stream, device=device)
     if res is None:  # a rank other than 0: it took part in prune + recover only
         return
     render_report(res.report, res.bundle)

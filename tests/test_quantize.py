@@ -179,6 +179,29 @@ def test_quantize_export_is_a_pass_keyed_by_unit_names(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("moe,path", [("contrib", "grouped"), ("portable", "row")])
+def test_quantize_export_of_external_data_reads_weights_per_unit(tmp_path, moe, path):
+    """An export whose weights are external data (large models, the layer-by-layer export) is
+    quantized without loading them up front; the result equals the pass over the inline export."""
+    from edgekit.export import ExportConfig
+    from edgekit.quantize.apply import quantizable_units
+
+    m = tiny_model()
+    inline = export(m, tmp_path / "inline", ExportConfig(moe=moe, simplify=False))
+    ext = export(m, tmp_path / "ext", ExportConfig(moe=moe, simplify=False, external_data_threshold=1000))
+    assert (ext / "model.onnx.data").exists()
+    spec = json.loads((inline / "export.json").read_text())
+    plan = Plan(int8=quantizable_units(spec) - {u for u in spec["units"] if u.endswith("mlp.gate")},
+                moe_path=path, wmax=63.0)
+    a, b = quantize_export(inline, tmp_path / "qa", plan), quantize_export(ext, tmp_path / "qb", plan)
+    assert a["graph"] == b["graph"] and (tmp_path / "qb" / "model.onnx.data").exists()
+    assert not (tmp_path / "qa" / "model.onnx.data").exists()
+    ids = np.random.default_rng(0).integers(0, 128, (2, 11))
+    la, lb = OrtModel(tmp_path / "qa").logits(ids), OrtModel(tmp_path / "qb").logits(ids)
+    print(f"{moe}: int8 from inline vs external export: max abs diff {np.abs(la - lb).max():.2e}")
+    assert np.array_equal(la, lb)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="mode"):
         QuantConfig(mode="int4")

@@ -145,6 +145,36 @@ def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25
     return out
 
 
+def graph_choices(config, args, spec: dict) -> tuple[bool, str, int, float]:
+    """What the int8 graph will be, whatever the precision search decides: (portable experts, the
+    routed-expert path, QMoE block, weight range)."""
+    portable = spec.get("moe") == "portable"
+    block = 0 if portable else _moe_block(config, args)
+    return portable, choose_moe_path(config, args), block, QMAX_7BIT if config.reduce_range else QMAX
+
+
+def overrides_plan(export_dir, config, args, max_drop: float) -> Plan:
+    """The plan without a precision search, for models that do not fit in memory (the streamed
+    pipeline): every unit ``config.overrides`` make int8 and the export holds a quantizable op for
+    is int8, with ``plan_``'s graph choices; dynamic activation scales. A miss of the budget shows in
+    the accuracy gate. Equals ``plan_``'s plan whenever the all-int8 drop is within the budget."""
+    spec = json.loads((Path(export_dir) / "export.json").read_text())
+    names = sorted(spec["units"])
+    prec = resolve_overrides(names, config.overrides)
+    in_graph = quantizable_units(spec)
+    forced = {n for n, p in prec.items() if p == "fp32"}
+    absent = {n for n in names if n not in in_graph and n not in forced}
+    portable, path, block, wmax = graph_choices(config, args, spec)
+    plan = Plan(int8={n for n in names if n not in forced and n not in absent},
+                fp32={**{n: "override" for n in sorted(forced)},
+                      **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
+                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge)
+    plan.report = {"config": asdict(config), "max_drop": max_drop,
+                   "mixed_precision": "not searched (streamed): every unit the overrides allow is int8",
+                   "accuracy": {"ort": []}}
+    return plan
+
+
 def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float | None = None, log=print) -> Plan:
     """The planning step (see module doc). ``model`` is the fp32 model ``export_dir`` was exported
     from (smoothed already); ``max_drop`` defaults to ``config.max_drop``. Leaves ``model`` as it
@@ -166,12 +196,10 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     if config.mode != "dynamic":
         lin = [n for n, m in units(model).items() if hasattr(m, "in_features") or type(m).__name__ == "Gate"]
         static = _static_choice(input_absmax(model, rows, lin), config.mode)
-    portable = spec.get("moe") == "portable"
-    path = choose_moe_path(config, model.args)
+    portable, path, block, wmax = graph_choices(config, model.args, spec)
     experts = expert_absmax(model, rows) if config.expert_scales == "static" and path == "grouped" and not portable \
         else {}
-    kw = dict(static_scales=static, moe_block=0 if portable else _moe_block(config, model.args),
-              experts_as_linears=portable or path == "grouped", wmax=QMAX_7BIT if config.reduce_range else QMAX,
+    kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable or path == "grouped", wmax=wmax,
               expert_act_int8=not portable, expert_scales=experts)
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)

@@ -235,13 +235,15 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     return em.nodes, em.inits
 
 
-def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None) -> str:
-    """In place: replace MoE node ``node_name`` by grouped int8 experts. Returns the path's name."""
+def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None,
+                        base_dir: str = "") -> str:
+    """In place: replace MoE node ``node_name`` by grouped int8 experts. Returns the path's name.
+    ``base_dir``: where expert weights kept as external data live."""
     cfg = cfg or GroupedMoEConfig()
     g = proto.graph
     node = next(n for n in g.node if n.name == node_name)
     inits = {t.name: t for t in g.initializer}
-    fc1, fc2 = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[4]])
+    fc1, fc2 = (numpy_helper.to_array(inits[node.input[k]], base_dir) for k in (2, 4))
     nodes, new_inits = grouped_nodes(node, fc1, fc2, cfg)
     i = list(g.node).index(node)
     g.node.remove(node)
