@@ -1,13 +1,16 @@
 """Load test of sample_apps/server on loopback, side by side with llama.cpp's ``llama-server``.
 
-    python benchmarks/load_test.py --bundle DIR [--llama-server BIN --gguf FILE] [--threads 2]
-        [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
+    python benchmarks/load_test.py --bundle DIR [--llama-checkpoint CKPT | --gguf FILE [--llama-server BIN]]
+        [--threads 2] [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
 
 Modes, one after another, each server a subprocess on a free loopback port (127.0.0.1 only):
 - ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching);
 - ``edgekit``: the same server with continuous batching (``--max-batch N``);
-- ``llama-server`` (with ``--llama-server``/``--gguf``): ``-t T -tb T -np <concurrency>``, a
-  context of ``--ctx-per-slot`` tokens per slot, continuous batching (its default), no web UI.
+- ``llama-server`` (with ``--gguf``, or ``--llama-checkpoint`` converted to Q8_0 by llama.cpp's own
+  converter): llama.cpp built from its pinned source (benchmarks/llamacpp.py, once; ``--llama-server``
+  names another binary), ``benchmarks.llamacpp.server_command``: loopback only, ``-t T -tb T
+  --parallel <concurrency> -cb``, a context of ``--ctx-per-slot`` tokens per slot, no web UI; it is
+  sent the same requests on its OpenAI-compatible streaming ``/v1/completions``.
 Every mode gets the same request mix: ``--requests`` streaming greedy completions (temperature 0,
 ``max_tokens`` fixed), sent by ``--concurrency`` client threads in the same order; prompt i is a
 slice of v3-nano's held-out eval text starting at a line, of 48/160/320/640 characters in turn
@@ -135,6 +138,16 @@ def one_request(port: int, body: dict, timeout_s: float) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def _safe(arg: str) -> str:
+    """Results name no path outside the project: an absolute path outside it becomes ``.../NAME``."""
+    if not arg.startswith("/"):
+        return arg
+    try:
+        return str(Path(arg).resolve().relative_to(ROOT))
+    except ValueError:
+        return f".../{Path(arg).name}"
+
+
 def pct(a, q):
     return round(float(np.percentile(a, q)) * 1e3, 2) if len(a) else None
 
@@ -171,7 +184,7 @@ def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: P
     lat = np.array([r["latency_s"] for r in ok.values()])
     gaps = np.array([g for r in ok.values() for g in r["gaps_s"]])
     tokens = sum(r["tokens"] for r in ok.values())
-    return {"mode": name, "command": " ".join(cmd), "sent": len(results), "completed": len(ok),
+    return {"mode": name, "command": " ".join(map(_safe, cmd)), "sent": len(results), "completed": len(ok),
             "errors": len(results) - len(ok),
             "error_examples": [r["error"] for r in results.values() if "error" in r][:3],
             "wall_s": round(wall, 2), "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
@@ -185,8 +198,11 @@ def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: P
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", required=True)
-    ap.add_argument("--llama-server", default=None, help="path of a llama-server binary (llama.cpp)")
-    ap.add_argument("--gguf", default=None, help="the same model as GGUF, for --llama-server")
+    ap.add_argument("--llama-server", default=None,
+                    help="path of a llama-server binary (default: the one benchmarks/llamacpp.py builds)")
+    ap.add_argument("--gguf", default=None, help="the same model as GGUF, for the llama-server mode")
+    ap.add_argument("--llama-checkpoint", default=None,
+                    help="an HF checkpoint to convert to Q8_0 GGUF for the llama-server mode (instead of --gguf)")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
@@ -200,9 +216,25 @@ def main(argv=None):
     ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_test"))
     a = ap.parse_args(argv)
-    if bool(a.llama_server) != bool(a.gguf):
-        ap.error("--llama-server and --gguf go together")
+    if a.gguf and a.llama_checkpoint:
+        ap.error("give --gguf or --llama-checkpoint, not both")
+    if a.llama_server and not (a.gguf or a.llama_checkpoint):
+        ap.error("--llama-server needs --gguf or --llama-checkpoint (the model it serves)")
     sys.path.insert(0, str(ROOT))
+    llama_info = None
+    if "llama-server" in a.modes.split(",") and (a.gguf or a.llama_checkpoint):
+        from benchmarks import llamacpp
+        try:
+            if not a.llama_server:
+                llama_info = llamacpp.ensure_built()
+                a.llama_server = str(Path(llama_info["bin"]) / "llama-server")
+            if a.llama_checkpoint:
+                ck = Path(a.llama_checkpoint)
+                a.gguf = str(llamacpp.convert(ck, llamacpp.HOME / "work" / f"{ck.resolve().name}-q8_0.gguf",
+                                              llamacpp.ensure_source()))
+        except (llamacpp.LlamaCppError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     from edgekit.host import host_facts
     from edgekit.runtime import Engine
 
@@ -221,8 +253,9 @@ def main(argv=None):
     for name in modes:
         port = free_port()
         if name == "llama-server":
-            cmd = [a.llama_server, "-m", a.gguf, "-t", str(a.threads), "-tb", str(a.threads), "-np", str(a.concurrency),
-                   "-c", str(a.concurrency * a.ctx_per_slot), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+            from benchmarks.llamacpp import server_command
+            cmd = server_command(Path(a.llama_server).parent, a.gguf, port, a.threads, a.concurrency, a.ctx_per_slot)
+            cmd[0] = a.llama_server
         else:
             cmd = [sys.executable, app, "--bundle", a.bundle, "--port", str(port), "--threads", str(a.threads),
                    "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
@@ -243,15 +276,21 @@ def main(argv=None):
         diff = [i for i in common if alone[i] != batched[i]]
         exact = {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
     ratios = {}
+    def ratio(x, y):
+        return round(x / y, 3) if x is not None and y else None
+
     if "edgekit" in by and "edgekit-1" in by:
         ratios["batching_throughput_gain"] = round(by["edgekit"]["tokens_per_s"] / by["edgekit-1"]["tokens_per_s"], 2)
     if "edgekit" in by and "llama-server" in by:
         e, ll = by["edgekit"], by["llama-server"]
-        ratios["throughput_vs_llama_server"] = round(e["tokens_per_s"] / ll["tokens_per_s"], 3)
-        ratios["ttft_p95_vs_llama_server"] = round(e["ttft_ms"]["p95"] / ll["ttft_ms"]["p95"], 3)
-        ratios["itl_p95_vs_llama_server"] = round(e["itl_ms"]["p95"] / ll["itl_ms"]["p95"], 3)
-    res = {"machine": a.machine, "command": "python benchmarks/load_test.py " + " ".join(argv or sys.argv[1:]),
-           "bundle": str(a.bundle), "gguf": a.gguf, "host": facts, "threads": a.threads, "requests": a.requests,
+        ratios["throughput_vs_llama_server"] = ratio(e["tokens_per_s"], ll["tokens_per_s"])
+        ratios["ttft_p95_vs_llama_server"] = ratio(e["ttft_ms"]["p95"], ll["ttft_ms"]["p95"])
+        ratios["itl_p95_vs_llama_server"] = ratio(e["itl_ms"]["p95"], ll["itl_ms"]["p95"])
+    command = "python benchmarks/load_test.py " + " ".join(map(_safe, argv or sys.argv[1:]))
+    res = {"machine": a.machine, "command": command,
+           "bundle": _safe(str(a.bundle)), "gguf": a.gguf and Path(a.gguf).name,
+           "llama_cpp": llama_info and llama_info["version"], "host": facts, "threads": a.threads,
+           "requests": a.requests,
            "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
            "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
            "exact_vs_alone": exact, "ratios": ratios,

@@ -100,6 +100,18 @@ def main(argv=None) -> dict:
         rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(wmax=63.0, fold=fold))
         ensure_ms_opset(gm)
         variants[f"grouped int8{' (scales in kernel)' if fold else ''}"] = gm
+    # static activation scales, calibrated on the prefill feed itself (max |x|; per expert max |h|
+    # over all tokens, an upper bound of its routed tokens')
+    feed = inputs(a.tokens, a.hidden, a.experts, a.k)
+    fc1 = numpy_helper.to_array(next(t for t in base.graph.initializer if t.name == "fc1"))
+    g_, u_ = np.einsum("nd,eid->eni", feed["x"], fc1[:, 0::2]), np.einsum("nd,eid->eni", feed["x"], fc1[:, 1::2])
+    h_amax = tuple(float(v) for v in np.abs(g_ / (1 + np.exp(-g_)) * u_).max(axis=(1, 2)))
+    gm = onnx.ModelProto()
+    gm.CopyFrom(base)
+    rewrite_moe_grouped(gm, "moe.0", GroupedMoEConfig(wmax=63.0, fold=True, static_x=float(np.abs(feed["x"]).max()),
+                                                      static_h=h_amax))
+    ensure_ms_opset(gm)
+    variants["grouped int8, static activation scales"] = gm
     for spec in [x for x in a.nbits.split(",") if x]:
         bits, block = (int(v) for v in spec.split("/"))
         gm = onnx.ModelProto()

@@ -3,7 +3,8 @@
 What: ``TorchRunner`` (eager fp32, or ``torch.ao.quantization.quantize_dynamic`` int8 on nn.Linear,
 latent KV cache via ``forward_cached``), ``OrtEdgekitRunner`` (any graph with the export.json I/O
 of ``edgekit.export``: the baselines' plain export, their quantized copies and edgekit bundles,
-through ``edgekit.runtime.session.OrtModel``); llama.cpp's runner is in llamacpp.py.
+through ``edgekit.runtime.session.OrtModel``). llama.cpp is timed by its own ``llama-bench``
+(benchmarks/llamacpp.py), not through this interface.
 
 Why: the latency loops in measure.py time any runtime the same way.
 
@@ -68,16 +69,13 @@ def ort_session(path: Path, threads: int):
 
 
 def make_runner(variant: str, artifact: Path, threads: int):
-    """variant kind -> Runner (llama.cpp lives in benchmarks/llamacpp.py)."""
+    """variant kind -> Runner (llama.cpp is measured by llama-bench: benchmarks/llamacpp.py)."""
     if variant == "torch-fp32":
         return TorchRunner(artifact, threads)
     if variant == "torch-int8":
         return TorchRunner(artifact, threads, int8=True)
     if variant.startswith(("ort-", "nncf-", "edgekit-")):
         return OrtEdgekitRunner(artifact, threads)
-    if variant == "llama-q8_0":
-        from benchmarks.llamacpp import LlamaRunner
-        return LlamaRunner(artifact, threads)
     raise ValueError(f"unknown variant {variant!r}")
 
 

@@ -116,8 +116,9 @@ def profile(d: Path, threads: int, phase: str, tokens: int, runs: int, work: Pat
     return summarize_profile(Path(out.stdout.strip().splitlines()[-1]), runs, skip_runs=int(phase == "decode"))
 
 
-def plan_for(path: str, int8: set[str]):
-    """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags."""
+def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
+    """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags;
+    ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts."""
     from edgekit.quantize import Plan
 
     parts = path.split("+")
@@ -126,7 +127,21 @@ def plan_for(path: str, int8: set[str]):
     if nb:
         bits, _, blk = nb[2:].partition("b")
         kernel, block = f"nbits{bits}", int(blk or 32)
-    return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block)
+    st = calibrated if "static" in parts else {}
+    return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block,
+                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}))
+
+
+def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
+    """Static activation scales from random-token rows (speed runs: the values do not matter)."""
+    import numpy as np
+
+    from edgekit.quantize.emulate import expert_absmax, input_absmax, units
+
+    rows = np.random.default_rng(0).integers(2, vocab, (tokens // seq, seq + 1))
+    lin = [n for n, m in units(model).items() if hasattr(m, "in_features") and not n.endswith("mlp.gate")]
+    return {"linears": {n: float(v.max()) for n, v in input_absmax(model, rows, lin).items()},
+            "experts": {n: [x, list(h)] for n, (x, h) in expert_absmax(model, rows).items()}}
 
 
 def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> dict[str, Path]:
@@ -160,13 +175,15 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
         export(model, fp32, ExportConfig(moe="contrib", simplify=False))
         log("fp32 export done")
     out["fp32"] = fp32
-    int8 = None
+    int8, cal = None, None
     for path in moe_paths:
         d = work / f"int8-{path}"
         if not (d / "export.json").exists():
             int8 = int8 or {n for n in units(model) if not n.endswith("mlp.gate")} & quantizable_units(
                 json.loads((fp32 / "export.json").read_text()))
-            quantize_export(fp32, d, plan_for(path, int8))
+            if "static" in path.split("+"):
+                cal = cal or calibrate(model, args.vocab_size)
+            quantize_export(fp32, d, plan_for(path, int8, cal))
             log(f"int8 ({path}) rewrite done")
         out[f"int8-{path}"] = d
     return out

@@ -1,8 +1,9 @@
 """Build the artifact each benchmark row runs: checkpoints, the fp32 ONNX export and its quantized
 copies (onnxruntime ``quantize_dynamic`` defaults, NNCF ``ModelType.TRANSFORMER`` defaults).
 
-What: ``MODELS`` (v3-nano, trained; v3-50m, random init, the named shape
-in edgekit/data/shapes.toml), ``prepare_model`` (an fp32 HF checkpoint dir), ``export_fp32``
+What: ``MODELS`` (v3-nano, trained; v3-50m, random init by ``edgekit synth``) and ``model_spec`` (any
+named shape of edgekit/data/shapes.toml, or a checkpoint dir), ``prepare_model`` (an fp32 HF
+checkpoint dir), ``export_fp32``
 (ONNX via ``edgekit.export`` when present, else a cache-less fallback), ``quantize_ort_dynamic`` and
 ``quantize_nncf`` (applied to the SAME fp32 export, so the rows differ only by quantizer).
 
@@ -26,13 +27,28 @@ import numpy as np
 from edgekit.atomic import atomic_dir
 from edgekit.shapes import shape_config
 
-# The ~50M-parameter V3 config the ORT / llama.cpp probes used: the named shape v3-50m.
-V3_50M = shape_config("v3-50m")
-
+# source: "v3-nano" (the shipped trained checkpoint), {"synth": SHAPE} (``edgekit synth SHAPE``, seed 0)
+# or {"path": DIR} (a user's HF checkpoint, used in place). ``model_spec`` makes the entry for a name.
 MODELS = {
     "v3-nano": {"trained": True, "source": "v3-nano"},
-    "v3-50m": {"trained": False, "source": V3_50M},
+    "v3-50m": {"trained": False, "source": {"synth": "v3-50m"}},
 }
+# Above this many bytes of fp32 weights an ONNX graph cannot be one protobuf (2 GiB): external data.
+LARGE_BYTES = 1_800_000_000
+
+
+def model_spec(name: str | None = None, checkpoint: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """(row name, MODELS-style entry) for a named shape or a checkpoint dir. v3-nano is the trained
+    reference model (same shape, and its accuracy means something); any other shape is synthesized."""
+    if checkpoint is not None:
+        d = Path(checkpoint)
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"--checkpoint {d}: no config.json there; pass a Hugging Face checkpoint dir")
+        return d.resolve().name, {"trained": False, "source": {"path": str(d.resolve())}}
+    if name in MODELS:
+        return name, MODELS[name]
+    shape_config(name)  # unknown shape -> EdgekitError naming the choices
+    return name, {"trained": False, "source": {"synth": name}}
 
 
 def _atomic_dir(out: Path, build) -> Path:
@@ -50,20 +66,24 @@ def dir_mb(d: Path, suffixes: tuple[str, ...] | None = None) -> float:
     return sum(p.stat().st_size for p in files) / 1e6
 
 
-def prepare_model(name: str, work: Path) -> Path:
-    """fp32 HF checkpoint dir (config.json, model.safetensors, tokenizer.json) for model ``name``."""
+def prepare_model(name: str, work: Path, spec: dict | None = None) -> Path:
+    """fp32 HF checkpoint dir (config.json, safetensors, tokenizer.json) for model ``name``
+    (``spec``: its MODELS-style entry, default ``MODELS[name]``)."""
     import torch
 
     from edgekit import checkpoint
-    from edgekit.model import ModelArgs, Transformer
+
+    src = (spec or MODELS[name])["source"]
+    if isinstance(src, dict) and "path" in src:
+        return Path(src["path"])
+    if isinstance(src, dict) and "synth" in src:
+        from edgekit.synth import synth
+
+        out = work / name / "checkpoint"
+        return out if (out / "config.json").exists() else synth(src["synth"], out, seed=0, dtype="fp32")
 
     def build(tmp: Path):
-        src = MODELS[name]["source"]
-        if isinstance(src, str):
-            model = checkpoint.load(src)
-        else:
-            torch.manual_seed(0)
-            model = Transformer(ModelArgs(**src)).eval()
+        model = checkpoint.load(src)
         checkpoint.save(model, tmp / "ckpt", tokenizer_from="v3-nano", dtype=torch.float32)
         for p in (tmp / "ckpt").iterdir():
             os.replace(p, tmp / p.name)
@@ -92,7 +112,8 @@ def export_fp32(ckpt: Path, work: Path) -> Path:
     gives a user, and its expert weights are ordinary MatMul initializers that
     ``quantize_dynamic`` and NNCF can quantize (edgekit's own export stacks experts behind
     Gather/If/Loop or contrib ops, which those tools leave in fp32). Same I/O names and
-    ``export.json`` as ``edgekit.export``, so ``edgekit.runtime.OrtModel`` runs it."""
+    ``export.json`` as ``edgekit.export``, so ``edgekit.runtime.OrtModel`` runs it. Models of more
+    than ``LARGE_BYTES`` of fp32 weights skip onnxsim and keep their weights in ``model.onnx.data``."""
     from edgekit import checkpoint
 
     def build(tmp: Path):
@@ -105,9 +126,10 @@ def export_fp32(ckpt: Path, work: Path) -> Path:
     return _atomic_dir(ckpt.parent / "onnx-fp32", build)
 
 
-def _export_plain_cached(model, path: Path) -> None:
+def _export_plain_cached(model, path: Path, large_bytes: int = LARGE_BYTES) -> None:
+    """Trace + onnxsim; above ``large_bytes`` of fp32 weights, no onnxsim (it needs one < 2 GiB protobuf)
+    and the weights go to ``model.onnx.data`` beside the graph."""
     import onnx
-    import onnxsim
     import torch
     from onnx import numpy_helper
     from torch import nn
@@ -145,16 +167,27 @@ def _export_plain_cached(model, path: Path) -> None:
     axes.update({n: {0: "batch", 1: "seq"} for n in outs[1:]})
     ids = torch.randint(0, a.vocab_size, (2, 3))
     past = [torch.zeros(2, 2, W) for _ in range(L)]
+    large = sum(t.numel() * 4 for t in model.state_dict().values()) > large_bytes
+    raw = path.parent / "raw" / path.name if large else path   # torch writes one file per tensor when large
+    raw.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(PlainCached().eval(), (ids, *past, torch.tensor(2)), str(path), input_names=ins,
+        torch.onnx.export(PlainCached().eval(), (ids, *past, torch.tensor(2)), str(raw), input_names=ins,
                           output_names=outs, dynamic_axes=axes, opset_version=17, dynamo=False)
-    proto = onnx.load(str(path))
-    simp, ok = onnxsim.simplify(proto)
-    proto = simp if ok else proto
+    proto = onnx.load(str(raw))
+    if not large:  # onnxsim serializes the model into one protobuf: only below 2 GiB
+        import onnxsim
+
+        simp, ok = onnxsim.simplify(proto)
+        proto = simp if ok else proto
     # an initializer named like an input is that input's default: logits for every position
     proto.graph.initializer.append(numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64),
                                                            "logits_keep"))
-    onnx.save(proto, str(path))
+    if large:
+        onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+        shutil.rmtree(raw.parent)
+    else:
+        onnx.save(proto, str(path))
 
 
 def _write_spec(args, d: Path) -> None:
@@ -165,6 +198,8 @@ def _write_spec(args, d: Path) -> None:
             "vocab_size": args.vocab_size, "max_position_embeddings": args.max_position_embeddings,
             "cache": {"width": W, "bytes_per_token": 4 * W * args.num_hidden_layers},
             "moe": "model's own per-expert dispatch", **io_spec(args)}
+    # the plain graph has no left_pad input (one prompt length per call): declare only what it has
+    spec["inputs"] = [i for i in spec["inputs"] if i["name"] != "left_pad"]
     (d / "export.json").write_text(json.dumps(spec, indent=1))
 
 
@@ -201,8 +236,9 @@ def quantize_ort_dynamic(fp32: Path) -> Path:
     from onnxruntime.quantization import quantize_dynamic
 
     def build(tmp: Path):
+        large = dir_mb(fp32, (".onnx",)) * 1e6 > LARGE_BYTES
         for g in onnx_graphs(fp32):
-            quantize_dynamic(str(g), str(tmp / g.name))
+            quantize_dynamic(str(g), str(tmp / g.name), use_external_data_format=large)
         _copy_side_files(fp32, tmp)
 
     return _atomic_dir(fp32.parent / "onnx-ort-dynamic", build)

@@ -101,8 +101,9 @@ def info(model, as_json):
 @click.argument("shape", required=False)
 @click.option("-o", "--out", default=None, help="Output checkpoint directory (replaced when complete).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="Storage dtype of the weights (routers stay fp32).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp8"]), default="fp32", show_default=True,
+              help="Storage of the weights: fp32, bf16 (routers fp32), fp8 (e4m3 linears with 128x128 block "
+                   "scales, as DeepSeek publishes V3).")
 @click.option("--shard-size", "shard_mb", type=int, default=1024, show_default=True,
               help="Largest shard in MB; more weights are split with model.safetensors.index.json.")
 @click.option("--list", "list_shapes", is_flag=True, help="List the named shapes and exit.")
@@ -140,7 +141,8 @@ def synth(shape, out, seed, dtype, shard_mb, list_shapes, force):
 @click.argument("model", required=False)
 @click.option("--data", default="eval", show_default=True,
               help="Text file to score, or a shipped split name (eval, calib).")
-@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True, help="Window length in tokens.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None,
+              help="Window length in tokens [default: 512, or the model's positions if fewer].")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Score only the first N tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads (ONNX/bundle).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -150,10 +152,15 @@ def eval_(model, data, seq_len, max_tokens, threads, as_json):
     MODEL may be a checkpoint, an exported ONNX directory or a bundle.
     """
     from .data import load_tokens
-    from .evaluate import evaluate
+    from .evaluate import evaluate, max_positions
     from .sources import open_model
 
     scorer, tok, kind = open_model(model, threads=threads)
+    limit = max_positions(scorer) or 512
+    if seq_len is None:
+        seq_len = min(512, limit)
+    elif seq_len > limit:
+        raise EdgekitError(f"--seq-len {seq_len} is over the model's {limit} positions; pass --seq-len {limit} or less")
     res = evaluate(scorer, load_tokens(data, tok, max_tokens), seq_len=seq_len,
                    progress=not as_json and sys.stderr.isatty())
     out = {"model": str(model or "v3-nano"), "kind": kind, "data": str(data), **res.to_dict()}
@@ -303,8 +310,14 @@ def targets():
 @click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
 @click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")
 @click.option("--no-cache", is_flag=True, help="Do not reuse cached stage artifacts.")
+@click.option("--stream/--no-stream", default=None,
+              help="Run every stage one decoder layer at a time (checkpoints larger than memory). "
+                   "Default: the recipe's [build] stream (auto: fp32 model > 1/4 of free memory).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Where torch work runs (calibration, importance, distillation, torch eval). Default: the recipe's "
+                   "[build] device (auto: CUDA when present).")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
-def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, force):
+def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cache, stream, device, force):
     """Compress MODEL for a target and validate it: the main job.
 
     prune (+recover) -> smooth -> export (once) -> plan int8 -> quantize the graph -> validate -> bundle.
@@ -325,7 +338,7 @@ def compress(model, target, calib, eval_data, recover, out, auto, strict, no_cac
     with dist.session() as w:
         res = run(model, target, calib=calib, eval_data=eval_data, recover=recover, out=out, strict=strict,
                   auto=auto, use_cache=not no_cache, console=Console(stderr=True) if w.is_main else None,
-                  force=force)
+                  force=force, stream=stream, device=device)
     if res is None:  # a rank other than 0: it took part in prune + recover only
         return
     render_report(res.report, res.bundle)

@@ -90,6 +90,11 @@ def _layer(k: str) -> int | None:
 
 def precheck(d: Path, args, cfg: dict, files: list[Path]) -> set[str]:
     """Compare config-implied shapes with the weights' headers; returns the MTP tensor names to skip."""
+    return check_shapes(d, args, cfg, header_shapes(files))
+
+
+def check_shapes(d: Path, args, cfg: dict, header: dict[str, tuple]) -> set[str]:
+    """``precheck`` on shapes already read from the headers (``edgekit.lazy.CheckpointReader``)."""
     import torch
 
     from .model import Transformer
@@ -100,7 +105,7 @@ def precheck(d: Path, args, cfg: dict, files: list[Path]) -> set[str]:
     except (TypeError, ValueError, RuntimeError) as e:
         raise EdgekitError(f"config.json is invalid: {str(e).splitlines()[0][:200]}") from None
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    shapes = _unfused(header_shapes(files))
+    shapes = _unfused(header)
     n = args.num_hidden_layers
     nextn = cfg.get("num_nextn_predict_layers") or 0
     nextn = nextn if isinstance(nextn, int) and not isinstance(nextn, bool) else 0

@@ -45,8 +45,10 @@ def plan_data(model_dir: Path, recipe, calib: str | None, eval_data: str | None,
     return DataPlan(dd.calib, eval_data or dd.eval, recover or dd.recover, dd.dev, domain, ood)
 
 
-def ood_report(src: Path, bundle_model: Path, tok, plan: DataPlan, recipe, cache, gate_report: dict) -> dict:
-    """{"target": domain, "eval": source, "gated": {...}, "out_of_domain": {domain: {...}}}."""
+def ood_report(src: Path, bundle_model: Path, tok, plan: DataPlan, recipe, cache, gate_report: dict,
+               fp32_eval=None) -> dict:
+    """{"target": domain, "eval": source, "gated": {...}, "out_of_domain": {domain: {...}}}.
+    ``fp32_eval(tokens) -> EvalResult`` scores the fp32 model (default: ``evaluate(load(src))``)."""
     import hashlib
 
     import numpy as np
@@ -66,7 +68,7 @@ def ood_report(src: Path, bundle_model: Path, tok, plan: DataPlan, recipe, cache
         tokens = load_tokens(f"{d}/eval", tok, recipe.data.ood_max_tokens or None)
 
         def fp32(tmp: Path, tokens=tokens):
-            res = evaluate(load(src), tokens, seq_len=seq, progress=False)
+            res = fp32_eval(tokens) if fp32_eval else evaluate(load(src), tokens, seq_len=seq, progress=False)
             (tmp / "meta.json").write_text(json.dumps(res.to_dict()))
 
         key = [dir_digest(src), hashlib.sha256(np.ascontiguousarray(tokens, np.int64)).hexdigest(), seq]

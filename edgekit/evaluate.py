@@ -15,7 +15,8 @@ comparison that matters, fp32 vs compressed, is paired: see ``agreement``). The 
 tokens of KL(reference || model)) is what mixed precision ranks units by.
 
 Invariants: numpy only (torch is imported only to call a torch module); logits are scored in
-float32. Failure modes: empty data raises ``EdgekitError``.
+float32. Failure modes: empty data, or windows longer than the model's positions, raise
+``EdgekitError``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ def _logits_fn(model):
         return lambda ids: np.asarray(model.logits(ids), dtype=np.float32)
     import torch
 
+    device = next(model.parameters()).device
+
     def run(ids):
         with torch.no_grad():
-            return model(torch.from_numpy(np.ascontiguousarray(ids))).float().numpy()
+            return model(torch.from_numpy(np.ascontiguousarray(ids)).to(device)).float().cpu().numpy()
     return run
 
 
@@ -77,40 +80,73 @@ class RowScores:
     def accuracy(self) -> float:
         return self.correct / self.tokens
 
+    def result(self) -> EvalResult:
+        p = self.accuracy
+        return EvalResult(p, math.sqrt(p * (1 - p) / self.tokens), math.exp(self.nll / self.tokens), self.tokens)
+
+
+class Tally:
+    """Running scores over batches of logits, in order: the loop body of ``score_rows``, also fed by
+    the streamed evaluation (``edgekit.stream``), so both score identically."""
+
+    def __init__(self, ref: Reference | None = None, predictions: bool = False, as_reference: bool = False):
+        self.ref, self.keep_preds = ref, predictions
+        self.correct, self.nll, self.n, self.kl, self.preds, self.batch = 0, 0.0, 0, 0.0, [], 0
+        self.keep = Reference([], []) if as_reference else None
+
+    def add(self, logits: np.ndarray, y: np.ndarray) -> None:
+        logz = _log_z(logits)
+        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
+        self.nll += float((logz - picked).sum())
+        pred = logits.argmax(-1)
+        self.correct += int((pred == y).sum())
+        self.n += y.size
+        if self.keep_preds:
+            self.preds.append(pred.reshape(-1))
+        if self.ref is not None or self.keep is not None:
+            logp = logits - logz[..., None]
+            if self.ref is not None:
+                b = self.batch
+                self.kl += self.ref.neg_entropy[b] - float((self.ref.probs[b] * logp).sum(dtype=np.float64))
+            if self.keep is not None:
+                p = np.exp(logp)
+                self.keep.probs.append(p)
+                self.keep.neg_entropy.append(float((p * logp).sum(dtype=np.float64)))
+        self.batch += 1
+
+    def scores(self) -> RowScores:
+        return RowScores(self.correct, self.n, self.nll, self.kl / self.n if self.ref is not None else None,
+                         np.concatenate(self.preds) if self.keep_preds else None, self.keep)
+
 
 def score_rows(model, rows: np.ndarray, batch_size: int = 8, ref: Reference | None = None,
                predictions: bool = False, as_reference: bool = False, progress: bool = False) -> RowScores:
     """Score ``model`` on ``rows`` [N, T + 1] (inputs and next-token targets); see the module doc."""
     rows = np.asarray(rows, dtype=np.int64)
     fn = _logits_fn(model)
-    correct, nll, n, kl, preds = 0, 0.0, 0, 0.0, []
-    keep = Reference([], []) if as_reference else None
+    tally = Tally(ref, predictions, as_reference)
     it = range(0, len(rows), batch_size)
     if progress:
         from tqdm import tqdm
         it = tqdm(it, desc="eval", unit="batch", leave=False)
-    for b, i in enumerate(it):
+    for i in it:
         batch = rows[i: i + batch_size]
-        x, y = batch[:, :-1], batch[:, 1:]
-        logits = fn(x)
-        logz = _log_z(logits)
-        picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
-        nll += float((logz - picked).sum())
-        pred = logits.argmax(-1)
-        correct += int((pred == y).sum())
-        n += y.size
-        if predictions:
-            preds.append(pred.reshape(-1))
-        if ref is not None or keep is not None:
-            logp = logits - logz[..., None]
-            if ref is not None:
-                kl += ref.neg_entropy[b] - float((ref.probs[b] * logp).sum(dtype=np.float64))
-            if keep is not None:
-                p = np.exp(logp)
-                keep.probs.append(p)
-                keep.neg_entropy.append(float((p * logp).sum(dtype=np.float64)))
-    return RowScores(correct, n, nll, kl / n if ref is not None else None,
-                     np.concatenate(preds) if predictions else None, keep)
+        tally.add(fn(batch[:, :-1]), batch[:, 1:])
+    return tally.scores()
+
+
+def eval_rows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    if tokens is None or len(tokens) < 2:
+        raise EdgekitError("evaluation data is empty; pass a text file with at least a few hundred tokens")
+    return windows(np.asarray(tokens, dtype=np.int64), seq_len)
+
+
+def max_positions(model) -> int | None:
+    """Positions ``model`` can score in one window: ``max_position_embeddings`` of a torch model's
+    args or an onnxruntime runner's ``max_positions``; None when it does not say."""
+    limit = getattr(model, "max_positions", None) or getattr(getattr(model, "args", None), "max_position_embeddings",
+                                                              None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
@@ -118,8 +154,10 @@ def evaluate(model, tokens: np.ndarray, seq_len: int = 512, batch_size: int = 8,
     """Score ``model`` on ``tokens`` (1-D ids) in non-overlapping windows of ``seq_len``."""
     if tokens is None or len(tokens) < 2:
         raise EdgekitError("evaluation data is empty; pass a text file with at least a few hundred tokens")
-    r = score_rows(model, windows(np.asarray(tokens, dtype=np.int64), seq_len), batch_size,
-                   predictions=return_predictions, progress=progress)
-    p = r.accuracy
-    res = EvalResult(p, math.sqrt(p * (1 - p) / r.tokens), math.exp(r.nll / r.tokens), r.tokens)
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise EdgekitError(f"a window of {seq_len} tokens does not fit the model's {limit} positions; use a "
+                           f"sequence length (--seq-len, or the recipe's [validate] seq_len) of at most {limit}")
+    r = score_rows(model, eval_rows(tokens, seq_len), batch_size, predictions=return_predictions, progress=progress)
+    res = r.result()
     return (res, r.predictions) if return_predictions else res

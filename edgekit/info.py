@@ -6,8 +6,8 @@ everything except the routed experts it does not pick), a breakdown into embeddi
 dense FFN / shared experts / routed experts / router / norms, per-layer sizes, and the KV-cache
 bytes per token of MLA's latent cache beside what a per-head K/V cache would take.
 
-``describe(model_or_shape)``: the same for a checkpoint directory, or for a named shape
-(``edgekit/data/shapes.toml``), computed from its config on torch's meta device without weights.
+``describe(model_or_shape)``: the same for a checkpoint directory (headers checked, no weights
+read) or a named shape (``edgekit/data/shapes.toml``), computed on torch's meta device.
 
 Invariant: the breakdown sums to ``params_total`` (tested). Tied embeddings are counted once.
 """
@@ -102,13 +102,17 @@ def shape_info(name: str) -> dict:
 
 
 def describe(model_or_shape=None) -> dict:
-    """``model_info`` of a checkpoint dir (None: v3-nano, the trained one) or of a named shape."""
+    """``model_info`` of a checkpoint dir (None: v3-nano, the trained one) or of a named shape. A
+    checkpoint's safetensors headers are checked against its config (one-line errors), but no
+    weight is read: a checkpoint larger than memory is described in a second."""
     from pathlib import Path
 
-    from .shapes import is_shape
+    from .lazy import CheckpointReader
+    from .shapes import is_shape, meta_model
 
     if is_shape(model_or_shape) and model_or_shape != "v3-nano" and not Path(model_or_shape).exists():
         return shape_info(model_or_shape)
-    from .checkpoint import load
-
-    return model_info(load(model_or_shape))
+    r = CheckpointReader(model_or_shape)
+    m = meta_model(r.args)
+    m.name = r.name
+    return model_info(m)

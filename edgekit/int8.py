@@ -15,7 +15,7 @@ per-group error search (``edgekit.smooth``).
 
 Why one place: the emulation ranks units and plans mixed precision for the graph the rewrite
 writes, and QAT trains for that rounding, so all must round (half to even), clip and scale
-identically; ``QMAX`` and ``EPS`` live only here.
+identically; ``QMAX``, ``QMAX_7BIT`` and ``EPS`` live only here.
 
 Invariants: float32 in, float32 out; a zero range gets scale ``EPS / qmax`` (never a division by
 zero); ``|q| <= qmax``, so -x quantizes to -q exactly; a static ``amax`` becomes a float32 scale
@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 QMAX = 127.0     # symmetric int8: [-127, 127], zero point 0
+QMAX_7BIT = 63.0  # 7-bit weights (reduce_range): u8 x s8 pair sums stay exact on x86 CPUs without VNNI
 EPS = 1e-12      # floor of max|x|, so an all-zero row or tensor gets a finite scale
 
 

@@ -46,6 +46,17 @@ def peak_rss_mb() -> float:
     return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: ``5`` to /proc/self/clear_refs),
+    so ``peak_rss_mb`` measures from here on; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode_tokens: int,
                runs: int, warmup: int, seed: int = 0, parallel: bool = False) -> dict:
     from .runtime.session import OrtModel

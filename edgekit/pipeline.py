@@ -32,6 +32,13 @@ Invariants: the bundle directory appears only when complete (``edgekit.atomic``)
 gate compares the bundle (onnxruntime) with the fp32 torch model on the same eval tokens, and no
 stage that fits or selects the model reads those tokens under ``--auto``.
 
+Streamed (``--stream`` / ``[build] stream``, ``edgekit.pipeline_streamed``): the same stages and
+artifacts with one decoder layer in memory at a time (checkpoints larger than RAM): each stage's
+function is swapped for its layer-by-layer counterpart, the plan is the overrides' (no emulated
+search) and the graph pass is the same ``quantize_export``. ``device`` (``[build] device``,
+``--device``) is where torch stages run; each stage's row in ``timings`` says where it ran and
+this process's peak resident memory during it (``peak_rss_mb``).
+
 Under torchrun (``edgekit.dist``) every rank runs the prune (+recover) stage, calibration and
 distillation split over ranks (``prune_on_all_ranks``); rank 0 writes that stage's cache entry once
 all ranks succeeded and runs the remaining stages alone (the cached prune is then a hit); the other
@@ -42,7 +49,6 @@ nothing later can wait on a peer that has gone. ``auto`` is single-process only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import time
@@ -56,6 +62,7 @@ from .atomic import atomic_dir, scratch_dir
 from .bundle import baseline_digest, write_manifest
 from .checkpoint import load, load_tokenizer, reference_model_dir, resolve
 from .data import load_tokens, require_tokens
+from .device import pick, where
 from .errors import EdgekitError
 from .evaluate import evaluate
 from .export import ExportConfig
@@ -67,6 +74,7 @@ from .recipes import Recipe, load_recipe, recipe_to_toml, with_overrides
 from .report import write_report
 from .smooth import SmoothConfig
 from .stagecache import StageCache, dir_digest, seal
+from .stages import Built, Stages, Texts, prune_key, tokens_hash
 from .validate import graph_bytes, score, validate
 
 # the compile stages' recipe tables and the config each is built into (registered with the recipe parser)
@@ -81,57 +89,6 @@ class CompressResult:
     exit_code: int
 
 
-@dataclass
-class Texts:
-    """The token ids the stages read, loaded once (``load_texts``); ``dev`` only with --auto."""
-    calib: np.ndarray
-    recover: np.ndarray
-    eval: np.ndarray
-    dev: np.ndarray | None
-    calib_name: str
-    recover_name: str
-    dev_name: str = ""
-
-
-@dataclass
-class Built:
-    """The artifacts of one ``build`` (stage cache directories) and what it measured."""
-    pruned: Path
-    smoothed: Path
-    exported: Path
-    planned: Path
-    quantized: Path
-    pruned_accuracy: float        # on the scoring tokens
-    int8_budget: float
-
-
-class Stages:
-    """Runs and times the stages, printing one line per stage (inner loops show their own bars)."""
-
-    def __init__(self, console, total: int):
-        self.console, self.total, self.i, self.rows = console, total, 0, []
-
-    def log(self, msg: str) -> None:
-        if self.console:
-            self.console.print(f"      {msg}")
-
-    def run(self, name: str, fn, **row):
-        self.i += 1
-        if self.console:
-            self.console.print(f"[bold cyan][{self.i}/{self.total}][/] {name} ...")
-        t = time.perf_counter()
-        out = fn()
-        row = {"name": name, **row, "seconds": round(time.perf_counter() - t, 2)}
-        self.rows.append(row)
-        if self.console:
-            self.console.print(f"      done in {row['seconds']:.1f}s")
-        return out
-
-
-def _tokens_hash(tokens: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(tokens, np.int64).tobytes()).hexdigest()[:20]
-
-
 def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp32_accuracy: float,
           cache: StageCache, st: Stages) -> Built:
     """prune -> smooth -> export (once) -> score -> plan -> quantize for one recipe, each stage cached.
@@ -143,8 +100,9 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     from .quantize.mixed import plan_
     from .smooth import smooth_checkpoint
 
-    key = _prune_key(src, recipe, texts)
-    pruned = st.run("prune + recover", lambda: cache.get("prune", key, lambda tmp: _prune_to(tmp, src, recipe, texts)))
+    key = prune_key(src, recipe, texts)
+    pruned = st.run("prune + recover", lambda: cache.get(
+        "prune", key, lambda tmp: _prune_to(tmp, src, recipe, texts, device=st.device)), device=where(pick(st.device)))
     key.append(dataclasses.asdict(recipe.smooth))
     smoothed = st.run("smooth (SmoothQuant scales into the norms)", lambda: cache.get(
         "smooth", key, lambda tmp: smooth_checkpoint(pruned, tmp, recipe.smooth, texts.calib)))
@@ -162,11 +120,8 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     return Built(pruned, smoothed, exported, planned, quantized, pruned_acc, budget)
 
 
-def _prune_key(src: Path, recipe: Recipe, texts: Texts) -> list:
-    return [dir_digest(src), _tokens_hash(texts.calib), _tokens_hash(texts.recover), dataclasses.asdict(recipe.prune)]
-
-
-def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts, seal_as: str | None = None) -> None:
+def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts, seal_as: str | None = None,
+              device: str = "cpu") -> None:
     """The prune (+recover) stage: ``prune_checkpoint`` on the loaded texts (rank 0 writes under
     torchrun). ``seal_as``: also write the stage cache's content record, for an entry written outside
     ``StageCache.get``."""
@@ -174,13 +129,13 @@ def _prune_to(out: Path, src: Path, recipe: Recipe, texts: Texts, seal_as: str |
 
     prune_checkpoint(src, out, recipe.prune, calib=texts.calib_name, recover=texts.recover_name,
                      calib_tokens=texts.calib, recover_tokens=texts.recover,
-                     after_write=(lambda tmp: seal(tmp, seal_as)) if seal_as else None)
+                     after_write=(lambda tmp: seal(tmp, seal_as)) if seal_as else None, device=device)
 
 
 def prune_on_all_ranks(src: Path, recipe: Recipe, texts: Texts, cache: StageCache, console=None) -> dict:
     """Under torchrun: the prune (+recover) stage on every rank, its cache entry written (and sealed)
     by rank 0, skipped when rank 0 holds an intact one. Returns the stage's timing row."""
-    key = _prune_key(src, recipe, texts)
+    key = prune_key(src, recipe, texts)
     n = dist.world().size
     hit = cache.lookup("prune", key) is not None if dist.world().is_main else None
     row = {"name": f"prune + recover ({n} ranks)", "world_size": n, "cached": bool(dist.broadcast(hit))}
@@ -199,12 +154,15 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
     """fp32 torch accuracy on the eval tokens and the fp32 ONNX size of the unpruned model."""
     from .export import export
 
+    dev = pick(st.device)
+
     def do(tmp: Path):
         from .host import usable_cores
         from .latency import measure
 
-        m = load(src)
+        m = load(src).to(dev)
         res = evaluate(m, eval_tokens, seq_len=recipe.validate.seq_len, progress=True)
+        m = m.cpu()
         export(m, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=recipe.export.simplify))
         t, v = recipe.target, recipe.validate
         lat = measure(tmp / "onnx", threads=min(t.threads, usable_cores()), spinning=t.spinning,
@@ -215,9 +173,9 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
         shutil.rmtree(tmp / "onnx")
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    key = [dir_digest(src), _tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
+    key = [dir_digest(src), tokens_hash(eval_tokens), recipe.validate.seq_len, recipe.export.moe,
            recipe.target.threads, recipe.goals.prefill_tokens]
-    d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do))
+    d = st.run("baseline (fp32 accuracy + ONNX size)", lambda: cache.get("baseline", key, do), device=where(dev))
     return json.loads((d / "meta.json").read_text())
 
 
@@ -227,7 +185,7 @@ def fp32_accuracy(src: Path, tokens: np.ndarray, recipe: Recipe, cache: StageCac
         res = evaluate(load(src), tokens, seq_len=recipe.validate.seq_len, progress=True)
         (tmp / "meta.json").write_text(json.dumps(res.to_dict()))
 
-    key = [dir_digest(src), _tokens_hash(tokens), recipe.validate.seq_len]
+    key = [dir_digest(src), tokens_hash(tokens), recipe.validate.seq_len]
     d = st.run(f"fp32 accuracy on {what}", lambda: cache.get("fp32-accuracy", key, do))
     return json.loads((d / "meta.json").read_text())["accuracy"]
 
@@ -323,7 +281,8 @@ def load_texts(src: Path, tok, recipe: Recipe, plan, auto: bool) -> Texts:
 def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_data: str | None = None,
              recover: str | None = None, out: str | Path | None = None, strict: bool = False, auto: bool = False,
              use_cache: bool = True, console=None, recipe: Recipe | None = None,
-             force: bool = False) -> CompressResult | None:
+             force: bool = False, stream: bool | None = None, device: str | None = None) -> CompressResult | None:
+    """``stream``/``device`` override the recipe's ``[build]`` (None: as the recipe says)."""
     from .domains import plan_data
     from .outputs import prepare
     from .prune import check_prunable
@@ -336,6 +295,18 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
     if auto and not recipe.auto.candidates:
         raise EdgekitError(f"{recipe.source or recipe.target.name} has no [auto] candidates; add an "
                            "[auto.candidates] table (see export_recipes/cpu4.toml) or drop --auto")
+    device = device or recipe.build.device
+    pick(device)  # "cuda" without a GPU: a one-line error before any work
+    if stream is None:
+        from .pipeline_streamed import should_stream
+
+        stream = should_stream(src) if recipe.build.stream == "auto" else recipe.build.stream == "true"
+    if stream:
+        from .lazy import CheckpointReader
+        from .pipeline_streamed import check_streamable
+
+        reader = CheckpointReader(src)  # header checks (one-line errors) before any work, no weights loaded
+        check_streamable(recipe, auto, w.enabled)
     out = Path(out or f"edgekit-out/{src.name}-{recipe.target.name}")
     out = dist.main_first(lambda: prepare(out, force, inputs=[src])) or out  # rank 0 alone writes the bundle
     tok = load_tokenizer(src)
@@ -345,7 +316,20 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, domain=plan.domain))
     texts = load_texts(src, tok, recipe, plan, auto)
     # validate the checkpoint, the recipe against it and the calibration text (one-line errors) before any work
-    check_prunable(load(src), recipe.prune, texts.calib)
+    if stream:
+        from .stream import LazyModel
+
+        args = reader.args
+        check_prunable(LazyModel(reader), recipe.prune, texts.calib)
+    else:
+        model = load(src)
+        check_prunable(model, recipe.prune, texts.calib)
+        args = model.args
+        del model
+    limit = args.max_position_embeddings
+    if recipe.validate.seq_len > limit:
+        raise EdgekitError(f"{recipe.source or recipe.target.name}: [validate] seq_len = {recipe.validate.seq_len} "
+                           f"is over the model's {limit} positions; set it to {limit} or less")
     require_tokens(texts.calib, recipe.quantize.seq_len + 1, "calibration text for quantization")
     scratch = None if use_cache or not w.is_main else scratch_dir("edgekit-nocache-")
     try:
@@ -355,19 +339,21 @@ def compress(model=None, target: str = "cpu4", calib: str | None = None, eval_da
             dist.shutdown()  # every rank leaves the group: rank 0 goes on alone, no collective can wait on a peer
             if not w.is_main:
                 return None
-        return _compress(src, recipe, tok, texts, out, strict, auto, cache, console, plan, rows)
+        return _compress(src, recipe, tok, texts, out, strict, auto, cache, console, plan, rows, stream, device)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console, plan,
-              dist_rows=()) -> CompressResult:
+              dist_rows=(), stream: bool = False, device: str = "cpu") -> CompressResult:
     n_builds = len(recipe.auto.candidates) if auto else 1
     st = Stages(console, total=3 + BUILD_STAGES * n_builds + (2 + n_builds if auto else 0)
-                + (1 if plan.out_of_domain else 0))
+                + (1 if plan.out_of_domain else 0), device=device)
     st.rows.extend(dist_rows)
-    baseline = baseline_for(src, recipe, texts.eval, cache, st)
+    if stream:
+        from . import pipeline_streamed as streamed
+    baseline = (streamed.baseline_for if stream else baseline_for)(src, recipe, texts.eval, cache, st)
     if auto:
         from .autosearch import search
 
@@ -384,10 +370,11 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         pruned_eval = st.run("score pruned fp32 on eval",
                              lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
     else:
-        built = build(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
+        built = (streamed.build if stream else build)(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
         auto_info, pruned_eval = None, built.pruned_accuracy
     recipe = with_overrides(recipe, quantize={"max_drop": built.int8_budget})  # as applied (effective budget)
-    report = st.run("validate", lambda: validate(built.quantized, recipe, baseline, texts.eval))
+    report = st.run("validate", lambda: validate(built.quantized, recipe, baseline, texts.eval),
+                    device="cpu (onnxruntime)")
     records = {k: json.loads(f.read_text()) for k, f in (
         ("pruning", built.pruned / "prune.json"), ("smoothing", built.smoothed / "smooth.json"),
         ("quantization", built.quantized / "quantize.json")) if f.exists()}
@@ -401,6 +388,8 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
          "size_bytes": report["compressed"]["size_bytes"]},
     ]
     report["timings"] = st.rows
+    report["devices"] = {r["name"]: r["device"] for r in st.rows if "device" in r}
+    report["streamed"] = stream
     report["stage_cache_hits"] = cache.hits
     report["model"] = src.name if src.resolve() == reference_model_dir().resolve() else str(src)
     report.update(records)
@@ -412,12 +401,14 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         from .domains import ood_report
 
         def score_domains():
-            return ood_report(src, built.quantized, tok, plan, recipe, cache, report)
+            return ood_report(src, built.quantized, tok, plan, recipe, cache, report,
+                              fp32_eval=streamed.fp32_evaluator(src, st) if stream else None)
 
         report["domains"] = (st.run("score other domains (reported, not gated)", score_domains)
                              if plan.out_of_domain else score_domains())
     bundle = st.run("bundle", lambda: write_bundle(out, built.quantized, src, recipe, report,
-                                                   features_of(recipe), src.name, tok))
+                                                   features_of(recipe) + (["streamed-pipeline"] if stream else []),
+                                                   src.name, tok))
     failed = [k for k, g in report["gates"].items() if g["status"] == "fail"]
     unverified = [k for k, g in report["gates"].items() if g["status"] == "unverified"]
     code = 1 if failed or (strict and unverified) else 0
@@ -431,5 +422,5 @@ def _cached_accuracy(export_dir: Path, tokens: np.ndarray, recipe: Recipe, cache
         acc = score(export_dir, tokens, recipe.validate.seq_len)["accuracy"]
         (tmp / "meta.json").write_text(json.dumps({"accuracy": acc}))
 
-    d = cache.get("score", [export_dir.name, _tokens_hash(tokens), recipe.validate.seq_len], do)
+    d = cache.get("score", [export_dir.name, tokens_hash(tokens), recipe.validate.seq_len], do)
     return json.loads((d / "meta.json").read_text())["accuracy"]

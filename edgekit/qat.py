@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8 import QMAX, fake_quant
+from .int8 import QMAX, QMAX_7BIT, fake_quant
 
 MODES = ("int8",)
 
@@ -46,7 +46,7 @@ class QATConfig:
     activations: bool = True          # fake-quantize Linear inputs (dynamic per-token scale), as the graph does
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
-    weight_qmax: float = 63.0         # 63: 7-bit weights (quantize's default reduce_range); 127: 8-bit
+    weight_qmax: float = QMAX_7BIT    # 7-bit weights (quantize's default reduce_range); 127: 8-bit
 
     def __post_init__(self):
         if self.mode not in MODES:

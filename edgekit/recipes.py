@@ -5,7 +5,8 @@ into a ``Recipe``: ``[target]`` (the hardware and why), ``[goals]`` (the gates a
 budget is split between pruning and int8, as data), ``[validate]`` (how to measure), ``[data]``
 (the target domain's shipped text), ``[auto]`` (the ``--auto`` candidates, how one is picked, the
 dev split it is picked on) and one table per compile stage (``STAGE_TABLES``: ``[prune]``,
-``[smooth]``, ``[export]``, ``[quantize]``).
+``[smooth]``, ``[export]``, ``[quantize]``),
+and ``[build]`` (``device``, ``stream``: where and how the build runs, not the target).
 ``recipe_to_toml(recipe)`` writes the recipe as applied, for the bundle.
 
 Stage configs are registered by the caller, not imported here: ``stages`` maps a stage table to
@@ -148,6 +149,25 @@ def drop_budget(goals: Goals, baseline_accuracy: float) -> float:
 
 
 @dataclass
+class Build:
+    """Where and how the build runs (not the target): ``device`` for torch work (calibration,
+    importance, distillation, torch evaluation; "auto" = CUDA when present), ``stream``: run the
+    pipeline one layer at a time ("auto": when the fp32 model would take over a quarter of the
+    memory available now; true / false)."""
+    device: str = "auto"
+    stream: str = "auto"
+
+    def __post_init__(self):
+        from .device import DEVICES
+
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: use one of {DEVICES}")
+        self.stream = {True: "true", False: "false"}.get(self.stream, self.stream)
+        if self.stream not in ("auto", "true", "false"):
+            raise ValueError(f"stream={self.stream!r}: use \"auto\", true or false")
+
+
+@dataclass
 class Auto:
     """``edgekit compress --auto``: each candidate (stage-table overrides applied over the recipe) is
     built through the same cached stages and scored on the dev split: the target domain's shipped
@@ -188,6 +208,7 @@ class Recipe:
     export: Any = None
     quantize: Any = None
     source: str = ""
+    build: Build = field(default_factory=Build)
 
 
 def build(cls: type, table: dict, where: str):
@@ -225,7 +246,8 @@ def _non_finite(table: dict, prefix: str = "") -> tuple[str, float] | None:
 def parse_recipe(data: dict, source: str = "", stages: Mapping[str, type] | None = None) -> Recipe:
     """``stages``: stage table -> config dataclass to build and validate (the compile side passes
     ``edgekit.pipeline.STAGE_CONFIGS``); other stage tables stay raw dicts (the device side)."""
-    tables = {"target": Target, "goals": Goals, "validate": Validate, "data": Data, "auto": Auto}
+    tables = {"target": Target, "goals": Goals, "validate": Validate, "data": Data, "auto": Auto,
+              "build": Build}
     unknown = sorted(set(data) - set(tables) - set(STAGE_TABLES))
     if unknown:
         raise EdgekitError(f"{source}: unknown table [{unknown[0]}]; valid tables: "
@@ -271,7 +293,7 @@ def load_recipe(name_or_path: str, stages: Mapping[str, type] | None = None) -> 
 
 def recipe_dict(recipe: Recipe) -> dict:
     out = {}
-    for k in ("target", "goals", "validate", "data", "auto", *STAGE_TABLES):
+    for k in ("target", "goals", "validate", "data", "auto", "build", *STAGE_TABLES):
         v = getattr(recipe, k)
         if v is not None:
             d = v if isinstance(v, dict) else dataclasses.asdict(v)

@@ -52,7 +52,7 @@ def shape_config(name: str) -> dict:
 
 
 def shape_args(name: str):
-    from .checkpoint import args_from_config
+    from .hfconfig import args_from_config
 
     return args_from_config(shape_config(name))
 

@@ -20,6 +20,9 @@ Groups (per layer; the consumer list is the whole fan-out of the norm, so fp32 m
   products ``w_uk``/``w_uv`` derived from its weights, so nothing int8 gains; when on, the latent
   cache holds c_kv / s and the absorbed weights carry s — logits are unchanged).
 
+``layer_groups``, ``norm_hooks`` and ``fold_group`` are the per-layer pieces ``edgekit.stream``
+uses to smooth a checkpoint one layer at a time with identical results.
+
 Invariants: fp32 logits after ``smooth_`` equal those before to ~1e-5 (tests/test_smooth.py);
 scales are finite and positive (clamped to [min_scale, max_scale]); the model's modules and
 shapes are untouched, only weight values change.
@@ -82,25 +85,28 @@ def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: 
     return s.clamp(min_scale, max_scale)
 
 
-def smooth_groups(model) -> list[tuple[str, nn.Module, list[nn.Linear], list[nn.Linear]]]:
-    """(group name, norm, quantized consumers, fp32 consumers) for every foldable norm."""
-    out = []
-    for i, layer in enumerate(model.model.layers):
-        at, mlp = layer.self_attn, layer.mlp
-        q = [at.q_a_proj] if hasattr(at, "q_a_proj") else [at.q_proj]
-        out.append((f"layers.{i}.input_layernorm", layer.input_layernorm, q + [at.kv_a_proj_with_mqa], []))
-        if hasattr(mlp, "experts"):
-            lins = [m for e in mlp.experts for m in (e.gate_proj, e.up_proj)]
-            if mlp.shared_experts is not None:
-                lins += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj]
-            out.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, lins, [mlp.gate]))
-        else:
-            out.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm,
-                        [mlp.gate_proj, mlp.up_proj], []))
-        if hasattr(at, "q_a_layernorm"):
-            out.append((f"layers.{i}.q_a_layernorm", at.q_a_layernorm, [at.q_b_proj], []))
-        out.append((f"layers.{i}.kv_a_layernorm", at.kv_a_layernorm, [at.kv_b_proj], []))
+def layer_groups(i: int, layer) -> list[tuple[str, nn.Module, list[nn.Linear], list[nn.Linear]]]:
+    """(group name, norm, quantized consumers, fp32 consumers) for every foldable norm of layer ``i``."""
+    at, mlp = layer.self_attn, layer.mlp
+    q = [at.q_a_proj] if hasattr(at, "q_a_proj") else [at.q_proj]
+    out = [(f"layers.{i}.input_layernorm", layer.input_layernorm, q + [at.kv_a_proj_with_mqa], [])]
+    if hasattr(mlp, "experts"):
+        lins = [m for e in mlp.experts for m in (e.gate_proj, e.up_proj)]
+        if mlp.shared_experts is not None:
+            lins += [mlp.shared_experts.gate_proj, mlp.shared_experts.up_proj]
+        out.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm, lins, [mlp.gate]))
+    else:
+        out.append((f"layers.{i}.post_attention_layernorm", layer.post_attention_layernorm,
+                    [mlp.gate_proj, mlp.up_proj], []))
+    if hasattr(at, "q_a_layernorm"):
+        out.append((f"layers.{i}.q_a_layernorm", at.q_a_layernorm, [at.q_b_proj], []))
+    out.append((f"layers.{i}.kv_a_layernorm", at.kv_a_layernorm, [at.kv_b_proj], []))
     return out
+
+
+def smooth_groups(model) -> list[tuple[str, nn.Module, list[nn.Linear], list[nn.Linear]]]:
+    """``layer_groups`` of every layer."""
+    return [g for i, layer in enumerate(model.model.layers) for g in layer_groups(i, layer)]
 
 
 def _fake_q(x: torch.Tensor, dim) -> torch.Tensor:
@@ -121,39 +127,81 @@ def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor | 
     return err / max(ref, 1e-30)
 
 
-@torch.no_grad()
-def collect_norm_outputs(model, tokens: np.ndarray, config: SmoothConfig, names: set[str]):
-    """Per group: channel max |x| [D] over all calibration tokens and a row sample [R, D]."""
+def calib_rows(tokens: np.ndarray, config: SmoothConfig, max_positions: int) -> np.ndarray:
+    """[N, S + 1] calibration windows (inputs are ``rows[:, :-1]``)."""
     from .data import windows
 
     if tokens is None or len(tokens) < 2:
         raise EdgekitError("smoothing needs calibration tokens; pass a text file with a few thousand tokens")
     toks = np.asarray(tokens, dtype=np.int64)[: config.calib_max_tokens + 1]
-    rows = windows(toks, min(config.calib_seq_len, model.args.max_position_embeddings, len(toks) - 1))
-    stats: dict[str, list] = {}
-    g = torch.Generator().manual_seed(0)
-    norms = {n: m for n, m, _, _ in smooth_groups(model) if n in names}
+    return windows(toks, min(config.calib_seq_len, max_positions, len(toks) - 1))
+
+
+def norm_hooks(norms: dict[str, nn.Module], config: SmoothConfig, stats: dict) -> list:
+    """Hooks filling ``stats[name] = (channel max|x| [D], [row samples])`` per norm output. Each
+    group samples rows from its own generator (seeded by its name), so the sample does not depend
+    on the order the hooks fire: a streamed pass (layer by layer) draws the same rows as a full one."""
+    import zlib
+
     hooks = []
     for name, norm in norms.items():
-        def hook(_m, _inp, out, name=name):
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+        def hook(_m, _inp, out, name=name, g=g):
             x = out.detach().reshape(-1, out.shape[-1]).float()
-            amax, sample = stats.get(name, (None, []))
+            amax, sample, _ = stats.get(name, (None, [], g))
             cur = x.abs().amax(0)
-            keep = x[torch.randperm(len(x), generator=g)[: config.search_rows]]   # bounded memory
-            stats[name] = (cur if amax is None else torch.maximum(amax, cur), sample + [keep])
+            keep = x[torch.randperm(len(x), generator=g)[: config.search_rows].to(x.device)].cpu()  # bounded
+            stats[name] = (cur if amax is None else torch.maximum(amax, cur), sample + [keep], g)
         hooks.append(norm.register_forward_hook(hook))
+    return hooks
+
+
+def finish_norm_stats(stats: dict, config: SmoothConfig) -> dict:
+    out = {}
+    for name, (amax, xs, g) in stats.items():
+        x = torch.cat(xs)
+        idx = torch.randperm(len(x), generator=g)[: config.search_rows]
+        out[name] = (amax.cpu(), x[idx])
+    return out
+
+
+@torch.no_grad()
+def collect_norm_outputs(model, tokens: np.ndarray, config: SmoothConfig, names: set[str]):
+    """Per group: channel max |x| [D] over all calibration tokens and a row sample [R, D]."""
+    rows = calib_rows(tokens, config, model.args.max_position_embeddings)
+    stats: dict[str, tuple] = {}
+    hooks = norm_hooks({n: m for n, m, _, _ in smooth_groups(model) if n in names}, config, stats)
     try:
         for i in range(0, len(rows), config.batch_size):
             model(torch.from_numpy(rows[i: i + config.batch_size, :-1]))
     finally:
         for h in hooks:
             h.remove()
-    out = {}
-    for name, (amax, xs) in stats.items():
-        x = torch.cat(xs)
-        idx = torch.randperm(len(x), generator=g)[: config.search_rows]
-        out[name] = (amax, x[idx])
-    return out
+    return finish_norm_stats(stats, config)
+
+
+@torch.no_grad()
+def fold_group(norm, lins: list, fp32_lins: list, amax: torch.Tensor, x: torch.Tensor, cfg: SmoothConfig) -> dict:
+    """Search alpha for one group on its statistics and fold the best scales into its weights."""
+    ws = [lin.weight.detach().float().cpu() for lin in lins]  # [N, D] each
+    wmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)                     # [D]
+    base = group_error(x, ws, None)
+    best_a, best_s, best_e = None, None, base
+    for a in (cfg.alphas if cfg.search else (cfg.alpha,)):
+        s = smooth_scales(amax, wmax, a, cfg.min_scale, cfg.max_scale)
+        e = group_error(x, ws, s)
+        if e < best_e or not cfg.search:
+            best_a, best_s, best_e = a, s, e
+    if best_s is not None:
+        norm.weight.div_(best_s.to(norm.weight.dtype).to(norm.weight.device))
+        for lin in lins + fp32_lins:
+            lin.weight.mul_(best_s.to(lin.weight.dtype).to(lin.weight.device))
+    return {"alpha": best_a, "error_before": base, "error_after": best_e}
+
+
+def selected(groups: list, cfg: SmoothConfig) -> list:
+    return [g for g in groups if g[0].split(".")[-1] in cfg.groups]
 
 
 @torch.no_grad()
@@ -163,29 +211,10 @@ def smooth_(model, calib_tokens: np.ndarray, config: SmoothConfig | None = None)
     cfg = config or SmoothConfig()
     if not cfg.enabled:
         return {}
-    groups = [g for g in smooth_groups(model) if g[0].split(".")[-1] in cfg.groups]
+    groups = selected(smooth_groups(model), cfg)
     stats = collect_norm_outputs(model, calib_tokens, cfg, {g[0] for g in groups})
-    report = {}
-    for name, norm, lins, fp32_lins in groups:
-        if name not in stats:
-            continue
-        amax, x = stats[name]
-        ws = [lin.weight.detach().float() for lin in lins]  # [N, D] each
-        wmax = torch.stack([w.abs().amax(0) for w in ws]).amax(0)                 # [D]
-        base = group_error(x, ws, None)
-        best_a, best_s, best_e = None, None, base
-        for a in (cfg.alphas if cfg.search else (cfg.alpha,)):
-            s = smooth_scales(amax, wmax, a, cfg.min_scale, cfg.max_scale)
-            e = group_error(x, ws, s)
-            if e < best_e or not cfg.search:
-                best_a, best_s, best_e = a, s, e
-        report[name] = {"alpha": best_a, "error_before": base, "error_after": best_e}
-        if best_s is None:
-            continue
-        norm.weight.div_(best_s.to(norm.weight.dtype))
-        for lin in lins + fp32_lins:
-            lin.weight.mul_(best_s.to(lin.weight.dtype))
-    return report
+    return {name: fold_group(norm, lins, fp32_lins, *stats[name], cfg)
+            for name, norm, lins, fp32_lins in groups if name in stats}
 
 
 def smooth_checkpoint(src, out, config: SmoothConfig, calib_tokens: np.ndarray):

@@ -4,7 +4,9 @@ What: ``synth(shape, out, seed=0, dtype="fp32")`` writes ``config.json``, the we
 (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``
 when they exceed ``shard_bytes``), v3-nano's ``tokenizer.json`` and ``synth.json`` (how it was
 made). Matrices are N(0, ``std``) (0.02, the usual init), norm weights 1, biases and the router's
-correction bias 0. ``dtype``: fp32 or bf16 (routers stay fp32, as ``checkpoint.save`` keeps them).
+correction bias 0. ``dtype``: fp32, bf16 (routers stay fp32, as ``checkpoint.save`` keeps them) or fp8 (every
+``*_proj`` weight e4m3 with 128x128 ``weight_scale_inv`` block scales and a ``quantization_config``,
+the rest bf16 / fp32: the layout of DeepSeek's official V3 releases; see ``edgekit.fp8``).
 
 Why shard by shard: a 6.4 GB checkpoint (``v3-1.6b``) must be writable on a machine with less
 free memory than that; at most one shard's tensors are held at a time.
@@ -30,9 +32,10 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_dir
 from .errors import EdgekitError
+from .fp8 import SCALE_SUFFIX, fp8_eligible, quantization_config, quantize
+from .lazy import ShardWriter
 
-DTYPES = ("fp32", "bf16")
-INDEX_FILE = "model.safetensors.index.json"
+DTYPES = ("fp32", "bf16", "fp8")
 
 
 def init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
@@ -50,15 +53,10 @@ def _stored(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     keep_fp32 = ".gate." in name or t.dim() < 2
     if dtype == "fp32" or keep_fp32:
         return {name: t}
+    if dtype == "fp8" and fp8_eligible(name, t):
+        q, s = quantize(t)
+        return {name: q, name + SCALE_SUFFIX: s}
     return {name: t.to(torch.bfloat16)}
-
-
-def _nbytes(shape, dtype: str, name: str) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    per = {"fp32": 4, "bf16": 2}[dtype]
-    return n * (4 if len(shape) < 2 or ".gate." in name else per)
 
 
 def synth(shape: str, out: str | os.PathLike, seed: int = 0, dtype: str = "fp32", std: float = 0.02,
@@ -73,40 +71,22 @@ def synth(shape: str, out: str | os.PathLike, seed: int = 0, dtype: str = "fp32"
     if shard_bytes < 1:
         raise EdgekitError(f"synth shard size {shard_bytes} bytes: use a positive size")
     args = shape_args(shape)
-    specs = tensor_specs(args)
-    shards, cur, size = [], [], 0
-    for name, shp in specs:
-        b = _nbytes(shp, dtype, name)
-        if cur and size + b > shard_bytes:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append((name, shp))
-        size += b
-    shards.append(cur)
-    n = len(shards)
-    files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     out = Path(out)
     with atomic_dir(out) as tmp:
-        weight_map, total = {}, 0
-        for fname, shard in zip(files, shards):
-            tensors = {}
-            for name, shp in shard:
-                tensors.update(_stored(name, init_tensor(name, shp, seed, std), dtype))
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            for k, t in tensors.items():
-                weight_map[k] = fname
-                total += t.numel() * t.element_size()
-            del tensors
-            if log:
-                log(f"wrote {fname}")
-        if n > 1:
-            (tmp / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        w = ShardWriter(tmp, shard_bytes, save=save_file)
+        for name, shp in tensor_specs(args):
+            for k, t in _stored(name, init_tensor(name, shp, seed, std), dtype).items():
+                w.add(k, t)
+        files = w.close()
+        if log:
+            log(f"wrote {len(files)} safetensors file(s), {w.total / 1e9:.2f} GB")
         cfg = config_from_args(args)
-        cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        cfg["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp8": "bfloat16"}[dtype]
+        if dtype == "fp8":
+            cfg["quantization_config"] = quantization_config()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         shutil.copy(reference_model_dir() / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "synth.json").write_text(json.dumps({
             "shape": shape, "seed": seed, "dtype": dtype, "init": f"normal(0, {std}); norms 1; biases 0",
-            "tokenizer": "v3-nano", "edgekit_version": __version__, "weight_bytes": total}, indent=2) + "\n")
+            "tokenizer": "v3-nano", "edgekit_version": __version__, "weight_bytes": w.total}, indent=2) + "\n")
     return out

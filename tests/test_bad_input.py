@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from edgekit.bundle import baseline_digest, sha256
 from edgekit.checkpoint import reference_model_dir, save
@@ -46,7 +46,7 @@ warmup = 1
 runs = 2
 decode_tokens = 4
 eval_max_tokens = 600
-seq_len = 64
+seq_len = {seq_len}
 [prune]
 experts = 0.25
 layers = {layers}
@@ -98,8 +98,8 @@ def a_file(t):
     return str(t / "notes.txt")
 
 
-def recipe(t, prefill="1000.0", layers=0):
-    (t / "r.toml").write_text(RECIPE.format(prefill=prefill, layers=layers))
+def recipe(t, prefill="1000.0", layers=0, seq_len=64):
+    (t / "r.toml").write_text(RECIPE.format(prefill=prefill, layers=layers, seq_len=seq_len))
     return str(t / "r.toml")
 
 
@@ -151,6 +151,28 @@ def export_dir(t, bundle, spec_edit):
     return str(d)
 
 
+def weights(t, ckpt, how):
+    d = Path(ck(t, ckpt))
+    f = d / "model.safetensors"
+    if how == "missing":
+        f.unlink()
+    elif how == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "pickle":
+        f.unlink()
+        (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")        # a pickle: never loaded
+    elif how == "nan":
+        sd = load_file(f)
+        sd["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("nan")
+        save_file(sd, f)
+    return str(d)
+
+
+def text(t, data: bytes):
+    (t / "text.txt").write_bytes(data)
+    return str(t / "text.txt")
+
+
 def corrupt_tokenizer(t, ckpt):
     d = Path(ck(t, ckpt))
     (d / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": [1, 2')
@@ -167,6 +189,8 @@ def tampered(t, bundle, how):
         m["files"]["../../../../etc/passwd"] = entry
     elif how == "absolute":
         m["files"]["/etc/shadow"] = entry
+    elif how == "/dev/zero":
+        m["files"]["/dev/zero"] = entry
     elif how == "symlink out":
         (b / "extra.txt").symlink_to("/etc/hostname")
         m["files"]["extra.txt"] = entry
@@ -184,6 +208,8 @@ def tampered(t, bundle, how):
         m["files"]["model.onnx"] = {"bytes": 5}
     elif how == "unlisted tokenizer":
         del m["files"]["tokenizer.json"]
+    elif how == "unlisted graph":
+        del m["files"]["model.onnx"]
     elif how == "wrong format":
         m["format"] = "something-else/9"
     elif how == "model tampered":
@@ -212,9 +238,11 @@ def tampered(t, bundle, how):
 
 BUNDLE_CASES = [
     ("dotdot", "not a plain relative path"), ("absolute", "not a plain relative path"),
+    ("/dev/zero", "not a plain relative path"),
     ("symlink out", "points outside"), ("symlink to /dev/zero", "points outside"), ("fifo", "not a regular file"),
     ("no files", "lists no files"), ("files is a list", "'files'"), ("entry without hash", "needs sha256"),
-    ("unlisted tokenizer", "does not list tokenizer.json"), ("wrong format", "format"),
+    ("unlisted tokenizer", "does not list tokenizer.json"), ("unlisted graph", "does not list model.onnx"),
+    ("wrong format", "format"),
     ("model tampered", "does not match its manifest hash"), ("model truncated", "bytes, the manifest says"),
     ("baseline edited", "baseline does not match"), ("tokenizer corrupt (rehashed)", "not a valid tokenizer"),
     ("manifest not JSON", "not valid JSON"), ("manifest is a list", "not a JSON object"),
@@ -256,11 +284,29 @@ CASES = [
      "position tables"),
     ("fewer layers in config than weights", lambda t, c, b: ["info", more_layers_in_weights(t, c)],
      "num_hidden_layers=3"),
+    ("no weights", lambda t, c, b: ["eval", weights(t, c, "missing")], "model.safetensors"),
+    ("truncated safetensors", lambda t, c, b: ["eval", weights(t, c, "truncated")], "corrupt or truncated"),
+    ("pickle weights only", lambda t, c, b: ["eval", weights(t, c, "pickle")], "never unpickles"),
+    ("NaN weights", lambda t, c, b: ["eval", weights(t, c, "nan")], "NaN"),
+    ("empty eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"")], "empty"),
+    ("non-UTF-8 eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"caf\xe9 \xff\xfe" * 50)],
+     "UTF-8"),
+    ("recipe with an unknown key", lambda t, c, b: ["compress", ck(t, c), "--target", _bad_key_recipe(t),
+                                                    "-o", str(t / "out")], "unknown key target.thread"),
+    ("unknown target", lambda t, c, b: ["compress", ck(t, c), "--target", "cpu5", "-o", str(t / "out")],
+     "unknown target 'cpu5'"),
     ("corrupt tokenizer.json (eval)", lambda t, c, b: ["eval", corrupt_tokenizer(t, c)], "not a valid tokenizer"),
     ("corrupt tokenizer.json (compress)", lambda t, c, b: ["compress", corrupt_tokenizer(t, c), "--target",
                                                            recipe(t), "-o", str(t / "out")], "not a valid tokenizer"),
     ("eval --seq-len 0", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "0"], "--seq-len"),
     ("eval --seq-len -5", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "-5"], "--seq-len"),
+    ("eval --seq-len over the model's positions", lambda t, c, b: ["eval", ck(t, c), "--seq-len", "512"],
+     "--seq-len 512 is over the model's 128 positions"),
+    ("eval an export with --seq-len over its positions", lambda t, c, b: ["eval", b, "--seq-len", "4096"],
+     "pass --seq-len"),
+    ("recipe [validate] seq_len over the model's positions",
+     lambda t, c, b: ["compress", ck(t, c), "--target", recipe(t, seq_len=512), "-o", str(t / "out")],
+     "[validate] seq_len = 512 is over the model's 128 positions"),
     ("eval --max-tokens -5", lambda t, c, b: ["eval", ck(t, c), "--max-tokens", "-5"], "--max-tokens"),
     ("eval --threads 0", lambda t, c, b: ["eval", b, "--threads", "0"], "--threads"),
     ("corrupt export.json", lambda t, c, b: ["eval", export_dir(t, b, "{")], "not valid JSON"),
@@ -293,6 +339,11 @@ CASES = [
                                                                 "-o", str(t / "out")], "cannot remove 6 of 3 layers"),
     ("unknown command", lambda t, c, b: ["frobnicate"], "No such command"),
 ]
+
+
+def _bad_key_recipe(t):
+    (t / "bad.toml").write_text('[target]\nname = "x"\nthread = 4\n')
+    return str(t / "bad.toml")
 
 
 def _link(t):
@@ -375,13 +426,16 @@ def test_tampered_bundles_are_refused_everywhere(how, words, bundle, tmp_path, m
     assert snapshot(t) == before
 
 
-def test_server_refuses_a_tampered_bundle_with_one_line(bundle, tmp_path):
-    b = tampered(tmp_path, bundle, "model tampered")
+@pytest.mark.parametrize("how, words", [("model tampered", "manifest hash"),
+                                        ("tokenizer corrupt (rehashed)", "not a valid tokenizer"),
+                                        ("baseline edited", "baseline does not match")])
+def test_server_refuses_a_tampered_bundle_with_one_line(how, words, bundle, tmp_path):
+    b = tampered(tmp_path, bundle, how)
     app = Path(__file__).resolve().parents[1] / "sample_apps" / "server" / "app.py"
     p = subprocess.run([sys.executable, str(app), "--bundle", b, "--port", "0"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1 and "manifest hash" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
 
 
 # -- accepted counterparts -----------------------------------------------------------------------

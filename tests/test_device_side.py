@@ -58,7 +58,7 @@ experts = 0.25
 def device(tmp_path_factory):
     """A tiny bundle with a build-time report, and an environment whose Python refuses torch
     (``sitecustomize`` on PYTHONPATH, so subprocesses inherit it)."""
-    from edgekit.bundle import write_manifest
+    from edgekit.bundle import baseline_digest, write_manifest
     from edgekit.validate import graph_bytes
     from tests.test_runtime_engine import build_tiny_bundle
 
@@ -66,9 +66,11 @@ def device(tmp_path_factory):
     b = build_tiny_bundle(root / "bundle")
     (b / "recipe.toml").write_text(RECIPE)
     spec = json.loads((b / "export.json").read_text())
+    baseline = {"accuracy": 0.0, "onnx_bytes": graph_bytes(b)}
     write_manifest(b, model_name="tiny", target="tiny", features=["onnx"], hardware_recommendation="any",
-                   io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs")})
-    (b / "report.json").write_text(json.dumps({"baseline": {"accuracy": 0.0, "onnx_bytes": graph_bytes(b)}}))
+                   io_spec={k: spec.get(k) for k in ("graph", "inputs", "outputs")},
+                   extra={"baseline_sha256": baseline_digest(baseline)})   # validate checks the baseline's hash
+    (b / "report.json").write_text(json.dumps({"baseline": baseline}))
     (root / "site").mkdir()
     (root / "site" / "sitecustomize.py").write_text(NO_TORCH)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "site"), str(ROOT)])}
@@ -97,3 +99,27 @@ def test_validate_and_runtime_run_without_torch(device, tmp_path):
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["text"] and not out["torch"] and out["modules"] == len(DEVICE_MODULES), out
+
+
+def test_the_int8_graph_pass_runs_without_torch(device, tmp_path):
+    """``quantize_export`` is a pure pass over the fp32 graph keyed by export.json's unit names: it
+    runs (and its output loads) where torch cannot be imported."""
+    from edgekit.export import export
+    from edgekit.quantize import Plan
+    from edgekit.quantize.apply import quantizable_units
+    from tests.conftest import tiny_model
+
+    _, env = device
+    src = export(tiny_model(), tmp_path / "fp32")
+    units = quantizable_units(json.loads((src / "export.json").read_text()))
+    Plan(int8=units, moe_path="grouped").save(tmp_path)
+    code = ("import json, sys\nimport numpy as np\nfrom edgekit.quantize.apply import quantize_export\n"
+            "from edgekit.runtime.session import OrtModel\n"
+            f"rep = quantize_export({str(src)!r}, {str(tmp_path / 'int8')!r}, {str(tmp_path / 'plan.json')!r})\n"
+            f"logits = OrtModel({str(tmp_path / 'int8')!r}).logits(np.arange(8, dtype=np.int64)[None])\n"
+            "print(json.dumps({'int8': rep['int8_units'], 'finite': bool(np.isfinite(logits).all()), "
+            "'torch': 'torch' in sys.modules}))")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out == {"int8": len(units), "finite": True, "torch": False}, out

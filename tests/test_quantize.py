@@ -95,11 +95,14 @@ def test_plan_reverts_most_sensitive_first():
         assert reverted[0] == top and top in plan.fp32
 
 
-@pytest.mark.parametrize("moe,full", [("row", False), ("block", True), ("grouped", True)])
+@pytest.mark.parametrize("moe,full", [("row", False), ("block", True), ("grouped", True), ("grouped+static", True)])
 def test_quantize_end_to_end(tmp_path, moe, full):
     m = tiny_model()
     calib = np.random.default_rng(0).integers(0, 128, 600)
-    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=full)
+    static = moe.endswith("+static")           # grouped experts with calibrated activation scales
+    moe = moe.split("+")[0]
+    cfg = QuantConfig(moe=moe, seq_len=64, max_drop=0.05, calib_max_tokens=512, verify_ort=full,
+                      expert_scales="static" if static else "dynamic")
     rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=full, calib_seq_len=64, calib_max_tokens=512))
     fp32 = export(m, tmp_path / "fp32")                             # the smoothed model, fp32
@@ -108,6 +111,8 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert spec8["inputs"] == spec32["inputs"] and spec8["outputs"] == spec32["outputs"]
     g8 = onnx.load(str(tmp_path / "q8" / "model.onnx")).graph
     ops = {n.op_type for n in g8.node}
+    assert bool(rep["expert_scales"]) == static and rep["graph"]["expert_activation_scales"] == (
+        "static" if static else "per token"), rep["graph"]
     expert_ifs = [n.name for n in g8.node if n.op_type == "If" and not n.name.startswith("rowattn")]
     assert "MatMulIntegerToFloat" in ops and "MoE" not in ops, ops
     assert ("QMoE" in ops) == (moe != "grouped") and bool(expert_ifs) == (moe == "grouped"), (ops, expert_ifs)
@@ -124,7 +129,8 @@ def test_quantize_end_to_end(tmp_path, moe, full):
     assert np.median(cos) > 0.99 and cos.mean() > 0.95, \
         f"int8 vs fp32 logits cosine median {np.median(cos):.4f} mean {cos.mean():.4f} min {cos.min():.4f}"
     with emulated(m, {n for n in units(m) if n not in rep["fp32_units"]}, moe_block=rep["moe_block"],
-                  experts_as_linears=moe == "grouped", wmax=rep["graph"]["weight_max"]):
+                  experts_as_linears=moe == "grouped", wmax=rep["graph"]["weight_max"],
+                  expert_scales=rep["expert_scales"] if static else None):
         with torch.no_grad():
             e = m(torch.from_numpy(ids)).numpy()
     d = np.abs(e - b)
@@ -174,6 +180,29 @@ def test_quantize_export_is_a_pass_keyed_by_unit_names(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("moe,path", [("contrib", "grouped"), ("portable", "row")])
+def test_quantize_export_of_external_data_reads_weights_per_unit(tmp_path, moe, path):
+    """An export whose weights are external data (large models, the layer-by-layer export) is
+    quantized without loading them up front; the result equals the pass over the inline export."""
+    from edgekit.export import ExportConfig
+    from edgekit.quantize.apply import quantizable_units
+
+    m = tiny_model()
+    inline = export(m, tmp_path / "inline", ExportConfig(moe=moe, simplify=False))
+    ext = export(m, tmp_path / "ext", ExportConfig(moe=moe, simplify=False, external_data_threshold=1000))
+    assert (ext / "model.onnx.data").exists()
+    spec = json.loads((inline / "export.json").read_text())
+    plan = Plan(int8=quantizable_units(spec) - {u for u in spec["units"] if u.endswith("mlp.gate")},
+                moe_path=path, wmax=63.0)
+    a, b = quantize_export(inline, tmp_path / "qa", plan), quantize_export(ext, tmp_path / "qb", plan)
+    assert a["graph"] == b["graph"] and (tmp_path / "qb" / "model.onnx.data").exists()
+    assert not (tmp_path / "qa" / "model.onnx.data").exists()
+    ids = np.random.default_rng(0).integers(0, 128, (2, 11))
+    la, lb = OrtModel(tmp_path / "qa").logits(ids), OrtModel(tmp_path / "qb").logits(ids)
+    print(f"{moe}: int8 from inline vs external export: max abs diff {np.abs(la - lb).max():.2e}")
+    assert np.array_equal(la, lb)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="mode"):
         QuantConfig(mode="int4")
@@ -196,6 +225,7 @@ def test_quantize_portable_experts_int8(tmp_path):
     rep = quantize_(m, tmp_path / "q8", cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=False), export_config=ExportConfig(moe="portable"))
     assert rep["graph"]["moe"] == {"model.layers.1.mlp.experts": "w8-col", "model.layers.2.mlp.experts": "w8-col"}
+    assert rep["moe_path"] == "portable", rep["moe_path"]          # not the contrib path [quantize] moe names
     proto = onnx.load(str(tmp_path / "q8" / "model.onnx"))
     onnx.checker.check_model(proto)
     assert not any(t.name.endswith(("fc1", "fc2")) for t in proto.graph.initializer), "fp32 experts left"

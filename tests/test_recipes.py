@@ -73,3 +73,16 @@ def test_overrides_are_validated():
     assert with_overrides(r, prune={"experts": 0.5}).prune.experts == 0.5
     with pytest.raises(EdgekitError):
         with_overrides(r, prune={"experts": -1})
+
+
+def test_shipped_recipes_declare_only_what_applies():
+    """A portable export has no com.microsoft expert kernel to pick, so its recipe names none; an
+    .ort target (mobile operator set) exports portable experts (edgekit/mobile.py refuses contrib)."""
+    from edgekit.recipes import recipes_dir, tomllib  # tomllib, or tomli on Python 3.10
+
+    for name in target_names():
+        raw = tomllib.loads((recipes_dir() / f"{name}.toml").read_text())
+        if raw.get("export", {}).get("moe") == "portable":
+            assert "moe" not in raw.get("quantize", {}), f"{name}: [quantize] moe does not apply to portable experts"
+        if raw["target"].get("format") == "ort":
+            assert raw.get("export", {}).get("moe") == "portable", f"{name}: an .ort target needs portable experts"

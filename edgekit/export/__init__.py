@@ -134,9 +134,6 @@ def _trace(model, cfg: ExportConfig, path: Path, attention: str = "absorb") -> s
 def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None,
            tokenizer_from: str | os.PathLike | None = None) -> Path:
     """Export ``model`` (fp32 ``Transformer``) to ``out_dir`` (replaced if present); returns the dir."""
-    from .. import __version__
-    from ..checkpoint import config_from_args, resolve
-
     cfg = config or ExportConfig()
     _check(model, cfg)
     a = model.args
@@ -153,49 +150,65 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
         if cfg.simplify and large:
             print(f"warning: weights are {weight_bytes / 1e9:.1f} GB, over the 2 GB protobuf limit: "
                   "saved with external data, onnxsim skipped", file=sys.stderr)
-        digest = model_hash(model)
-        spec = io_spec(a)
-        experts = finish_graph(proto, simplify=simplify, meta={
-            "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
-        units = graph_units(proto, experts, a.num_hidden_layers)
-        lost = sorted(linears - set(units))
-        if lost:
-            raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
-                               "graph_units cannot map it")
-        # logits_keep and left_pad become optional: an initializer of the same name is the default
-        # (all rows; no padding, a [1] zero that broadcasts over the batch)
-        proto.graph.initializer.extend([
-            onnx.numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep"),
-            onnx.numpy_helper.from_array(np.zeros(1, np.int64), "left_pad")])
         shutil.rmtree(tmp / "raw")
+        write_export(tmp, proto, a, cfg, digest=model_hash(model), model_name=getattr(model, "name", None),
+                     simplify=simplify, large=large, linears=linears, tokenizer_from=tokenizer_from)
+    return out
+
+
+def write_export(tmp: Path, proto, a, cfg: ExportConfig, *, digest: str, model_name, simplify: bool, large: bool,
+                 linears: set[str] | None, tokenizer_from=None, data_written: bool = False, extra: dict | None = None):
+    """The traced graph ``proto`` of a model with args ``a`` -> ``tmp``: post-processing
+    (``finish_graph``), the unit map, the optional-input defaults, ``model.onnx`` (+ external data
+    when ``large``; ``data_written``: its tensors already point into ``tmp/model.onnx.data``),
+    ``export.json``, ``config.json`` and the tokenizer. Shared by ``export`` and the layer-by-layer
+    export (``export.layered``), so both write the same directory."""
+    from .. import __version__
+    from ..checkpoint import config_from_args, resolve
+
+    spec = io_spec(a)
+    experts = finish_graph(proto, simplify=simplify, meta={
+        "edgekit.version": __version__, "edgekit.model_hash": digest, "edgekit.io_spec": json.dumps(spec)})
+    units = graph_units(proto, experts, a.num_hidden_layers)
+    lost = sorted((linears or set()) - set(units))
+    if lost:
+        raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
+                           "graph_units cannot map it")
+    # logits_keep and left_pad become optional: an initializer of the same name is the default
+    # (all rows; no padding, a [1] zero that broadcasts over the batch)
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep"),
+        onnx.numpy_helper.from_array(np.zeros(1, np.int64), "left_pad")])
+    if data_written:
+        onnx.save_model(proto, str(tmp / GRAPH_FILE))
+    else:
         onnx.save_model(proto, str(tmp / GRAPH_FILE), save_as_external_data=large,
                         all_tensors_to_one_file=True, location=GRAPH_FILE + ".data")
-        W = a.kv_lora_rank + a.qk_rope_head_dim
-        doc = {
-            "format": "edgekit-onnx/1", "edgekit_version": __version__, "model_hash": digest,
-            "model_name": getattr(model, "name", None), "graph": GRAPH_FILE, "external_data": large,
-            "simplified": simplify, "opset": cfg.opset, "moe": cfg.moe, "dtype": "float32",
-            "num_layers": a.num_hidden_layers, "vocab_size": a.vocab_size,
-            "max_position_embeddings": a.max_position_embeddings,
-            "bos_token_id": a.bos_token_id, "eos_token_id": a.eos_token_id,
-            "cache": {"width": W, "kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim,
-                      "row": "[norm(c_kv) (kv_lora_rank) | rope(k_pe) (qk_rope_head_dim)]",
-                      "bytes_per_token": cache_bytes_per_token(a)},
-            "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
-                     "logits_keep=1 for generation (omitted: logits for every position); "
-                     "batching rows of different lengths: left-pad them and pass left_pad [batch] "
-                     "(omitted: no padding); positions are past_seq + arange(seq) - left_pad and must "
-                     "stay < max_position_embeddings",
-            **spec, **experts, "units": units, "config": asdict(cfg),
-        }
-        (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
-        if tokenizer_from is not None:
-            src = resolve(tokenizer_from) / "tokenizer.json"
-            if not src.exists():
-                raise EdgekitError(f"{src} not found; pass tokenizer_from= a checkpoint dir with tokenizer.json")
-            shutil.copy(src, tmp / "tokenizer.json")
-    return out
+    W = a.kv_lora_rank + a.qk_rope_head_dim
+    doc = {
+        "format": "edgekit-onnx/1", "edgekit_version": __version__, "model_hash": digest,
+        "model_name": model_name, "graph": GRAPH_FILE, "external_data": large,
+        "simplified": simplify, "opset": cfg.opset, "moe": cfg.moe, "dtype": "float32",
+        "num_layers": a.num_hidden_layers, "vocab_size": a.vocab_size,
+        "max_position_embeddings": a.max_position_embeddings,
+        "bos_token_id": a.bos_token_id, "eos_token_id": a.eos_token_id,
+        "cache": {"width": W, "kv_lora_rank": a.kv_lora_rank, "qk_rope_head_dim": a.qk_rope_head_dim,
+                  "row": "[norm(c_kv) (kv_lora_rank) | rope(k_pe) (qk_rope_head_dim)]",
+                  "bytes_per_token": cache_bytes_per_token(a)},
+        "usage": "prefill: past_latent.* with past_seq=0; decode: pass the rows so far, append new_latent.*; "
+                 "logits_keep=1 for generation (omitted: logits for every position); "
+                 "batching rows of different lengths: left-pad them and pass left_pad [batch] "
+                 "(omitted: no padding); positions are past_seq + arange(seq) - left_pad and must "
+                 "stay < max_position_embeddings",
+        **spec, **experts, "units": units, "config": asdict(cfg), **(extra or {}),
+    }
+    (tmp / SPEC_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config_from_args(a), indent=2) + "\n")
+    if tokenizer_from is not None:
+        src = resolve(tokenizer_from) / "tokenizer.json"
+        if not src.exists():
+            raise EdgekitError(f"{src} not found; pass tokenizer_from= a checkpoint dir with tokenizer.json")
+        shutil.copy(src, tmp / "tokenizer.json")
 
 
 def verify(model, export_dir, prompt_lens=(1, 7, 128), steps: int = 32, seed: int = 0,

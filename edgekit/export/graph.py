@@ -141,6 +141,21 @@ class _Shared(NamedTuple):
     pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
+def shared(inv_freq: torch.Tensor, rope_scale: float, input_ids: torch.Tensor, past0: torch.Tensor,
+           pad: torch.Tensor) -> _Shared:
+    """What every layer shares, from the call's ids, first past cache and left padding (also the
+    prologue of the layer-by-layer export, ``export.layered``)."""
+    (B, T), P = input_ids.shape, past0.shape[1]
+    idx = torch.arange(T, device=input_ids.device)
+    q_col = idx + P                                                             # [T] query columns
+    pos = q_col[None, :] - pad[:, None]                                         # [b, T] positions
+    freqs = pos.float()[..., None] * inv_freq                                   # [b, T, rope/2]
+    cos, sin = freqs.cos() * rope_scale, freqs.sin() * rope_scale
+    cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [b, T, rope]
+    mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+    return _Shared(B, T, P, cos, sin, cos2, sin2, cos2.unsqueeze(2), sin2.unsqueeze(2), mask, pad)
+
+
 def _rope(x: torch.Tensor, pick: torch.Tensor, swap: torch.Tensor, cos: torch.Tensor,
           sin: torch.Tensor) -> torch.Tensor:
     """``model.apply_rope`` as two small constant MatMuls: ``x @ pick`` = [x1 | x2] (the halves
@@ -232,15 +247,9 @@ class LatentDecoder(nn.Module):
         Generation asks for 1 row (the lm_head over a whole prompt is wasted work and memory)."""
         m = self.model
         past, keep, pad = past_keep_pad[:-2], past_keep_pad[-2], past_keep_pad[-1]
-        (B, T), P = input_ids.shape, past[0].shape[1]
+        T = input_ids.shape[1]
         idx = torch.arange(T, device=input_ids.device)
-        q_col = idx + P                                                         # [T] query columns
-        pos = q_col[None, :] - pad[:, None]                                     # [b, T] positions
-        freqs = pos.float()[..., None] * self.inv_freq                          # [b, T, rope/2]
-        cos, sin = freqs.cos() * self.rope_scale, freqs.sin() * self.rope_scale
-        cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [b, T, rope]
-        mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
-        ctx = _Shared(B, T, P, cos, sin, cos2, sin2, cos2.unsqueeze(2), sin2.unsqueeze(2), mask, pad)
+        ctx = shared(self.inv_freq, self.rope_scale, input_ids, past[0], pad)
         x = m.model.embed_tokens(input_ids)
         news = []
         for layer, ab, ffn, past_i in zip(m.model.layers, self.absorbed, self.ffn, past):

@@ -29,11 +29,17 @@ from .row_attention import expand_row_attention
 
 def model_hash(model) -> str:
     """sha256 over the config (as written to config.json) and every tensor's name, dtype and bytes."""
+    return tensors_hash(model.args, sorted(model.state_dict().items()))
+
+
+def tensors_hash(args, items) -> str:
+    """``model_hash`` from ``args`` and (name, tensor) pairs in name order; ``items`` may be a
+    generator reading one tensor at a time (the layer-by-layer export hashes a checkpoint so)."""
     import torch
 
-    from ..checkpoint import config_from_args
-    h = hashlib.sha256(json.dumps(config_from_args(model.args), sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
+    from ..hfconfig import config_from_args
+    h = hashlib.sha256(json.dumps(config_from_args(args), sort_keys=True).encode())
+    for name, t in items:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)

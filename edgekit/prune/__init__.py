@@ -88,12 +88,12 @@ class PruneConfig:
         base = {k: getattr(self, k) for k in RATIO_KINDS}
         return {**base, **(self.per_layer or {}).get(str(layer), {})}
 
-    def distill_config(self, progress: bool = True):
+    def distill_config(self, progress: bool = True, device: str = "auto"):
         from ..distill import DistillConfig
         return DistillConfig(steps=self.recover_steps, lr=self.recover_lr, batch_size=self.recover_batch_size,
                              seq_len=self.recover_seq_len, hidden_weight=self.recover_hidden_weight,
                              train_embeddings=self.recover_train_embeddings, fake_quant=self.recover_fake_quant,
-                             seed=self.seed, progress=progress)
+                             seed=self.seed, progress=progress, device=device)
 
 
 def _check_ratio(name: str, r):
@@ -134,12 +134,13 @@ def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan
     check_prunable(model, config)
     plan = Plan(keep_layers([s.block_influence for s in stats], config.layers))
     for i in plan.layers:
-        r, st, layer = config.ratios(i), stats[i], model.model.layers[i]
+        r, st = config.ratios(i), stats[i]
         lp = LayerPlan()
         H = len(st.head_norm)
         if r["heads"] and _n_keep(H, r["heads"]) < H:
             lp.heads = keep_heads(st.head_norm, _n_keep(H, r["heads"]))
-        mlp = layer.mlp
+        if r["ffn"]:  # channel scores read the layer's weights (a streamed source loads it only then)
+            mlp = model.model.layers[i].mlp
         if st.ffn_act_sq is not None:
             n = len(st.ffn_act_sq)
             if r["ffn"] and _n_keep(n, r["ffn"]) < n:
@@ -164,12 +165,12 @@ def plan_from_stats(model, stats: list[LayerStats], config: PruneConfig) -> Plan
 
 
 def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens: np.ndarray | None = None,
-           progress: bool = True):
+           progress: bool = True, device: str = "auto"):
     """Prune ``model`` in place (modules swapped, ``model.args`` replaced) and return it.
 
     ``calib_tokens``: 1-D token ids to measure importance on (e.g. ``load_tokens("calib", tok)``).
     ``recover_tokens``: text for distillation (default: ``calib_tokens``); used when
-    ``config.recover_steps > 0``."""
+    ``config.recover_steps > 0``. Statistics run where the model is; distillation on ``device``."""
     from ..distill import distill_
 
     check_prunable(model, config, calib_tokens)
@@ -179,7 +180,7 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     apply_plan_(model, plan_from_stats(model, stats, config))
     if teacher is not None:
         distill_(model, teacher, calib_tokens if recover_tokens is None else recover_tokens,
-                 config.distill_config(progress))
+                 config.distill_config(progress, device))
     return model.eval()
 
 
@@ -187,7 +188,7 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
                      calib: str | os.PathLike = "calib", recover: str | os.PathLike | None = None,
                      progress: bool = True, calib_tokens: np.ndarray | None = None,
                      recover_tokens: np.ndarray | None = None,
-                     after_write: Callable[[Path], None] | None = None) -> Path:
+                     after_write: Callable[[Path], None] | None = None, device: str = "cpu") -> Path:
     """Load checkpoint ``src`` (None: v3-nano), prune with ``config`` using text ``calib`` (a split
     name or a text file; ``recover`` likewise for distillation, default ``calib``), and write a
     Hugging Face-format checkpoint to ``out`` (atomically) with a ``prune.json`` record:
@@ -195,19 +196,23 @@ def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, conf
     world_size}``. ``calib_tokens`` / ``recover_tokens``: those texts already tokenized (``edgekit
     compress`` passes them; ``calib``/``recover`` then only name them in the record). Under torchrun
     every rank calls this; rank 0 writes ``out`` once all ranks have succeeded, the others nothing.
-    ``after_write(tmp)`` runs on the staged directory before it is renamed into place."""
+    ``after_write(tmp)`` runs on the staged directory before it is renamed into place. ``device``:
+    where statistics and distillation run (``edgekit.device``; the checkpoint is written from CPU)."""
     from ..checkpoint import load, load_tokenizer, save
     from ..data import load_tokens
+    from ..device import pick
     from ..info import param_count
 
-    model = load(src)
+    dev = pick(device)
+    model = load(src).to(dev)
     if calib_tokens is None or (recover is not None and recover_tokens is None):
         tok = load_tokenizer(src)
         calib_tokens = load_tokens(calib, tok) if calib_tokens is None else calib_tokens
         recover_tokens = load_tokens(recover, tok) if recover is not None and recover_tokens is None \
             else recover_tokens
     before = param_count(model)
-    prune_(model, config, calib_tokens, recover_tokens, progress=progress)
+    prune_(model, config, calib_tokens, recover_tokens, progress=progress, device=dev.type)
+    model = model.cpu()
     record = {"source": str(src or "v3-nano"), "config": asdict(config), "calib": str(calib),
               "recover": str(recover or calib), "calib_tokens": int(len(calib_tokens)),
               "recover_tokens": int(len(calib_tokens if recover_tokens is None else recover_tokens)),

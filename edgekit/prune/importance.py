@@ -52,7 +52,7 @@ def keep_experts(count, gate_sum, reap_sum, n_keep: int, criterion: str = "reap"
 
 def channel_scores(act_sq: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
     """act_sq [I] = E[act_j^2]; down_weight [D, I] -> [I] RMS norm of each channel's contribution."""
-    return act_sq.float().clamp(min=0).sqrt() * down_weight.float().norm(dim=0)
+    return act_sq.float().cpu().clamp(min=0).sqrt() * down_weight.float().norm(dim=0).cpu()
 
 
 def keep_channels(act_sq: torch.Tensor, down_weight: torch.Tensor, n_keep: int) -> torch.Tensor:

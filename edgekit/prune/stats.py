@@ -14,6 +14,9 @@ What: ``collect_stats(model, tokens)`` runs the model over calibration windows o
 Why hooks: the model code stays untouched, and the statistics are those of the exact forward that
 will be exported (same routing, same dispatch).
 
+``layer_hooks(layer, acc)`` attaches the same hooks to one layer, so a streamed pass (one layer
+in memory at a time, ``edgekit.stream``) collects identical statistics.
+
 Invariants: the model is unchanged (hooks are removed even on error); statistics are fp32 means
 over calibration tokens, on CPU; a routed expert that no token reaches has count 0 and zero stats.
 Under torchrun each rank runs its contiguous share of the windows (``dist.shard_range``) and the
@@ -87,59 +90,72 @@ def _sq_sum(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().reshape(-1, x.shape[-1]).pow(2).sum(0).cpu()
 
 
-def _hooks(model: Transformer, accs: list[_Acc]) -> list:
+def layer_hooks(layer, acc: _Acc) -> list:
+    """Forward hooks on one decoder layer that fill ``acc`` (returns the handles to remove)."""
     handles = []
-    for acc, layer in zip(accs, model.model.layers):
-        attn: MLA = layer.self_attn
-        mlp = layer.mlp
+    attn: MLA = layer.self_attn
+    mlp = layer.mlp
 
-        def on_block(mod, inp, out, acc=acc):
-            x_in, x_out = inp[0].detach().float(), out[0].detach().float()   # [B, T, D]
-            acc.bi += float((1 - F.cosine_similarity(x_in, x_out, dim=-1)).sum())
-            acc.n += x_in.shape[0] * x_in.shape[1]
+    def on_block(mod, inp, out, acc=acc):
+        x_in, x_out = inp[0].detach().float(), out[0].detach().float()   # [B, T, D]
+        acc.bi += float((1 - F.cosine_similarity(x_in, x_out, dim=-1)).sum())
+        acc.n += x_in.shape[0] * x_in.shape[1]
 
-        def on_o_proj(mod, inp, acc=acc, attn=attn):
-            a = inp[0].detach().float()                                        # [B, T, H*v]
-            H = attn.n_heads
-            w = mod.weight.detach().float().view(mod.out_features, H, -1)      # [D, H, v]
-            for chunk in a.reshape(-1, a.shape[-1]).split(1024):               # bounded memory
-                contrib = torch.einsum("nhv,dhv->nhd", chunk.view(len(chunk), H, -1), w)
-                acc.head += contrib.norm(dim=-1).sum(0).cpu()
+    def on_o_proj(mod, inp, acc=acc, attn=attn):
+        a = inp[0].detach().float()                                        # [B, T, H*v]
+        H = attn.n_heads
+        w = mod.weight.detach().float().view(mod.out_features, H, -1)      # [D, H, v]
+        for chunk in a.reshape(-1, a.shape[-1]).split(1024):               # bounded memory
+            contrib = torch.einsum("nhv,dhv->nhd", chunk.view(len(chunk), H, -1), w)
+            acc.head += contrib.norm(dim=-1).sum(0).cpu()
 
-        handles.append(layer.register_forward_hook(on_block))
-        handles.append(attn.o_proj.register_forward_pre_hook(on_o_proj))
-        # pre-hooks must return None: a returned value would replace the module's input
-        if isinstance(mlp, MLP):
-            def on_ffn(mod, inp, acc=acc):
-                acc.ffn += _sq_sum(inp[0])
+    handles.append(layer.register_forward_hook(on_block))
+    handles.append(attn.o_proj.register_forward_pre_hook(on_o_proj))
+    # pre-hooks must return None: a returned value would replace the module's input
+    if isinstance(mlp, MLP):
+        def on_ffn(mod, inp, acc=acc):
+            acc.ffn += _sq_sum(inp[0])
 
-            handles.append(mlp.down_proj.register_forward_pre_hook(on_ffn))
-            continue
-        if mlp.shared_experts is not None:
-            def on_shared(mod, inp, acc=acc):
-                acc.shared += _sq_sum(inp[0])
+        handles.append(mlp.down_proj.register_forward_pre_hook(on_ffn))
+        return handles
+    if mlp.shared_experts is not None:
+        def on_shared(mod, inp, acc=acc):
+            acc.shared += _sq_sum(inp[0])
 
-            handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(on_shared))
+        handles.append(mlp.shared_experts.down_proj.register_forward_pre_hook(on_shared))
 
-        def on_gate(mod, inp, out, acc=acc):
-            acc.routing = (out[0].detach().float(), out[1].detach())           # [N, k] each
+    def on_gate(mod, inp, out, acc=acc):
+        acc.routing = (out[0].detach().float(), out[1].detach())           # [N, k] each
 
-        handles.append(mlp.gate.register_forward_hook(on_gate))
-        for e, expert in enumerate(mlp.experts):
-            def on_down(mod, inp, acc=acc, e=e):
-                acc.e_sq[e] += _sq_sum(inp[0])
+    handles.append(mlp.gate.register_forward_hook(on_gate))
+    for e, expert in enumerate(mlp.experts):
+        def on_down(mod, inp, acc=acc, e=e):
+            acc.e_sq[e] += _sq_sum(inp[0])
 
-            def on_expert(mod, inp, out, acc=acc, e=e):
-                weights, indices = acc.routing
-                token, slot = torch.where(indices == e)                        # same order as MoE.forward
-                g = weights[token, slot]                                       # [n_e]
-                acc.e_cnt[e] += len(token)
-                acc.e_gate[e] += float(g.sum())
-                acc.e_reap[e] += float((g * out.detach().float().norm(dim=-1)).sum())
+        def on_expert(mod, inp, out, acc=acc, e=e):
+            weights, indices = acc.routing
+            token, slot = torch.where(indices == e)                        # same order as MoE.forward
+            g = weights[token, slot]                                       # [n_e]
+            acc.e_cnt[e] += len(token)
+            acc.e_gate[e] += float(g.sum())
+            acc.e_reap[e] += float((g * out.detach().float().norm(dim=-1)).sum())
 
-            handles.append(expert.down_proj.register_forward_pre_hook(on_down))
-            handles.append(expert.register_forward_hook(on_expert))
+        handles.append(expert.down_proj.register_forward_pre_hook(on_down))
+        handles.append(expert.register_forward_hook(on_expert))
     return handles
+
+
+def _hooks(model: Transformer, accs: list[_Acc]) -> list:
+    return [h for acc, layer in zip(accs, model.model.layers) for h in layer_hooks(layer, acc)]
+
+
+def calib_rows(tokens: np.ndarray, seq_len: int, max_positions: int, max_tokens: int = 0) -> np.ndarray:
+    """[N, seq_len] calibration inputs (windows without their last target)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    seq_len = min(seq_len, max_positions)
+    if max_tokens:
+        tokens = tokens[: max_tokens + 1]
+    return windows(tokens, seq_len)[:, :-1]
 
 
 def _sum_over_ranks(accs: list[_Acc]) -> None:
@@ -154,11 +170,7 @@ def _sum_over_ranks(accs: list[_Acc]) -> None:
 def collect_stats(model: Transformer, tokens: np.ndarray, seq_len: int = 256, batch_size: int = 8,
                   max_tokens: int = 0, progress: bool = False) -> list[LayerStats]:
     """Run ``model`` over ``tokens`` (1-D ids) in windows of ``seq_len``; one LayerStats per layer."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    seq_len = min(seq_len, model.args.max_position_embeddings)
-    if max_tokens:
-        tokens = tokens[: max_tokens + 1]
-    rows = windows(tokens, seq_len)[:, :-1]                                    # [N, seq_len]
+    rows = calib_rows(tokens, seq_len, model.args.max_position_embeddings, max_tokens)   # [N, seq_len]
     rows = rows[dist.shard_range(len(rows))]                                   # this rank's share
     accs = [_Acc(layer) for layer in model.model.layers]
     handles = _hooks(model, accs)

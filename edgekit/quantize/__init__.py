@@ -67,6 +67,7 @@ class QuantConfig:
     grouped_min_expert_params: int = 1_000_000   # "auto": grouped when one expert has at least this many weights
     moe_block: int = 0                # 0: the largest of 128/64/32/16 dividing hidden and expert sizes
     merge: bool = True                # one matmul for linears sharing an input (q_a + kv_a, gate + up)
+    expert_scales: str = "dynamic"    # grouped experts' activation scales: per token, or calibrated ("static")
     reduce_range: bool = True         # 7-bit weights: exact u8s8 sums on x86 CPUs without VNNI (AVX2); see rewrite.py
     calib: str = "calib"              # calibration split or text file
     calib_max_tokens: int = 8192
@@ -81,6 +82,8 @@ class QuantConfig:
             raise ValueError(f"quantize mode={self.mode!r}: use one of {MODES}")
         if self.max_drop < 0:
             raise ValueError(f"quantize max_drop={self.max_drop}: use a fraction >= 0 (0.008 = 0.8 points)")
+        if self.expert_scales not in ("dynamic", "static"):
+            raise ValueError(f"quantize expert_scales={self.expert_scales!r}: use 'dynamic' or 'static'")
         if self.moe not in MOE_PATHS:
             raise ValueError(f"quantize moe={self.moe!r}: use one of {MOE_PATHS}")
         bad = {k: v for k, v in self.overrides.items() if v not in ("int8", "fp32")}

@@ -14,6 +14,11 @@ size).
 Why a pure pass keyed by names: no model and no torch are needed, nothing is re-exported or
 matched by value, and the same plan on the same export always writes the same graph.
 
+Memory: an export with external data (``model.onnx.data``: weights over the protobuf limit, or a
+layer-by-layer export) is read without its weights; each unit's fp32 weights are read when that
+unit is rewritten, and at the end every tensor is streamed into the output's data file one at a
+time, so the pass holds the graph structure, the int8 weights and one unit's fp32 weights.
+
 Invariants: ``out`` appears only when complete; units the plan keeps fp32 keep their fp32 ops.
 Failure modes (``EdgekitError``): ``src`` is not an fp32 export, its ``export.json`` has no
 ``units`` (written before unit maps: re-export), the plan names a unit the graph does not hold,
@@ -22,6 +27,7 @@ or a unit's node/initializer is missing from ``model.onnx`` (export.json and gra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -69,7 +75,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     if unknown:
         raise EdgekitError(f"the plan puts {unknown[0]} in int8 but {src} holds no quantizable op for it; "
                            "plan against this export")
-    proto = onnx.load(str(src / spec["graph"]))
+    proto = onnx.load(str(src / spec["graph"]), load_external_data=False)   # weights read per unit
+    base = str(src)
     nodes = {n.name: n for n in proto.graph.node}
     inits = {i.name for i in proto.graph.initializer}
     for u in sorted(plan.int8):
@@ -79,15 +86,20 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     by_op = {op: sorted(u for u in plan.int8 if units[u]["op"] == op) for op in QUANTIZABLE}
     nb = NBitsConfig(bits=int(plan.kernel[5:]), block=plan.nbits_block) if plan.kernel.startswith("nbits") else None
     done = rewrite_linears(proto, {units[u]["weights"][0]: u for u in by_op["MatMul"]}, set(by_op["MatMul"]),
-                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, nbits=nb)
-    emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0])]
+                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, nbits=nb,
+                           base_dir=base)
+    emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
     gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
-    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg) if plan.moe_path == "grouped"
-               else rewrite_moe(proto, units[u]["node"], plan.moe_block)) for u in by_op["MoE"]}
-    moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax)
-                for u in by_op["If"]})
+    def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
+        s = plan.expert_scales.get(u)
+        return dataclasses.replace(gcfg, static_x=s[0], static_h=tuple(s[1])) if s else gcfg
+
+    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg_of(u), base) if plan.moe_path == "grouped"
+               else rewrite_moe(proto, units[u]["node"], plan.moe_block, base)) for u in by_op["MoE"]}
+    moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
+                                          base_dir=base) for u in by_op["If"]})
     floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
-    f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]]) \
+    f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]], base_dir=base) \
         if plan.float_weights == "fp16" else None
     ensure_ms_opset(proto)
     out = Path(out_dir)
@@ -96,11 +108,13 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         for p in src.iterdir():
             if p.is_file() and p.name != spec["graph"] and not p.name.endswith(".data"):
                 shutil.copy(p, tmp / p.name)
-        large = proto.ByteSize() > 2**31 - 2**26
-        onnx.save_model(proto, str(tmp / spec["graph"]), save_as_external_data=large,
-                        all_tensors_to_one_file=True, location=spec["graph"] + ".data")
+        large = bool(spec.get("external_data")) or proto.ByteSize() > 2**31 - 2**26
+        if large:
+            write_external(proto, src, tmp / (spec["graph"] + ".data"))
+        onnx.save_model(proto, str(tmp / spec["graph"]))
         static = sorted(u for u in plan.static_scales if u in plan.int8)
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
+                   "expert_activation_scales": "static" if plan.expert_scales else "per token",
                    "kernel": plan.kernel, **({"nbits_block": plan.nbits_block} if nb else {}),
                    "activation_scales": "static" if static else "dynamic",
                    "static_units": static, "merged_siblings": plan.merge,
@@ -110,7 +124,53 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         size = sum(p.stat().st_size for p in tmp.glob(spec["graph"] + "*"))
         report = {**plan.report, "int8_units": len(plan.int8), "fp32_units": plan.fp32,
                   "sensitivity_top": dict(sorted(plan.sensitivity.items(), key=lambda kv: -kv[1])[:10]),
-                  "static_scales": sorted(plan.static_scales), "moe_path": plan.moe_path, "moe_block": plan.moe_block,
+                  "static_scales": sorted(plan.static_scales), "expert_scales": plan.expert_scales,
+                  "moe_path": plan.moe_path, "moe_block": plan.moe_block,
                   "graph": summary, "size_bytes": size}
         (tmp / "quantize.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return report
+
+
+def _tensors(g):
+    """Every TensorProto of graph ``g``: initializers, node attributes, subgraphs (recursively)."""
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(sub)
+
+
+def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int = 1024) -> None:
+    """Point every tensor of ``proto`` over ``threshold`` bytes into the new file ``data``, one tensor
+    at a time: bytes held inline are moved there, bytes still in ``src``'s external data are copied."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from ..bundle import member
+
+    with open(data, "wb") as f:
+        offset = 0
+        for t in _tensors(proto.graph):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(t)
+                with open(member(src, info.location, "model.onnx"), "rb") as s:
+                    s.seek(info.offset or 0)
+                    raw = s.read(info.length) if info.length else s.read()
+                del t.external_data[:]
+            elif t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                raw = t.raw_data
+            else:
+                continue
+            pad = (-offset) % align
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(raw)
+            t.ClearField("raw_data")
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = k, v
+            t.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(raw)

@@ -62,11 +62,14 @@ def units(model) -> dict[str, nn.Module]:
 
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
-             experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True):
+             experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True,
+             expert_scales: dict | None = None):
     """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
     ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul;
-    ``expert_act_int8=False`` (portable.py): expert activations stay fp32."""
-    static_scales = static_scales or {}
+    ``expert_act_int8=False`` (portable.py): expert activations stay fp32. ``expert_scales``: MoE
+    unit -> (x amax, per-expert h amax), static activation scales of grouped experts
+    (``expert_absmax``); absent units quantize expert activations per token."""
+    static_scales, expert_scales = static_scales or {}, expert_scales or {}
     saved, hooks = [], []
 
     def swap(p: nn.Parameter, new: torch.Tensor):
@@ -84,10 +87,14 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                 if name not in int8:
                     continue
                 if name.endswith("mlp.experts") and experts_as_linears:
-                    for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
-                        swap(lin.weight, fq(lin.weight.data, dim=1, qmax=wmax))
-                        if expert_act_int8:
-                            hooks.append(lin.register_forward_pre_hook(act_hook(None)))
+                    xs = expert_scales.get(name)
+                    for e, expert in enumerate(mod):
+                        for part in ("gate_proj", "up_proj", "down_proj"):
+                            lin = getattr(expert, part)
+                            swap(lin.weight, fq(lin.weight.data, dim=1, qmax=wmax))
+                            if expert_act_int8:
+                                amax = None if xs is None else xs[1][e] if part == "down_proj" else xs[0]
+                                hooks.append(lin.register_forward_pre_hook(act_hook(amax)))
                 elif name.endswith("mlp.experts"):
                     for lin in (m for m in mod.modules() if isinstance(m, nn.Linear)):
                         if moe_block and lin.weight.shape[1] % moe_block == 0:
@@ -123,6 +130,33 @@ def input_absmax(model, rows: np.ndarray, names: list[str], batch_size: int = 8)
         for h in hooks:
             h.remove()
     return {n: np.asarray(v) for n, v in seen.items()}
+
+
+@torch.no_grad()
+def expert_absmax(model, rows: np.ndarray, batch_size: int = 8) -> dict[str, tuple[float, tuple[float, ...]]]:
+    """Per MoE layer (unit ``...mlp.experts``): (max |x| of the tokens its routed experts see,
+    per expert max |h| of its down projection's input; 0.0 for an expert no token reached) over the
+    calibration ``rows``: the static activation scales of the grouped int8 experts."""
+    layers = {n: m for n, m in units(model).items() if n.endswith("mlp.experts")}
+    x_max = {n: 0.0 for n in layers}
+    h_max = {n: [0.0] * len(m) for n, m in layers.items()}
+    hooks = []
+    for n, experts in layers.items():
+        for e, expert in enumerate(experts):
+            def gate_hook(_m, a, n=n):
+                x_max[n] = max(x_max[n], float(a[0].abs().max())) if a[0].numel() else x_max[n]
+
+            def down_hook(_m, a, n=n, e=e):
+                h_max[n][e] = max(h_max[n][e], float(a[0].abs().max())) if a[0].numel() else h_max[n][e]
+            hooks += [expert.gate_proj.register_forward_pre_hook(gate_hook),
+                      expert.down_proj.register_forward_pre_hook(down_hook)]
+    try:
+        for i in range(0, len(rows), batch_size):
+            model(torch.from_numpy(rows[i: i + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (x_max[n], tuple(h_max[n])) for n in layers}
 
 
 @torch.no_grad()

@@ -48,8 +48,10 @@ def to_fp16(w: np.ndarray) -> np.ndarray | None:
     return w.astype(np.float16)
 
 
-def store_fp16_(proto: onnx.ModelProto, names: list[str], config: Fp16Config | None = None) -> dict:
+def store_fp16_(proto: onnx.ModelProto, names: list[str], config: Fp16Config | None = None,
+                base_dir: str = "") -> dict:
     """fp16 storage + a Cast to fp32 for the initializers ``names`` (see module doc), in place.
+    ``base_dir``: where initializers kept as external data live.
     Returns {"initializers": converted count, "bytes_fp32": their fp32 bytes, "bytes_fp16": their
     fp16 bytes, "kept_fp32": names left fp32 because fp16 cannot hold them}."""
     cfg = config or Fp16Config()
@@ -62,7 +64,7 @@ def store_fp16_(proto: onnx.ModelProto, names: list[str], config: Fp16Config | N
         if t.name not in wanted or t.data_type != TensorProto.FLOAT:
             keep.append(t)
             continue
-        w = numpy_helper.to_array(t)
+        w = numpy_helper.to_array(t, base_dir)
         h = to_fp16(w)
         if h is None:
             keep.append(t)

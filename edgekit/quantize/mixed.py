@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluate import Reference, score_rows
+from ..int8 import QMAX, QMAX_7BIT
 from .apply import quantizable_units, quantize_export
-from .emulate import agreement, emulated, input_absmax, match, routing, units
+from .emulate import agreement, emulated, expert_absmax, input_absmax, match, routing, units
 from .plan import Plan
 
 
@@ -56,8 +57,8 @@ def resolve_overrides(names: list[str], overrides: dict[str, str]) -> dict[str, 
 
 def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop: float,
                    static_scales: dict[str, float] | None = None, moe_block: int = 0,
-                   experts_as_linears: bool = False, wmax: float = 127.0, expert_act_int8: bool = True,
-                   rank_always: bool = False,
+                   experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True,
+                   rank_always: bool = False, expert_scales: dict | None = None,
                    ref: Reference | None = None, in_graph: set[str] | None = None, log=print) -> Plan:
     """``in_graph``: the units the exported graph has as quantizable ops (others, e.g. kv_b_proj
     whose products the absorbed attention precomputes, stay fp32 and are not emulated as int8)."""
@@ -68,9 +69,10 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
-                static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax, pinned_fp32=forced)
+                static_scales=dict(static_scales or {}), moe_block=moe_block, wmax=wmax, pinned_fp32=forced,
+                expert_scales={k: [float(v[0]), [float(h) for h in v[1]]] for k, v in (expert_scales or {}).items()})
     kw = dict(static_scales=static_scales, moe_block=moe_block, experts_as_linears=experts_as_linears, wmax=wmax,
-              expert_act_int8=expert_act_int8)
+              expert_act_int8=expert_act_int8, expert_scales=expert_scales)
     if ref is None:
         fp32 = score_rows(model, rows, as_reference=True)
         ref = fp32.reference
@@ -143,6 +145,36 @@ def _static_choice(absmax: dict[str, np.ndarray], mode: str, ratio: float = 1.25
     return out
 
 
+def graph_choices(config, args, spec: dict) -> tuple[bool, str, int, float]:
+    """What the int8 graph will be, whatever the precision search decides: (portable experts, the
+    routed-expert path, QMoE block, weight range)."""
+    portable = spec.get("moe") == "portable"
+    block = 0 if portable else _moe_block(config, args)
+    return portable, choose_moe_path(config, args), block, QMAX_7BIT if config.reduce_range else QMAX
+
+
+def overrides_plan(export_dir, config, args, max_drop: float) -> Plan:
+    """The plan without a precision search, for models that do not fit in memory (the streamed
+    pipeline): every unit ``config.overrides`` make int8 and the export holds a quantizable op for
+    is int8, with ``plan_``'s graph choices; dynamic activation scales. A miss of the budget shows in
+    the accuracy gate. Equals ``plan_``'s plan whenever the all-int8 drop is within the budget."""
+    spec = json.loads((Path(export_dir) / "export.json").read_text())
+    names = sorted(spec["units"])
+    prec = resolve_overrides(names, config.overrides)
+    in_graph = quantizable_units(spec)
+    forced = {n for n, p in prec.items() if p == "fp32"}
+    absent = {n for n in names if n not in in_graph and n not in forced}
+    portable, path, block, wmax = graph_choices(config, args, spec)
+    plan = Plan(int8={n for n in names if n not in forced and n not in absent},
+                fp32={**{n: "override" for n in sorted(forced)},
+                      **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
+                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge)
+    plan.report = {"config": asdict(config), "max_drop": max_drop,
+                   "mixed_precision": "not searched (streamed): every unit the overrides allow is int8",
+                   "accuracy": {"ort": []}}
+    return plan
+
+
 def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float | None = None, log=print) -> Plan:
     """The planning step (see module doc). ``model`` is the fp32 model ``export_dir`` was exported
     from (smoothed already); ``max_drop`` defaults to ``config.max_drop``. Leaves ``model`` as it
@@ -164,14 +196,15 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     if config.mode != "dynamic":
         lin = [n for n, m in units(model).items() if hasattr(m, "in_features") or type(m).__name__ == "Gate"]
         static = _static_choice(input_absmax(model, rows, lin), config.mode)
-    portable = spec.get("moe") == "portable"
-    path = choose_moe_path(config, model.args)
-    kw = dict(static_scales=static, moe_block=0 if portable else _moe_block(config, model.args),
-              experts_as_linears=portable or path == "grouped", wmax=63.0 if config.reduce_range else 127.0,
-              expert_act_int8=not portable)
+    portable, path, block, wmax = graph_choices(config, model.args, spec)
+    experts = expert_absmax(model, rows) if config.expert_scales == "static" and path == "grouped" and not portable \
+        else {}
+    kw = dict(static_scales=static, moe_block=block, experts_as_linears=portable or path == "grouped", wmax=wmax,
+              expert_act_int8=not portable, expert_scales=experts)
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
-    plan.merge, plan.moe_path, plan.float_weights = config.merge, path, config.float_weights
+    plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
+    plan.float_weights = config.float_weights
     with emulated(model, plan.int8, **kw):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy

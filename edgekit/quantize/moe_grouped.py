@@ -27,7 +27,10 @@ only its k experts' int8 weights (no fp32 copy).
 Numerics: weights symmetric int8 per output column (zero point 0); activations symmetric int8 per
 token (one scale per row: ``max|x| / 127``), fed to the u8s8 kernel as uint8 with zero point 128.
 Per-token scales make a row's result independent of the other rows of the call (prefill ==
-decode, batched == alone). ``routed_scaling_factor`` is already folded into fc2 by the export.
+decode, batched == alone). With ``static_x``/``static_h`` (calibrated max |x| per layer and max |h|
+per expert, ``[quantize] expert_scales = "static"``) the scales are constants instead: one
+``QuantizeLinear`` each and the scale passed to the kernel (rows stay independent; values beyond
+the calibrated range clip). ``routed_scaling_factor`` is already folded into fc2 by the export.
 
 Invariants: the node's output name and the routing are unchanged; every new initializer is named
 ``{node}.e{e}.*``; the emitted graph uses only opset-17 ops plus ``MatMulIntegerToFloat``.
@@ -44,7 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..int8 import quantize_sym
+from ..int8 import EPS, QMAX, quantize_sym
 from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
@@ -53,9 +56,13 @@ MS = "com.microsoft"
 
 @dataclass
 class GroupedMoEConfig:
-    wmax: float = 127.0          # weight range; 63 = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
+    wmax: float = QMAX           # weight range; QMAX_7BIT = 7-bit (reduce_range, exact on x86 CPUs without VNNI)
     fold: bool = True            # column scales as the kernel's per-column b_scale instead of a Mul (faster prefill)
     nbits: NBitsConfig | None = None   # set: each expert GEMM is one MatMulNBits (block scales, int8 compute)
+    # calibrated max |input| (static activation scales; None: per token at run time). static_x: the
+    # layer's expert input; static_h: per expert, the down projection's input. Need ``fold``.
+    static_x: float | None = None
+    static_h: tuple[float, ...] | None = None
 
 
 class _Emit:
@@ -90,26 +97,33 @@ def token_quant(em: _Emit, x: str, c: dict) -> tuple[str, str]:
 
 
 def _expert_branch(em: _Emit, e: int, xq: str, sx: str, W1: str, s1: str, W2: str, s2: str,
-                   c: dict, fold: bool) -> onnx.GraphProto:
-    """The then-branch for expert ``e``: rows xq [n, D] (uint8) and their scales sx [n, 1] ->
-    (y [n, D] before its per-row factor, sh [n, 1] that factor's activation scale). The routing
-    weight and ``sh`` are applied once per layer, after the experts' rows are concatenated."""
+                   c: dict, fold: bool, static_x: bool = False, sh_static: str | None = None) -> onnx.GraphProto:
+    """The then-branch for expert ``e``: rows xq [n, D] (uint8) and their scales sx ([n, 1] per
+    token, or the static scalar when ``static_x``) -> (y [n, D] before its per-row factor, and with a
+    per-token ``h`` scale, sh [n, 1], that factor's activation scale). The routing weight (and
+    ``sh``) are applied once per layer, after the experts' rows are concatenated. A static scale
+    goes to the kernel as its ``a_scale``: no Mul, and ``h`` is quantized by one node."""
     sub = _Emit(f"{em.prefix}e{e}")
-    a = sub.op("MatMulIntegerToFloat", [xq, W1, c["one"], s1 if fold else c["one"], c["zp"]], "gu", domain=MS)
-    a = sub.op("Mul", [a, sx]) if fold else sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
+    a = sub.op("MatMulIntegerToFloat", [xq, W1, sx if static_x else c["one"], s1 if fold else c["one"], c["zp"]],
+               "gu", domain=MS)
+    if not static_x:
+        a = sub.op("Mul", [a, sx]) if fold else sub.op("Mul", [sub.op("Mul", [a, sx]), s1], "gu_f")
     g, u = sub.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
     h = sub.op("Mul", [sub.op("Mul", [g, sub.op("Sigmoid", [g])]), u], "h")
-    hq, sh = token_quant(sub, h, c)
+    if sh_static:
+        hq, sh = sub.op("QuantizeLinear", [h, sh_static, c["zp"]], "hq"), sh_static
+    else:
+        hq, sh = token_quant(sub, h, c)
     out = f"{em.prefix}e{e}.y"
     if fold:
-        sub.nodes.append(helper.make_node("MatMulIntegerToFloat", [hq, W2, c["one"], s2, c["zp"]], [out],
-                                          name=out, domain=MS))
+        sub.nodes.append(helper.make_node("MatMulIntegerToFloat", [hq, W2, sh if sh_static else c["one"], s2, c["zp"]],
+                                          [out], name=out, domain=MS))
     else:
         y = sub.op("MatMulIntegerToFloat", [hq, W2, c["one"], c["one"], c["zp"]], "dn", domain=MS)
         sub.nodes.append(helper.make_node("Mul", [y, s2], [out], name=out))
-    return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [],
-                             [helper.make_tensor_value_info(out, TensorProto.FLOAT, None),
-                              helper.make_tensor_value_info(sh, TensorProto.FLOAT, None)])
+    outs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+    outs += [] if sh_static else [helper.make_tensor_value_info(sh, TensorProto.FLOAT, None)]
+    return helper.make_graph(sub.nodes, f"{em.prefix}e{e}.then", [], outs)
 
 
 def _expert_branch_nbits(em: _Emit, e: int, xs: str, w1: np.ndarray, w2: np.ndarray,
@@ -129,7 +143,7 @@ def _expert_branch_nbits(em: _Emit, e: int, xs: str, w1: np.ndarray, w2: np.ndar
 
 
 def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: GroupedMoEConfig,
-                  qmax: float = 127.0, eps: float = 1e-12) -> tuple[list, list]:
+                  qmax: float = QMAX, eps: float = EPS) -> tuple[list, list]:
     """Pure core: the nodes and initializers that compute ``node``'s output from int8 experts."""
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("swiglu_fusion") != 1:
@@ -164,7 +178,15 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     if nb is not None and (D % nb.block or inter % nb.block):
         raise ValueError(f"{node.name}: expert sizes {D}, {inter} are not multiples of the MatMulNBits "
                          f"block {nb.block}")
-    if nb is None:
+    static = nb is None and cfg.fold and cfg.static_x is not None and cfg.static_h is not None
+    if static and len(cfg.static_h) != E:
+        raise ValueError(f"{node.name}: {len(cfg.static_h)} static expert scales for {E} experts")
+    scale = lambda amax, hint: em.const(np.array(max(float(amax), eps) / qmax, np.float32), hint)  # noqa: E731
+    if static:
+        sx_c = scale(cfg.static_x, "sx")
+        xs = em.op("Gather", [em.op("QuantizeLinear", [x, sx_c, c["zp"]], "xq"), token], "xs", axis=0)
+        ss_e = [sx_c] * E
+    elif nb is None:
         xq, sx = token_quant(em, x, c)
         xs = em.op("Gather", [xq, token], "xs", axis=0)
         ss = em.op("Gather", [sx, token], "ss", axis=0)
@@ -177,9 +199,10 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     xs_e = em.op("Split", [xs, counts], "xs_e", n_out=E, axis=0)
     if E == 1:
         xs_e = [xs_e]
-        ss_e = ss_e if nb is not None else [ss_e]
+        ss_e = ss_e if nb is not None or static else [ss_e]
+    dyn_h = nb is None and not static             # the branch returns its per-token h scale too
     has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
-    empties = [np.zeros((0, D), np.float32)] + ([] if nb is not None else [np.zeros((0, 1), np.float32)])
+    empties = [np.zeros((0, D), np.float32)] + ([np.zeros((0, 1), np.float32)] if dyn_h else [])
     ys, shs = [], []
     for e in range(E):
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
@@ -190,7 +213,8 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
             q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                # [I, D]
             W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
             W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
-            then = _expert_branch(em, e, xs_e[e], ss_e[e], W1, S1, W2, S2, c, cfg.fold)
+            then = _expert_branch(em, e, xs_e[e], ss_e[e], W1, S1, W2, S2, c, cfg.fold, static_x=static,
+                                  sh_static=scale(cfg.static_h[e], f"e{e}.sh") if static else None)
         # an If per expert: one without tokens costs a Gather and an If, not a GEMM chain over 0 rows
         cond = em.op("Gather", [has, em.const(np.array(e, np.int64), f"e{e}.i")], f"e{e}.has", axis=0)
         names = [f"{em.prefix}e{e}.{j}" for j in range(len(empties))]
@@ -198,10 +222,10 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
                                  for n, v in zip(names, empties)], f"{em.prefix}e{e}.else", [],
                                 [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
         outs = em.op("If", [cond], f"e{e}.y", n_out=len(empties), then_branch=then, else_branch=els)
-        ys.append(outs[0] if nb is None else outs)
-        shs += [outs[1]] if nb is None else []
-    # one per-row factor for all experts' rows: routing weight (x the down GEMM's activation scale)
-    factor = ws if nb is not None else em.op("Mul", [em.op("Concat", shs, "sh", axis=0), ws], "row_factor")
+        ys.append(outs[0] if dyn_h else outs)
+        shs += [outs[1]] if dyn_h else []
+    # one per-row factor for all experts' rows: routing weight (x the down GEMM's per-token scale)
+    factor = em.op("Mul", [em.op("Concat", shs, "sh", axis=0), ws], "row_factor") if dyn_h else ws
     y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
     y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)                               # [N*k, D]
     shape = em.const(np.array([-1, k, D], np.int64), "nkd")
@@ -211,13 +235,15 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     return em.nodes, em.inits
 
 
-def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None) -> str:
-    """In place: replace MoE node ``node_name`` by grouped int8 experts. Returns the path's name."""
+def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None,
+                        base_dir: str = "") -> str:
+    """In place: replace MoE node ``node_name`` by grouped int8 experts. Returns the path's name.
+    ``base_dir``: where expert weights kept as external data live."""
     cfg = cfg or GroupedMoEConfig()
     g = proto.graph
     node = next(n for n in g.node if n.name == node_name)
     inits = {t.name: t for t in g.initializer}
-    fc1, fc2 = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[4]])
+    fc1, fc2 = (numpy_helper.to_array(inits[node.input[k]], base_dir) for k in (2, 4))
     nodes, new_inits = grouped_nodes(node, fc1, fc2, cfg)
     i = list(g.node).index(node)
     g.node.remove(node)

@@ -4,13 +4,14 @@ besides the fp32 export.
 What: ``Plan`` names units by module (the names ``export.json``'s ``units`` uses): ``int8`` (rewrite
 these), ``fp32`` (unit -> why it stays fp32), ``static_scales`` (unit -> calibrated activation max;
 absent units quantize activations per token), ``moe_path`` (routed experts: "grouped" int8 GEMMs,
-QMoE "row"/"block"), ``moe_block`` (QMoE weights per block of K; 0: per row), ``wmax`` (weight
-range: 127, or 63 = 7-bit, reduce_range), ``fold`` (column scales inside the kernel), ``merge``
-(one matmul for int8 linears sharing an input) and ``kernel`` ("integer": per-token int8 into
-``MatMulIntegerToFloat``; "nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``) and
-``float_weights`` (how the units kept in float are stored: "fp32", or "fp16" with a Cast to fp32 in
-the graph, fp16.py; units in ``pinned_fp32``, those the recipe's overrides put in fp32, keep fp32
-storage: routers, where fp16 rounding flips expert choices).
+QMoE "row"/"block", or "portable": the portable export's If/Loop experts, int8 per column),
+``moe_block`` (QMoE weights per block of K; 0: per row), ``wmax`` (weight range: 127, or 63 =
+7-bit, reduce_range), ``fold`` (column scales inside the kernel), ``merge`` (one matmul for int8
+linears sharing an input), ``kernel`` ("integer": per-token int8 into ``MatMulIntegerToFloat``;
+"nbits8"/"nbits4": ``MatMulNBits``, block scales of ``nbits_block``) and ``float_weights`` (how
+the units kept in float are stored: "fp32", or "fp16" with a Cast to fp32 in the graph, fp16.py;
+units in ``pinned_fp32``, those the recipe's overrides put in fp32, keep fp32 storage: routers,
+where fp16 rounding flips expert choices).
 What the planning measured rides along in ``sensitivity``, ``steps`` and ``report``.
 ``plan.save(dir)`` / ``Plan.load(dir)`` round-trip it through ``plan.json``.
 
@@ -27,7 +28,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..int8 import QMAX_7BIT
+
 PLAN_FILE = "plan.json"
+MOE_PATHS = ("grouped", "row", "block", "portable")     # "portable": set by planning for a portable export
 KERNELS = ("integer", "nbits8", "nbits4")   # int8 linears/experts: MatMulIntegerToFloat, or MatMulNBits 8/4-bit
 FLOAT_WEIGHTS = ("fp32", "fp16")            # storage of the weights of units kept in float (fp16.py)
 
@@ -37,11 +41,12 @@ class Plan:
     int8: set[str]
     fp32: dict[str, str] = field(default_factory=dict)           # unit -> why it stays fp32
     static_scales: dict[str, float] = field(default_factory=dict)  # unit -> calibrated max |x|
-    moe_path: str = "grouped"                                    # routed experts: "grouped", "row" or "block"
+    moe_path: str = "grouped"                                    # "grouped", "row", "block" or "portable"
     moe_block: int = 0                                           # QMoE: 0 per-row weights, else block along K
-    wmax: float = 63.0                                           # weight range: 63 = 7-bit (reduce_range), 127
+    wmax: float = QMAX_7BIT                                      # weight range: 7-bit (reduce_range) or QMAX
     fold: bool = True                                            # column scales as the kernel's b_scale
     merge: bool = True                                           # one matmul for int8 linears sharing an input
+    expert_scales: dict[str, list] = field(default_factory=dict)  # MoE unit -> [x amax, [h amax per expert]]
     kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
     nbits_block: int = 32                                        # MatMulNBits block along K
     float_weights: str = "fp32"                                  # units kept in float: stored fp32 or fp16
@@ -62,8 +67,8 @@ class Plan:
             raise ValueError(f"plan kernel={self.kernel!r}: use one of {KERNELS}")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ValueError(f"plan float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
-        if self.moe_path not in ("grouped", "row", "block"):
-            raise ValueError(f"plan moe_path={self.moe_path!r}: use 'grouped', 'row' or 'block'")
+        if self.moe_path not in MOE_PATHS:
+            raise ValueError(f"plan moe_path={self.moe_path!r}: use one of {MOE_PATHS}")
 
     @property
     def drop(self) -> float:

@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import EdgekitError
-from .rewrite import quantize_sym
+from ..int8 import QMAX, quantize_sym
 
 
 def _subgraphs(node: onnx.NodeProto):
@@ -93,9 +93,11 @@ def _rewrite_branch(graph: onnx.GraphProto, names: dict[str, tuple[str, str]], t
     return done
 
 
-def rewrite_sparse_experts(proto: onnx.ModelProto, if_name: str, fc1: str, fc2: str, qmax: float = 127.0) -> str:
+def rewrite_sparse_experts(proto: onnx.ModelProto, if_name: str, fc1: str, fc2: str, qmax: float = QMAX,
+                           base_dir: str = "") -> str:
     """int8 weights for the portable experts of the If node ``if_name``; returns 'w8-col'.
-    ``qmax`` 63: 7-bit weights (the reduce_range setting of the rest of the graph)."""
+    ``qmax`` 63: 7-bit weights (the reduce_range setting of the rest of the graph); ``base_dir``:
+    where expert weights kept as external data live."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     node = next((n for n in g.node if n.name == if_name and n.op_type == "If"), None)
@@ -111,7 +113,7 @@ def rewrite_sparse_experts(proto: onnx.ModelProto, if_name: str, fc1: str, fc2: 
                            "re-export the fp32 graph with `edgekit export --moe portable`")
     node.CopyFrom(work)
     for name in (fc1, fc2):
-        q, s = quantize_sym(numpy_helper.to_array(inits[name]), axis=1, qmax=qmax)   # [E, K, N] -> scales [E, N]
+        q, s = quantize_sym(numpy_helper.to_array(inits[name], base_dir), axis=1, qmax=qmax)  # [E,K,N] -> s [E,N]
         g.initializer.extend([numpy_helper.from_array(q, names[name][0]),
                               numpy_helper.from_array(s, names[name][1])])
     still = {i for _, n in _walk(g) for i in n.input}

@@ -62,8 +62,8 @@ def used_names(g: onnx.GraphProto) -> set[str]:
 
 
 class _Graph:
-    def __init__(self, proto: onnx.ModelProto):
-        self.g = proto.graph
+    def __init__(self, proto: onnx.ModelProto, base_dir: str = ""):
+        self.g, self.base_dir = proto.graph, base_dir
         self.inits = {i.name: i for i in self.g.initializer}
         self.consumers = defaultdict(list)
         for n in self.g.node:
@@ -73,7 +73,7 @@ class _Graph:
 
     def array(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
-        return numpy_helper.to_array(t) if t is not None else None
+        return numpy_helper.to_array(t, self.base_dir) if t is not None else None
 
     def add_init(self, arr: np.ndarray, hint: str) -> str:
         self._n += 1
@@ -172,12 +172,14 @@ def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarr
 
 def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str],
                     static_scales: dict[str, float] | None = None, merge: bool = True,
-                    wmax: float = QMAX, fold: bool = False, nbits: NBitsConfig | None = None) -> list[str]:
+                    wmax: float = QMAX, fold: bool = False, nbits: NBitsConfig | None = None,
+                    base_dir: str = "") -> list[str]:
     """Replace MatMuls whose unit (``units[weight_name]``) is in ``int8``. Returns the unit names done.
     ``wmax`` 63: 7-bit weights, so u8 x s8 pair sums fit int16 on CPUs without VNNI (reduce_range).
     ``nbits``: one ``MatMulNBits`` per matmul instead (block scales; the kernel quantizes its input
-    per row and block), for units whose K is a multiple of the block and that have no static scale."""
-    G = _Graph(proto)
+    per row and block), for units whose K is a multiple of the block and that have no static scale.
+    ``base_dir``: where weights kept as external data live (read one unit at a time)."""
+    G = _Graph(proto, base_dir)
     static_scales = static_scales or {}
     todo = [(n, w) for n, w in linear_nodes(proto) if units.get(w) in int8]
     by_input = defaultdict(list)
@@ -226,9 +228,9 @@ def rewrite_linears(proto: onnx.ModelProto, units: dict[str, str], int8: set[str
     return done
 
 
-def rewrite_embedding(proto: onnx.ModelProto, weight_name: str) -> bool:
+def rewrite_embedding(proto: onnx.ModelProto, weight_name: str, base_dir: str = "") -> bool:
     """Gather(fp32 [V, D], ids) -> Gather(int8 rows) * Gather(row scales). Returns True if done."""
-    G = _Graph(proto)
+    G = _Graph(proto, base_dir)
     w = G.array(weight_name)
     users = [n for n in G.consumers.get(weight_name, []) if n.op_type == "Gather"]
     if w is None or w.ndim != 2 or not users or len(users) != len(G.consumers[weight_name]):
@@ -252,10 +254,10 @@ def rewrite_embedding(proto: onnx.ModelProto, weight_name: str) -> bool:
     return True
 
 
-def rewrite_moe(proto: onnx.ModelProto, node_name: str, block: int = 0) -> str:
+def rewrite_moe(proto: onnx.ModelProto, node_name: str, block: int = 0, base_dir: str = "") -> str:
     """``com.microsoft::MoE`` node -> ``QMoE`` 8-bit. ``block`` 0: per-row scales (weights only);
     else per block of K (needs hidden and inter sizes divisible by it). Returns 'row' or 'block{b}'."""
-    G = _Graph(proto)
+    G = _Graph(proto, base_dir)
     node = next(n for n in G.g.node if n.name == node_name)
     fc1, fc2 = G.array(node.input[2]), G.array(node.input[4])        # [E, 2I, D], [E, D, I]
     if block and (fc1.shape[2] % block or fc2.shape[2] % block):

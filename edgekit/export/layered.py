@@ -1,0 +1,312 @@
+"""Layer-by-layer ONNX export: the graph ``export.export`` writes, traced one decoder layer at a time
+and stitched, with weights written to external data as each layer is done.
+
+What: ``export_layered(source, out_dir, config)`` where ``source`` is a layer source
+(``edgekit.lazy.CheckpointReader``, ``edgekit.stream.ModelSource`` or a checkpoint path) traces
+- the prologue (token embedding and ``graph.shared``: RoPE rows per row from ``left_pad``, the causal
+  mask of the new tokens: what ``LatentDecoder.forward`` computes once per call),
+- each decoder layer ``i`` with its own weights (``_LayerStep``: ``LatentDecoder.attention`` with
+  its ``RowAttention`` placeholder, the dense FFN or the MoE through the same
+  ``ContribMoE``/``PortableMoE``),
+- the epilogue (final norm, row selection by ``logits_keep``, lm_head),
+each under ``graph.name_keyed_weights`` and with module paths equal to ``LatentDecoder``'s, so every
+weight gets the initializer name the single trace gives it (``model.model.layers.{i}...weight_t``,
+``absorbed.{i}.w_uk``, ``ffn.{i}.fc1``). Other values and nodes of piece ``i`` go under
+``/layers.{i}/``; each piece's initializers are appended to ``model.onnx.data`` before the next
+layer is read. The stitched graph then goes through the single trace's own post-processing and
+writer (``export.write_export``: row attention and sparse experts expanded, MoE nodes named, the
+``units`` map, ``export.json``), so later passes (``quantize.apply.quantize_export``) read it as
+any export. ``model_hash`` is the single trace's, computed reading one tensor at a time.
+
+Why: tracing the whole ``LatentDecoder`` needs every weight in memory (and torch's exporter holds
+a second copy while it builds the protobuf): for a 6.4 GB checkpoint that alone is > 13 GB. Here
+the peak is one layer (weights, their traced copy, the stacked expert tensors) + the embedding.
+
+Invariants: same inputs, outputs, dynamic axes, initializer names and units as ``export``; logits
+equal the single-trace export's (fp32, ~1e-6; tests/test_export_layered.py); the output directory
+appears only when complete; weights are external once they exceed
+``config.external_data_threshold`` (else inline, as ``export``). onnxsim is never run (the graph is
+built for models whose weights do not fit one protobuf).
+
+Failure modes: as ``export`` (routing the contrib MoE op cannot express).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from ..atomic import atomic_dir
+from ..errors import EdgekitError
+from .graph import _Absorbed, _Shared, name_keyed_weights, shared
+
+ALIGN = 64
+
+
+def _paths(**mods) -> nn.Module:
+    """An empty module holding ``mods`` under their names (``model.model.layers.{i}`` paths)."""
+    m = nn.Module()
+    for k, v in mods.items():
+        setattr(m, k, v)
+    return m
+
+
+class _Prologue(nn.Module):
+    """(input_ids, past_latent.0, left_pad) -> (x, cos3, sin3, cos4, sin4, mask): ``graph.shared``."""
+
+    def __init__(self, embed: nn.Embedding, inv_freq: torch.Tensor, scale: float):
+        super().__init__()
+        self.model = _paths(model=_paths(embed_tokens=embed))
+        self.rope_scale = scale
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, input_ids, past0, pad):
+        c = shared(self.inv_freq, self.rope_scale, input_ids, past0, pad)
+        return self.model.model.embed_tokens(input_ids), c.cos3, c.sin3, c.cos4, c.sin4, c.mask
+
+
+class _LayerStep(nn.Module):
+    """Decoder layer ``i`` of ``LatentDecoder``: (x, past, *shared, pad) -> (x, new). The
+    model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names."""
+
+    def __init__(self, block, args, i: int, moe: str):
+        super().__init__()
+        from ..model import MoE
+        from .graph import LatentDecoder, rope_matrices
+
+        self.model = _paths(model=_paths(layers=nn.ModuleDict({str(i): block})))
+        self.model.args = args
+        attn = block.self_attn
+        H, nope, v, kvl = attn.n_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
+        wkv = attn.kv_b_proj.weight.detach().view(H, nope + v, kvl)
+        self.absorbed = nn.ModuleDict({str(i): _Absorbed(wkv[:, :nope].contiguous(),
+                                                         wkv[:, nope:].transpose(1, 2).contiguous())})
+        mlp = block.mlp
+        if isinstance(mlp, MoE):
+            from .moe_contrib import ContribMoE
+            from .moe_portable import PortableMoE
+            mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, args, args.for_layer(i))
+        self.ffn = nn.ModuleDict({str(i): mlp})
+        self.i = str(i)
+        self._attention = LatentDecoder.attention
+        pick, swap = rope_matrices(args.qk_rope_head_dim, args.rope_interleave)   # as LatentDecoder's
+        self.register_buffer("rope_pick", pick, persistent=False)
+        self.register_buffer("rope_swap", swap, persistent=False)
+
+    def forward(self, x, past, cos3, sin3, cos4, sin4, mask, pad):
+        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cos3, sin3, cos4, sin4, mask, pad)
+        blk = self.model.model.layers[self.i]
+        h, new = self._attention(self, blk.self_attn, self.absorbed[self.i], blk.input_layernorm(x), ctx, past)
+        x = x + h
+        x = x + self.ffn[self.i](blk.post_attention_layernorm(x))
+        return x, new
+
+
+class _Epilogue(nn.Module):
+    def __init__(self, norm, lm_head):
+        super().__init__()
+        self.model = _paths(model=_paths(norm=norm), lm_head=lm_head)
+
+    def forward(self, x, keep):
+        T = x.shape[1]
+        idx = torch.arange(T, device=x.device)
+        rows = torch.where(idx >= T - keep)[0]                                  # last `keep` positions
+        return self.model.lm_head(self.model.model.norm(x).index_select(1, rows))
+
+
+def _trace(module, args: tuple, names_in, names_out, axes, opset: int, custom: tuple = ()) -> onnx.ModelProto:
+    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears);
+    ``custom``: the custom op domains it uses."""
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(module):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=opset, input_names=names_in,
+                          output_names=names_out, dynamic_axes=axes,
+                          custom_opsets=dict.fromkeys(custom, 1))
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _rename(g: onnx.GraphProto, nm) -> None:
+    """Rename every value of ``g`` and of its subgraphs (If/Loop bodies) with ``nm``."""
+    for n in g.node:
+        n.input[:] = [nm(x) for x in n.input]
+        n.output[:] = [nm(x) for x in n.output]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_sub(a.g, nm)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    _rename_sub(sg, nm)
+
+
+def _rename_sub(g: onnx.GraphProto, nm) -> None:
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        v.name = nm(v.name)
+    for t in g.initializer:
+        t.name = nm(t.name)
+    _rename(g, nm)
+
+
+class _Sink:
+    """The stitched graph under construction and its external data file."""
+
+    def __init__(self, data_path: Path | None):
+        self.nodes, self.inits, self.opsets, self.names = [], [], {}, set()
+        self.data_path, self.offset = data_path, 0
+        self.f = open(data_path, "wb") if data_path else None
+
+    def add(self, proto: onnx.ModelProto, wires: dict[str, str], prefix: str) -> None:
+        """Append one traced piece: its inputs/outputs are wired by ``wires`` (names not in it stay),
+        module weights (initializers not named ``onnx::*``/``/*`` by the exporter) keep their names,
+        every other value and node goes under ``prefix``."""
+        g = proto.graph
+        keep = {i.name for i in g.input} | {o.name for o in g.output}
+        fixed = {t.name for t in g.initializer if not t.name.startswith(("onnx::", "/"))}
+
+        def nm(x: str) -> str:
+            if not x or x in fixed or (x in keep and x not in wires):
+                return x
+            return wires.get(x) or prefix + x.lstrip("/")
+
+        _rename(g, nm)
+        for n in g.node:
+            if n.name:
+                n.name = prefix + n.name.lstrip("/")
+            self.nodes.append(n)
+        for t in g.initializer:
+            t.name = nm(t.name)
+            if t.name in self.names:      # a constant every layer holds (the RoPE matrices): kept once
+                continue
+            self.names.add(t.name)
+            self._store(t)
+            self.inits.append(t)
+        for op in proto.opset_import:
+            self.opsets[op.domain] = max(self.opsets.get(op.domain, 0), op.version)
+
+    def _store(self, t: onnx.TensorProto) -> None:
+        if self.f is None or not t.HasField("raw_data") or len(t.raw_data) < 1024:
+            return
+        pad = (-self.offset) % ALIGN
+        self.f.write(b"\0" * pad)
+        self.offset += pad
+        raw = t.raw_data
+        self.f.write(raw)
+        onnx.external_data_helper.set_external_data(t, self.data_path.name, offset=self.offset, length=len(raw))
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.ClearField("raw_data")
+        self.offset += len(raw)
+
+    def close(self):
+        if self.f:
+            self.f.close()
+
+
+def _state_items(src):
+    """(name, tensor) of the source's ``state_dict`` in name order, read one tensor at a time."""
+    from ..shapes import meta_model
+
+    if hasattr(src, "model"):                        # an in-memory model
+        yield from sorted(src.model.state_dict().items())
+        return
+    tied = src.args.tie_word_embeddings
+    for k in sorted(meta_model(src.args).state_dict()):
+        name = "model.embed_tokens.weight" if tied and k == "lm_head.weight" else k
+        yield k, src.read([name])[name]
+
+
+def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_from=None,
+                   device: str = "cpu", log=None) -> Path:
+    """Export ``source`` layer by layer to ``out_dir`` (see module doc); returns the directory."""
+    from ..model import rope_frequencies
+    from ..shapes import meta_model
+    from ..stream import as_source
+    from . import GRAPH_FILE, ExportConfig, write_export
+    from .graph import dynamic_axes
+    from .moe_contrib import contrib_routing
+    from .onnx_io import tensors_hash
+
+    cfg = config or ExportConfig()
+    src = as_source(source)
+    a = src.args
+    L, W = a.num_hidden_layers, a.kv_lora_rank + a.qk_rope_head_dim
+    contrib = cfg.moe == "contrib"
+    if contrib:
+        for i in range(L):
+            la = a.for_layer(i)
+            if la.is_moe and contrib_routing(a, la) is None:
+                raise EdgekitError(f"layer {i}: the com.microsoft MoE op cannot express this routing; "
+                                   "export with moe='portable'")
+    weight_bytes = sum(int(np.prod(t.shape)) * 4 for t in meta_model(a).state_dict().values())
+    large = weight_bytes > cfg.external_data_threshold
+    axes = dynamic_axes(L)
+    gen = torch.Generator().manual_seed(0)                   # as export._trace: nothing specialises
+    ids = torch.randint(0, a.vocab_size, (2, 3), generator=gen)
+    past, pad, keep = torch.zeros(2, 2, W), torch.tensor([0, 1]), torch.tensor(2)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
+        names = ["cos3", "sin3", "cos4", "sin4", "mask"]
+        wired = {n: f"/shared/{n}" for n in names}
+        rope_axes = {0: "pad_batch", 1: "seq"}
+        shared_axes = {**dict.fromkeys(names[:4], rope_axes), "mask": {0: "seq", 1: "total_seq"}}
+        try:
+            inv_freq, scale = rope_frequencies(a)
+            pro = _Prologue(src.embedding(), inv_freq, scale)
+            x, *sh = pro(ids, past, pad)
+            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
+                       {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
+                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset)
+            sink.add(p, {"x": "/layers.0/x_in", **wired}, "/embed/")
+            del pro, p
+            for i in range(L):
+                custom = ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",)
+                step = _LayerStep(src.layer(i, device), a, i, cfg.moe).cpu()
+                x_out, _ = step(x, past, *sh, pad)
+                p = _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
+                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
+                            "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
+                           cfg.opset, custom)
+                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired, "pad": "left_pad",
+                             "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
+                x = x_out
+                del step, p
+                if log:
+                    log(f"export: layer {i + 1}/{L}")
+            epi = _Epilogue(*src.head())
+            p = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
+                       {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset)
+            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/")
+            del epi, p
+        finally:
+            sink.close()
+        proto = onnx.helper.make_model(_assemble(sink, a, W), producer_name="edgekit", opset_imports=[
+            onnx.helper.make_opsetid(d, v) for d, v in sorted(sink.opsets.items())])
+        proto.ir_version = 8
+        write_export(tmp, proto, a, cfg, digest=tensors_hash(a, _state_items(src)),
+                     model_name=getattr(src, "name", None), simplify=False, large=large, linears=None,
+                     tokenizer_from=tokenizer_from, data_written=large, extra={"layered": True})
+    return out
+
+
+def _assemble(sink: _Sink, a, W: int) -> onnx.GraphProto:
+    """The graph inputs and outputs of ``export``'s graph around the stitched nodes."""
+    from onnx import TensorProto, helper
+
+    from .graph import io_names
+
+    ins, outs = io_names(a.num_hidden_layers)
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "past_seq", W]) for n in ins[1:-2]]
+    inputs += [helper.make_tensor_value_info("logits_keep", TensorProto.INT64, []),
+               helper.make_tensor_value_info("left_pad", TensorProto.INT64, ["pad_batch"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", a.vocab_size])]
+    outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", W]) for n in outs[1:]]
+    return helper.make_graph(sink.nodes, "edgekit_decoder", inputs, outputs, sink.inits)
