@@ -61,9 +61,13 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 SDIST_TREE = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp"   # llama.cpp inside the sdist
 LLAMA_COMMIT = "0c1e57098"    # ggml-org/llama.cpp commit the sdist vendors (its CHANGELOG says so)
 TREE = f"llama.cpp-{LLAMA_COMMIT}"
-PACKED = f"{TREE}.tar.gz"
-# Parts of the tree neither the build nor the converter reads (vocab test files, docs, images).
-TRIM = (".git", "models", "docs", "media", ".github", ".devops")
+PACKED = f"{TREE}.tar.xz"
+# Parts of the tree neither the CPU build nor the converter reads (vocab test files, docs, images,
+# examples (LLAMA_BUILD_EXAMPLES=OFF), GPU/NPU backends, the web UI's tests): the pack must travel
+# beside the repository within the device machine's 64 MiB transfer.
+TRIM = (".git", "models", "docs", "media", ".github", ".devops", "examples", "tools/ui/tests",
+        *(f"ggml/src/ggml-{b}" for b in ("cuda", "vulkan", "metal", "sycl", "opencl", "hexagon", "cann", "et",
+                                          "webgpu", "openvino", "virtgpu", "musa", "hip", "zdnn", "zendnn")))
 
 TARGETS = ("llama-bench", "llama-server", "llama-quantize", "llama-cli")
 CMAKE_OPTIONS = (
@@ -415,7 +419,7 @@ def pack(home: Path = HOME, wheels: bool = False, log=print) -> Path:
         ti.uname = ti.gname = ""
         return ti
 
-    with tarfile.open(tmp, "w:gz") as tf:
+    with tarfile.open(tmp, "w:xz", preset=9) as tf:
         tf.add(src.resolve(), arcname=TREE, filter=keep)   # resolve: src may be a link to the tree
     os.replace(tmp, d / PACKED)
     meta = {"file": PACKED, "sha256": sha256(d / PACKED), "bytes": (d / PACKED).stat().st_size,
