@@ -345,3 +345,19 @@ def test_float_weights_config():
         QuantConfig(float_weights="bf16")
     with pytest.raises(ValueError, match="float_weights"):
         Plan(int8=set(), float_weights="int4")
+
+
+def test_expert_scales_cover_experts_calibration_never_reached():
+    from edgekit.quantize.emulate import expert_absmax
+
+    m = tiny_model()
+    layer = next(i for i, b in enumerate(m.model.layers) if hasattr(b.mlp, "experts"))
+    gate = m.model.layers[layer].mlp.gate
+    with torch.no_grad():
+        if hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias[0] = -1e9          # expert 0 is never chosen
+        gate.weight[0] = 0.0
+    rows = np.random.default_rng(0).integers(0, 128, (4, 33))
+    x_amax, h_amax = expert_absmax(m, rows)[f"model.layers.{layer}.mlp.experts"]
+    assert x_amax > 0 and all(h > 0 for h in h_amax), h_amax
+    assert h_amax[0] == max(h_amax), "an unreached expert gets its layer's largest range, not 0"

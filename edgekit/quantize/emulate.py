@@ -135,8 +135,9 @@ def input_absmax(model, rows: np.ndarray, names: list[str], batch_size: int = 8)
 @torch.no_grad()
 def expert_absmax(model, rows: np.ndarray, batch_size: int = 8) -> dict[str, tuple[float, tuple[float, ...]]]:
     """Per MoE layer (unit ``...mlp.experts``): (max |x| of the tokens its routed experts see,
-    per expert max |h| of its down projection's input; 0.0 for an expert no token reached) over the
-    calibration ``rows``: the static activation scales of the grouped int8 experts."""
+    per expert max |h| of its down projection's input) over the calibration ``rows``: the static
+    activation scales of the grouped int8 experts. An expert no calibration token reached gets the
+    largest max |h| of its layer (a zero range would clip everything it computes to zero)."""
     layers = {n: m for n, m in units(model).items() if n.endswith("mlp.experts")}
     x_max = {n: 0.0 for n in layers}
     h_max = {n: [0.0] * len(m) for n, m in layers.items()}
@@ -156,7 +157,7 @@ def expert_absmax(model, rows: np.ndarray, batch_size: int = 8) -> dict[str, tup
     finally:
         for h in hooks:
             h.remove()
-    return {n: (x_max[n], tuple(h_max[n])) for n in layers}
+    return {n: (x_max[n], tuple(h or max(h_max[n]) for h in h_max[n])) for n in layers}
 
 
 @torch.no_grad()

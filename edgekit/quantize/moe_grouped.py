@@ -178,7 +178,9 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     if nb is not None and (D % nb.block or inter % nb.block):
         raise ValueError(f"{node.name}: expert sizes {D}, {inter} are not multiples of the MatMulNBits "
                          f"block {nb.block}")
-    static = nb is None and cfg.fold and cfg.static_x is not None and cfg.static_h is not None
+    static = nb is None and cfg.static_x is not None and cfg.static_h is not None
+    if static and not cfg.fold:
+        raise ValueError(f"{node.name}: static expert activation scales go into the kernel: they need fold=True")
     if static and len(cfg.static_h) != E:
         raise ValueError(f"{node.name}: {len(cfg.static_h)} static expert scales for {E} experts")
     scale = lambda amax, hint: em.const(np.array(max(float(amax), eps) / qmax, np.float32), hint)  # noqa: E731
