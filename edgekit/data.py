@@ -26,6 +26,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,8 +104,12 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
         raise EdgekitError(f"data file {p} not found; pass a UTF-8 text file, one of {SPLITS} or DOMAIN/SPLIT "
                            f"(domains {', '.join(domain_names())}; splits {', '.join(DOMAIN_SPLITS)})")
     try:
-        text = gzip.decompress(p.read_bytes()).decode("utf-8") if p.suffix == ".gz" else p.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError):
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise EdgekitError(f"{p} is not a complete gzip file; pass it uncompressed or re-compress it") from None
+    try:
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")   # as text mode reads it
+    except UnicodeDecodeError:
         raise EdgekitError(f"{p} is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
     if not text.strip():
         raise EdgekitError(f"{p} is empty; pass a text file with at least a few hundred tokens")
