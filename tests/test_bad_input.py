@@ -168,9 +168,9 @@ def weights(t, ckpt, how):
     return str(d)
 
 
-def text(t, data: bytes):
-    (t / "text.txt").write_bytes(data)
-    return str(t / "text.txt")
+def text(t, data: bytes, name: str = "text.txt"):
+    (t / name).write_bytes(data)
+    return str(t / name)
 
 
 def corrupt_tokenizer(t, ckpt):
@@ -289,6 +289,8 @@ CASES = [
     ("pickle weights only", lambda t, c, b: ["eval", weights(t, c, "pickle")], "never unpickles"),
     ("NaN weights", lambda t, c, b: ["eval", weights(t, c, "nan")], "NaN"),
     ("empty eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"")], "empty"),
+    ("damaged .gz eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"\x1f\x8b\x08" + b"x" * 40,
+                                                                                 "text.txt.gz")], "gzip"),
     ("non-UTF-8 eval text", lambda t, c, b: ["eval", ck(t, c), "--data", text(t, b"caf\xe9 \xff\xfe" * 50)],
      "UTF-8"),
     ("recipe with an unknown key", lambda t, c, b: ["compress", ck(t, c), "--target", _bad_key_recipe(t),
