@@ -29,7 +29,7 @@ def project_files() -> list[Path]:
 
 def test_the_pattern_finds_outside_references():
     work, up = "/work/", ".."                          # split so this file itself names no outside path
-    for s in (f"see {work}main/README.md", f"cp {up}/shared/x .", "from " + "notes/plan.md", f"PYTHONPATH={work}wt/a"):
+    for s in (f"see {work}main/README.md", f"cp {up}/shared/x .", "from not" + "es/plan.md", f"PYTHONPATH={work}wt/a"):
         assert OUTSIDE.search(s), s
     for s in ("/work/edgekit in the VM", "release_notes/x", "footnotes/a"):
         assert not OUTSIDE.search(s), s
