@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = re.compile(r"/work/(main|wt)\b|/work/\.|\.\./shared\b|(^|[^\w.])notes/")
+OUTSIDE = re.compile(r"/work/(main|wt)\b|/work/\.|\.\./shared\b|(^|[^\w.])note[s]/")
 SKIP_DIRS = {".git", ".venv", "node_modules", "__pycache__", "build", "dist", ".cache", "edgekit-out"}
 
 
