@@ -44,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.llamacpp import stop_server  # noqa: E402
 from edgekit.data import load_text  # noqa: E402
 
 PROMPT_CHARS = (48, 160, 320, 640)
@@ -92,15 +93,6 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
         time.sleep(0.25)
     p.kill()
     raise SystemExit(f"server not ready after {READY_S:.0f} s: {' '.join(cmd)}\n{log.read_text()[-2000:]}")
-
-
-def stop(p: subprocess.Popen) -> None:
-    p.terminate()
-    try:
-        p.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=30)
 
 
 def one_request(port: int, body: dict, timeout_s: float) -> dict:
@@ -178,7 +170,7 @@ def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: P
             extra = {"mean_rows_per_decode_call": round(h["rows_decoded"] / max(1, h["decode_calls"]), 2),
                      "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"]}
     finally:
-        stop(proc)
+        stop_server(proc)
     ok = {i: r for i, r in results.items() if "error" not in r}
     ttft = np.array([r["ttft_s"] for r in ok.values()])
     lat = np.array([r["latency_s"] for r in ok.values()])
