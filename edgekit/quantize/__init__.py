@@ -25,6 +25,10 @@ Choices per op kind (measured on the 2-core AVX-512-VNNI dev VM, ORT 1.32; bench
   ``com.microsoft::QMoE`` 8-bit per block of K (``moe="block"``) or per row (``moe="row"``, weights
   only). QMoE's CPU kernel dequantizes expert weights to fp32 per call: on the 1.6B V3 shape it was
   ~70% of prefill time (benchmarks/moe_kernels.py, benchmarks/results/).
+- 4-bit (``int4``: candidates the planner moves to 4-bit by measured sensitivity within the
+  accuracy budget, mixed.plan_int4): linears as ``MatMulNBits`` 4-bit, routed experts as 4-bit
+  ``QMoE`` (weights only, block ``int4_block``) or grouped ``MatMulNBits`` experts; ~0.6 bytes
+  per weight instead of 1.
 - Embedding: int8 rows + per-row scale (Gather, Cast, Mul). Routers, norms, RoPE tables and the
   absorbed-attention products stay fp32 (routers overridable); with ``float_weights = "fp16"`` the
   weights of units kept in float and not pinned by an override (absorbed products, reverted units) are stored fp16
@@ -76,6 +80,8 @@ class QuantConfig:
     max_ort_rounds: int = 4
     rank_always: bool = False         # rank sensitivity even when the budget already holds (for the report)
     float_weights: str = "fp32"       # units kept in float: "fp32", or "fp16" storage + Cast (half the bytes; fp16.py)
+    int4: list = field(default_factory=list)   # unit names / "re:" patterns that may go 4-bit, least sensitive first
+    int4_block: int = 32              # 4-bit weights per scale along K (MatMulNBits / QMoE block_size)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -91,6 +97,10 @@ class QuantConfig:
             raise ValueError(f"quantize overrides {bad}: values must be 'int8' or 'fp32'")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ValueError(f"quantize float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
+        if not isinstance(self.int4, list) or not all(isinstance(p, str) for p in self.int4):
+            raise ValueError(f"quantize int4={self.int4!r}: use a list of unit names or 're:' patterns")
+        if self.int4_block < 16 or self.int4_block & (self.int4_block - 1):
+            raise ValueError(f"quantize int4_block={self.int4_block}: use a power of two >= 16")
         if self.moe_block and (self.moe_block < 16 or self.moe_block & (self.moe_block - 1)):
             raise ValueError(f"quantize moe_block={self.moe_block}: use 0 (auto) or a power of two >= 16")
 

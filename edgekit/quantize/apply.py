@@ -2,9 +2,10 @@
 
 What: reads ``src/export.json``'s ``units`` (module name -> graph node and initializers, written by
 ``edgekit.export``) and rewrites the units the plan puts in int8 (rewrite.py): linears (``MatMul``
-on ``<module>.weight_t``) -> ``MatMulIntegerToFloat``, the embedding ``Gather`` -> int8 rows,
-contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py) or ``QMoE``, as ``plan.moe_path``
-says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
+on ``<module>.weight_t``) -> ``MatMulIntegerToFloat`` (units in ``plan.int4``: ``MatMulNBits``
+4-bit; routed experts in ``plan.int4``: 4-bit ``QMoE`` or grouped ``MatMulNBits`` experts), the
+embedding ``Gather`` -> int8 rows, contrib ``MoE`` nodes -> grouped int8 GEMMs (moe_grouped.py)
+or ``QMoE``, as ``plan.moe_path`` says, portable experts (``If`` nodes) -> int8 weights per column inside both branches
 (portable.py); with ``plan.float_weights == "fp16"`` the weights of every unit neither in int8 nor
 pinned to fp32 by an override are stored fp16 with a Cast to fp32 (fp16.py). ``out`` gets the same
 files as ``src`` (graph I/O unchanged), ``export.json`` with ``dtype: "int8"`` and a
@@ -85,17 +86,29 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
             raise EdgekitError(f"{src}: export.json maps {u} to node {e['node']}, which model.onnx lacks; re-export")
     by_op = {op: sorted(u for u in plan.int8 if units[u]["op"] == op) for op in QUANTIZABLE}
     nb = NBitsConfig(bits=int(plan.kernel[5:]), block=plan.nbits_block) if plan.kernel.startswith("nbits") else None
-    done = rewrite_linears(proto, {units[u]["weights"][0]: u for u in by_op["MatMul"]}, set(by_op["MatMul"]),
-                           plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, nbits=nb,
-                           base_dir=base)
+    nb4 = NBitsConfig(bits=4, block=plan.int4_block)
+    lin8 = {u for u in by_op["MatMul"] if u not in plan.int4}
+    lin_map = {units[u]["weights"][0]: u for u in by_op["MatMul"]}
+    done = rewrite_linears(proto, lin_map, lin8, plan.static_scales, merge=plan.merge, wmax=plan.wmax,
+                           fold=plan.fold, nbits=nb, base_dir=base)
+    done4 = rewrite_linears(proto, lin_map, set(by_op["MatMul"]) - lin8, None, merge=plan.merge, nbits=nb4,
+                            base_dir=base)
+    done += done4
     emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
     gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
     def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
         s = plan.expert_scales.get(u)
         return dataclasses.replace(gcfg, static_x=s[0], static_h=tuple(s[1])) if s else gcfg
 
-    moe = {u: (rewrite_moe_grouped(proto, units[u]["node"], gcfg_of(u), base) if plan.moe_path == "grouped"
-               else rewrite_moe(proto, units[u]["node"], plan.moe_block, base)) for u in by_op["MoE"]}
+    def moe_of(u):        # 4-bit experts: QMoE 4-bit in blocks of int4_block, or grouped MatMulNBits 4-bit
+        if plan.moe_path == "grouped":
+            return rewrite_moe_grouped(proto, units[u]["node"], dataclasses.replace(gcfg_of(u), nbits=nb4)
+                                       if u in plan.int4 else gcfg_of(u), base)
+        if u in plan.int4:
+            return rewrite_moe(proto, units[u]["node"], plan.int4_block, base, bits=4)
+        return rewrite_moe(proto, units[u]["node"], plan.moe_block, base)
+
+    moe = {u: moe_of(u) for u in by_op["MoE"]}
     moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
                                           base_dir=base) for u in by_op["If"]})
     floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
@@ -116,6 +129,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
                    "expert_activation_scales": "static" if plan.expert_scales else "per token",
                    "kernel": plan.kernel, **({"nbits_block": plan.nbits_block} if nb else {}),
+                   **({"int4": {"block": plan.int4_block, "linears": sorted(done4),
+                                "moe": sorted(u for u in by_op["MoE"] if u in plan.int4)}} if plan.int4 else {}),
                    "activation_scales": "static" if static else "dynamic",
                    "static_units": static, "merged_siblings": plan.merge,
                    **({"float_weights": "fp16", "fp16": {**f16, "units": floats}} if f16 else {})}

@@ -10,7 +10,11 @@ computes what the rewritten ONNX graph computes (see rewrite.py):
   as on the portable path), or QMoE weights int8 per row (weights only), or per block of K with
   int8 activations per token and block when ``moe_block`` > 0; on the portable path
   (``expert_act_int8=False``) int8 per output column, weights only;
-- embedding: int8 per row.
+- embedding: int8 per row;
+- units in ``int4`` (4-bit weights in blocks of ``int4_block`` along K, ``edgekit/quantize/nbits.py``):
+  a ``Linear`` as ``MatMulNBits`` at accuracy level 4 (input int8 per row and block, weights 4-bit
+  per block); routed experts on the QMoE path as 4-bit ``QMoE`` (weights only: the kernel
+  dequantizes and computes in fp32), as linears (grouped) like a ``Linear``.
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
 Why emulate: one forward pass per trial on the calibration tokens instead of an export + session;
@@ -30,6 +34,8 @@ import torch
 from torch import nn
 
 from ..int8 import QMAX, fake_quant, fake_quant_blocks
+
+QMAX_4BIT = 7.0
 
 
 def fq(x: torch.Tensor, dim=None, scale: float | None = None, qmax: float = QMAX) -> torch.Tensor:
@@ -63,8 +69,9 @@ def units(model) -> dict[str, nn.Module]:
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
              experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True,
-             expert_scales: dict | None = None):
-    """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``.
+             expert_scales: dict | None = None, int4: set[str] | frozenset = frozenset(), int4_block: int = 32):
+    """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``; those also
+    in ``int4`` with 4-bit block weights (``int4_block``; see ``int4_fits`` for which can be).
     ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul;
     ``expert_act_int8=False`` (portable.py): expert activations stay fp32. ``expert_scales``: MoE
     unit -> (x amax, per-expert h amax), static activation scales of grouped experts
@@ -85,6 +92,15 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
         with torch.no_grad():
             for name, mod in units(model).items():
                 if name not in int8:
+                    continue
+                if name in int4:
+                    lins = [m for m in mod.modules() if isinstance(m, nn.Linear)] if name.endswith("mlp.experts") \
+                        else [mod]
+                    for lin in lins:
+                        swap(lin.weight, fake_quant_blocks(lin.weight.data, int4_block, qmax=QMAX_4BIT))
+                        if experts_as_linears or not name.endswith("mlp.experts"):   # MatMulNBits: int8 input blocks
+                            hooks.append(lin.register_forward_pre_hook(
+                                lambda _m, a, b=int4_block: (fq_blocks(a[0], b),) + tuple(a[1:])))
                     continue
                 if name.endswith("mlp.experts") and experts_as_linears:
                     xs = expert_scales.get(name)
@@ -182,6 +198,15 @@ def routing(model, rows: np.ndarray, batch_size: int = 8) -> dict[int, torch.Ten
 def agreement(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> dict[int, float]:
     """Fraction of tokens whose chosen expert SET is identical, per layer."""
     return {i: float((a[i] == b[i]).all(dim=-1).float().mean()) for i in a}
+
+
+def int4_fits(mod: nn.Module, block: int) -> bool:
+    """Whether a unit can be written with 4-bit block weights: a ``Linear`` or a layer's routed
+    experts whose every input width is a multiple of ``block`` (embeddings and routers cannot)."""
+    if isinstance(mod, nn.Embedding) or type(mod).__name__ == "Gate":
+        return False
+    lins = [m for m in mod.modules() if isinstance(m, nn.Linear)]
+    return bool(lins) and all(m.in_features % block == 0 for m in lins)
 
 
 def match(name: str, pattern: str) -> bool:

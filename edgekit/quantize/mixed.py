@@ -17,6 +17,14 @@ sensitive unit reverts to fp32 (at most ``config.max_ort_rounds`` times).
    KL(fp32 || model with only that unit int8), measured once) and move the most sensitive one back
    to fp32, re-scoring after each move. ``Plan.fp32`` records every unit kept in fp32 and why.
 
+``plan_int4(model, rows, plan, candidates, max_drop, ...)``, after 1-3: of the int8 units the
+recipe names as 4-bit candidates (``[quantize] int4``, names or ``re:`` patterns), measure each
+one's KL alone in 4-bit, then move them to 4-bit least sensitive first while the emulated drop of
+the whole plan stays within ``max_drop`` (the first one that breaks it goes back to 8-bit and the
+search stops). The bytes 4-bit saves are what lets a bundle meet its size gate with less pruning;
+the accuracy budget it spends is the same one int8 spends. If onnxruntime then measures more than
+the budget, 4-bit units go back to 8-bit (most sensitive first) before any unit reverts to fp32.
+
 Why greedy by single-unit KL: one forward per unit to rank and one per revert, which is what a
 CPU-only tool can afford; reverting the highest-KL units first is what NNCF's accuracy control and
 ModelOpt's auto-quantize approximate as well.
@@ -37,7 +45,7 @@ import numpy as np
 from ..evaluate import Reference, score_rows
 from ..int8 import QMAX, QMAX_7BIT
 from .apply import quantizable_units, quantize_export
-from .emulate import agreement, emulated, expert_absmax, input_absmax, match, routing, units
+from .emulate import agreement, emulated, expert_absmax, input_absmax, int4_fits, match, routing, units
 from .plan import Plan
 
 
@@ -103,6 +111,38 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
         plan.accuracy_int8 = measure(plan.int8)
         plan.steps.append({"fp32_units": len(plan.fp32), "reverted": n, "accuracy": plan.accuracy_int8})
         log(f"quantize: kept {n} in fp32 -> drop {plan.drop * 100:+.2f} points")
+    return plan
+
+
+def int4_candidates(model, plan: Plan, patterns: list[str]) -> list[str]:
+    """The plan's int8 units that a ``[quantize] int4`` entry (name or ``re:`` pattern) names and
+    that 4-bit blocks of ``plan.int4_block`` fit (``emulate.int4_fits``)."""
+    mods = units(model)
+    return sorted(n for n in plan.int8 if any(match(n, p) for p in patterns) and int4_fits(mods[n], plan.int4_block))
+
+
+def plan_int4(model, rows: np.ndarray, plan: Plan, candidates: list[str], max_drop: float, ref: Reference,
+              log=print, **kw) -> Plan:
+    """Move ``candidates`` (int8 units) to 4-bit, least sensitive first, while the emulated drop of
+    the whole plan on ``rows`` stays within ``max_drop`` (see module doc). ``kw``: ``emulated``'s
+    int8 options. Updates and returns ``plan``."""
+    if not candidates:
+        return plan
+    for n in candidates:
+        with emulated(model, {n}, int4={n}, int4_block=plan.int4_block, **kw):
+            plan.sensitivity_int4[n] = score_rows(model, rows, ref=ref).kl
+    order = sorted(candidates, key=lambda n: plan.sensitivity_int4[n])
+    for i, n in enumerate(order):
+        with emulated(model, plan.int8, int4=plan.int4 | {n}, int4_block=plan.int4_block, **kw):
+            acc = score_rows(model, rows).accuracy
+        ok = plan.accuracy_fp32 - acc <= max_drop
+        plan.steps.append({"int4": n, "kept": ok, "accuracy": acc})
+        log(f"quantize: {n} 4-bit (KL rank {i + 1} of {len(order)}, {plan.sensitivity_int4[n]:.2e}) -> drop "
+            f"{(plan.accuracy_fp32 - acc) * 100:+.2f} points{'' if ok else ' over budget: stays 8-bit'}")
+        if not ok:
+            break
+        plan.int4.add(n)
+        plan.accuracy_int8 = acc
     return plan
 
 
@@ -205,7 +245,11 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
     plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
     plan.float_weights = config.float_weights
-    with emulated(model, plan.int8, **kw):
+    plan.int4_block = config.int4_block
+    if config.int4 and not portable:      # the portable experts' If/Loop branches have no 4-bit form
+        plan_int4(model, rows, plan, int4_candidates(model, plan, config.int4), budget, ref.reference, log=log, **kw)
+    kw4 = dict(kw, int4=plan.int4, int4_block=plan.int4_block)
+    with emulated(model, plan.int8, **kw4):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy
     rounds = []
@@ -224,6 +268,11 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
                     f"(drop {drop * 100:+.2f} points)")
                 if drop <= budget:
                     break
+                if plan.int4:           # 4-bit goes back to 8-bit before anything goes back to fp32
+                    n = max(plan.int4, key=lambda u: plan.sensitivity_int4.get(u, 0.0))
+                    plan.int4.discard(n)
+                    plan.steps.append({"int4_reverted": n, "ort_drop": drop})
+                    continue
                 if not plan.sensitivity:
                     for n in sorted(plan.int8):
                         with emulated(model, {n}, **kw):
@@ -241,5 +290,9 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
         "accuracy": {"calib_tokens": int(rows[:, 1:].size), "fp32_torch": ref.accuracy,
                      "int8_emulated": acc_emul, "emulated_drop": ref.accuracy - acc_emul, "ort": rounds},
         "routing_agreement": {str(k): v for k, v in agreement(ref_routes, routes_q).items()},
+        "precision": {n: plan.precision(n) for n in sorted(units(model))},
+        **({"int4": {"block": plan.int4_block, "units": sorted(plan.int4),
+                     "sensitivity": dict(sorted(plan.sensitivity_int4.items(), key=lambda kv: kv[1]))}}
+           if config.int4 else {}),
     }
     return plan

@@ -12,14 +12,18 @@ linears sharing an input), ``kernel`` ("integer": per-token int8 into ``MatMulIn
 the units kept in float are stored: "fp32", or "fp16" with a Cast to fp32 in the graph, fp16.py;
 units in ``pinned_fp32``, those the recipe's overrides put in fp32, keep fp32 storage: routers,
 where fp16 rounding flips expert choices).
+``int4`` (a subset of ``int8``: the quantized units whose weights are stored 4-bit, in blocks of
+``int4_block`` along K: linears as ``MatMulNBits`` 4-bit, routed experts as 4-bit ``QMoE`` or
+grouped ``MatMulNBits`` experts; ``sensitivity_int4``: the KL each candidate measured alone in
+4-bit, the order the planner chose them in).
 What the planning measured rides along in ``sensitivity``, ``steps`` and ``report``.
 ``plan.save(dir)`` / ``Plan.load(dir)`` round-trip it through ``plan.json``.
 
 Who writes it: ``edgekit.quantize.mixed.plan_`` (accuracy-aware, on the smoothed model + its
 export). Who reads it: ``edgekit.quantize.apply.quantize_export``. No torch, no onnx here.
 
-Invariants: ``int8`` and ``fp32`` are disjoint; JSON keeps sets sorted so equal plans write equal
-files (the stage cache keys on them).
+Invariants: ``int8`` and ``fp32`` are disjoint, ``int4`` is within ``int8``; JSON keeps sets sorted
+so equal plans write equal files (the stage cache keys on them).
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ class Plan:
     accuracy_int8: float = 0.0
     steps: list[dict] = field(default_factory=list)
     report: dict = field(default_factory=dict)                   # what planning measured (quantize.json)
+    int4: set[str] = field(default_factory=set)                  # of the int8 units: weights stored 4-bit
+    int4_block: int = 32                                         # 4-bit weights per scale along K
+    sensitivity_int4: dict[str, float] = field(default_factory=dict)  # candidate -> KL when alone 4-bit
 
     def __post_init__(self):
         self.int8 = set(self.int8)
         self.pinned_fp32 = set(self.pinned_fp32)
+        self.int4 = set(self.int4)
+        if self.int4 - self.int8:
+            raise ValueError(f"plan lists {sorted(self.int4 - self.int8)[0]} as int4 but not among the quantized units")
         both = self.int8 & set(self.fp32)
         if both:
             raise ValueError(f"plan lists {sorted(both)[0]} as both int8 and fp32")
@@ -70,12 +80,17 @@ class Plan:
         if self.moe_path not in MOE_PATHS:
             raise ValueError(f"plan moe_path={self.moe_path!r}: use one of {MOE_PATHS}")
 
+    def precision(self, unit: str) -> str:
+        """"int4", "int8" or "fp32": how the graph pass writes ``unit``."""
+        return "int4" if unit in self.int4 else "int8" if unit in self.int8 else "fp32"
+
     @property
     def drop(self) -> float:
         return self.accuracy_fp32 - self.accuracy_int8
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "int8": sorted(self.int8), "pinned_fp32": sorted(self.pinned_fp32)}
+        return {**asdict(self), "int8": sorted(self.int8), "pinned_fp32": sorted(self.pinned_fp32),
+                "int4": sorted(self.int4)}
 
     def save(self, out_dir: str | Path) -> Path:
         f = Path(out_dir) / PLAN_FILE

@@ -70,27 +70,35 @@ class _Graph:
             for i in n.input:
                 self.consumers[i].append(n)
         self._n = 0
+        # names already in the graph: a second pass over the same graph (8-bit, then 4-bit linears)
+        # must not reuse a name an earlier pass gave
+        self.taken = set(self.inits) | {o for n in self.g.node for o in n.output} | {n.name for n in self.g.node}
+
+    def _unique(self, fmt: str) -> str:
+        while True:
+            self._n += 1
+            name = fmt.format(self._n)
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
 
     def array(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
         return numpy_helper.to_array(t, self.base_dir) if t is not None else None
 
     def add_init(self, arr: np.ndarray, hint: str) -> str:
-        self._n += 1
-        name = f"q8.{hint}.{self._n}"
+        name = self._unique(f"q8.{hint}.{{}}")
         t = numpy_helper.from_array(arr, name)
         self.g.initializer.append(t)
         self.inits[name] = t
         return name
 
     def fresh(self, hint: str) -> str:
-        self._n += 1
-        return f"q8/{hint}/{self._n}"
+        return self._unique(f"q8/{hint}/{{}}")
 
     def node_name(self, tag: str, op: str) -> str:
         """``q8:{tag}:{op}/{n}``: read by the profile report to attribute time to layer kinds."""
-        self._n += 1
-        return f"q8:{tag}:{op}/{self._n}"
+        return self._unique(f"q8:{tag}:{op}/{{}}")
 
     def drop_unused_inits(self) -> None:
         used = used_names(self.g) | {o.name for o in self.g.output}
@@ -254,22 +262,27 @@ def rewrite_embedding(proto: onnx.ModelProto, weight_name: str, base_dir: str = 
     return True
 
 
-def rewrite_moe(proto: onnx.ModelProto, node_name: str, block: int = 0, base_dir: str = "") -> str:
+def rewrite_moe(proto: onnx.ModelProto, node_name: str, block: int = 0, base_dir: str = "", bits: int = 8) -> str:
     """``com.microsoft::MoE`` node -> ``QMoE`` 8-bit. ``block`` 0: per-row scales (weights only);
-    else per block of K (needs hidden and inter sizes divisible by it). Returns 'row' or 'block{b}'."""
+    else per block of K (needs hidden and inter sizes divisible by it). Returns 'row' or 'block{b}'.
+    ``bits`` 4: 4-bit weights (two per byte, low nibble first; onnxruntime's CPU kernel dequantizes
+    them and computes in fp32, per row or per block alike); returns 'row4' or 'block{b}x4'."""
     G = _Graph(proto, base_dir)
     node = next(n for n in G.g.node if n.name == node_name)
     fc1, fc2 = G.array(node.input[2]), G.array(node.input[4])        # [E, 2I, D], [E, D, I]
     if block and (fc1.shape[2] % block or fc2.shape[2] % block):
         block = 0
+    qmax, offset = float(2 ** (bits - 1) - 1), 2 ** (bits - 1)
     qs = []
     for w in (fc1, fc2):
-        q, s = quantize_blocks(w, block) if block else quantize_sym(w, axis=2)
-        qs.append((G.add_init((q.astype(np.int16) + 128).astype(np.uint8), node_name + ".w"),
-                   G.add_init(s, node_name + ".s")))
+        q, s = quantize_blocks(w, block, qmax=qmax) if block else quantize_sym(w, axis=2, qmax=qmax)
+        u = (q.astype(np.int16) + offset).astype(np.uint8)
+        if bits == 4:
+            u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+        qs.append((G.add_init(u, node_name + ".w"), G.add_init(s, node_name + ".s")))
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-    attrs["expert_weight_bits"] = 8
+    attrs["expert_weight_bits"] = bits
     if block:
         attrs["block_size"] = block
     new = helper.make_node("QMoE", [node.input[0], node.input[1], qs[0][0], qs[0][1], "", qs[1][0], qs[1][1]],
@@ -278,7 +291,8 @@ def rewrite_moe(proto: onnx.ModelProto, node_name: str, block: int = 0, base_dir
     G.g.node.remove(node)
     G.g.node.insert(idx, new)
     G.drop_unused_inits()
-    return f"block{block}" if block else "row"
+    kind = f"block{block}" if block else "row"
+    return kind if bits == 8 else kind + ("x4" if block else "4")
 
 
 def ensure_ms_opset(proto: onnx.ModelProto) -> None:
