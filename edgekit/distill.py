@@ -58,7 +58,8 @@ class DistillConfig:
     train_embeddings: bool = True    # False: embeddings and lm_head stay frozen (less overfitting on tiny text)
     seed: int = 0
     device: str = "auto"             # "auto" (CUDA when present), "cpu", "cuda"
-    fake_quant: str = ""             # "": plain fp32 student; "int8": quantization-aware (edgekit/qat.py)
+    fake_quant: str = ""             # "": plain fp32 student; "int8"/"int4-experts": quantization-aware (qat.py)
+    fake_quant_block: int = 32       # "int4-experts": 4-bit expert weights per block of K
     progress: bool = True
 
     def __post_init__(self):
@@ -75,7 +76,7 @@ class DistillConfig:
         if self.fake_quant:
             from .qat import QATConfig
 
-            QATConfig(self.fake_quant)
+            QATConfig(self.fake_quant, experts_block=self.fake_quant_block)
 
 
 def distill_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -157,7 +158,8 @@ def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfi
     if cfg.progress and dist.world().is_main:
         from tqdm import tqdm
         it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
-    with fake_quantized(student, QATConfig(cfg.fake_quant)) if cfg.fake_quant else nullcontext():
+    with fake_quantized(student, QATConfig(cfg.fake_quant, experts_block=cfg.fake_quant_block)) \
+            if cfg.fake_quant else nullcontext():
         for step in it:
             starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)[mine]  # same draw on every rank
             ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B_rank, T]

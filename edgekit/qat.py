@@ -16,6 +16,10 @@ Why: post-training int8 costs little on v3-nano (~0.02 points), but a pruned stu
 been distilled is exactly where the remaining budget is thinnest; training under the rounding it
 will ship with spends the recovery steps on the model that is actually deployed.
 
+Mode ``"int4-experts"``: the same, but the routed experts' weights are rounded to 4 bits in blocks
+of ``experts_block`` along K, as ``[quantize] int4`` writes them (4-bit ``QMoE``, weights only):
+recovery for a plan that puts the experts in 4-bit (recipe: ``recover_fake_quant = "int4-experts"``).
+
 Invariants: routers (``Gate``) stay fp32, as in the shipped int8 graph; on exit every module's
 forward is the stock one again and no parameter was replaced (only their values trained), so the
 model saves and exports as usual. The weight scale is recomputed from the current weights at every
@@ -35,9 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .int8 import QMAX, QMAX_7BIT, fake_quant
+from .int8 import QMAX, QMAX_7BIT, fake_quant, fake_quant_blocks
 
-MODES = ("int8",)
+MODES = ("int8", "int4-experts")
+QMAX_4BIT = 7.0
 
 
 @dataclass
@@ -47,6 +52,7 @@ class QATConfig:
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
     weight_qmax: float = QMAX_7BIT    # 7-bit weights (quantize's default reduce_range); 127: 8-bit
+    experts_block: int = 32           # "int4-experts": 4-bit expert weights per block of K ([quantize] int4_block)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,9 +65,15 @@ def ste_round(x: torch.Tensor, dim: int | None = None, qmax: float = QMAX) -> to
     return x + (fake_quant(x.detach(), dim, qmax=qmax) - x).detach()
 
 
-def _linear_forward(lin: nn.Linear, act: bool, wmax: float):
+def ste_round_blocks(w: torch.Tensor, block: int, qmax: float) -> torch.Tensor:
+    """``ste_round`` per block of ``block`` along the last dim (4-bit block weights)."""
+    return w + (fake_quant_blocks(w.detach(), block, qmax=qmax) - w).detach()
+
+
+def _linear_forward(lin: nn.Linear, act: bool, wmax: float, block: int = 0):
     def forward(x):
-        return F.linear(ste_round(x, dim=-1) if act else x, ste_round(lin.weight, dim=1, qmax=wmax), lin.bias)
+        w = ste_round_blocks(lin.weight, block, wmax) if block else ste_round(lin.weight, dim=1, qmax=wmax)
+        return F.linear(ste_round(x, dim=-1) if act else x, w, lin.bias)
     return forward
 
 
@@ -83,7 +95,10 @@ def fake_quantized(model, config: QATConfig | None = None):
                 if routed and not cfg.experts:
                     continue
                 # QMoE row-wise expert weights are 8-bit; 7-bit (reduce_range) applies to the int8 matmuls
-                mod.forward = _linear_forward(mod, cfg.activations and not routed, QMAX if routed else cfg.weight_qmax)
+                four = routed and cfg.mode == "int4-experts" and mod.in_features % cfg.experts_block == 0
+                wmax = QMAX_4BIT if four else QMAX if routed else cfg.weight_qmax
+                mod.forward = _linear_forward(mod, cfg.activations and not routed, wmax,
+                                              cfg.experts_block if four else 0)
                 patched.append(mod)
             elif isinstance(mod, nn.Embedding) and cfg.embedding:
                 mod.forward = _embedding_forward(mod)

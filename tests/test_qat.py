@@ -65,3 +65,21 @@ def test_quantization_aware_recovery_trains_away_int8_error_plain_recovery_canno
           f"quantization-aware {b:.5f}")
     assert b < 0.9 * before and b < a, "measured 0.0079 -> 0.0061 on the 2-core dev VM"
     assert set(qat.state_dict()) == set(plain.state_dict()), "QAT leaves an ordinary checkpoint"
+
+
+def test_int4_experts_fake_quant_equals_the_4bit_emulation():
+    """"int4-experts": routed experts' weights in 4-bit blocks (what [quantize] int4 writes as 4-bit
+    QMoE), the rest as the int8 mode; the two implementations agree."""
+    m = tiny_model()
+    experts = {n for n in _int8_units(m) if n.endswith("mlp.experts")}
+    with torch.no_grad():
+        with emulated(m, _int8_units(m), wmax=63.0, int4=experts, int4_block=16):
+            emu = m(HELD_OUT)
+        with fake_quantized(m, QATConfig("int4-experts", experts_block=16)):
+            fake = m(HELD_OUT)
+        with fake_quantized(m):
+            int8 = m(HELD_OUT)
+    diff = (fake - emu).abs().max().item()
+    print(f"max |4-bit fake-quantized - emulated| = {diff:.2e}; "
+          f"|4-bit - int8 experts| = {(fake - int8).abs().max():.2e}")
+    assert diff < 1e-4 and (fake - int8).abs().max() > 1e-3

@@ -63,7 +63,8 @@ class PruneConfig:
     recover_seq_len: int = 256
     recover_hidden_weight: float = 0.0
     recover_train_embeddings: bool = True
-    recover_fake_quant: str = ""     # "int8": quantization-aware recovery (edgekit/qat.py)
+    recover_fake_quant: str = ""     # "int8" / "int4-experts": quantization-aware recovery (edgekit/qat.py)
+    recover_fake_quant_block: int = 32   # "int4-experts": 4-bit block along K (= [quantize] int4_block)
     seed: int = 0
 
     def __post_init__(self):
@@ -93,6 +94,7 @@ class PruneConfig:
         return DistillConfig(steps=self.recover_steps, lr=self.recover_lr, batch_size=self.recover_batch_size,
                              seq_len=self.recover_seq_len, hidden_weight=self.recover_hidden_weight,
                              train_embeddings=self.recover_train_embeddings, fake_quant=self.recover_fake_quant,
+                             fake_quant_block=self.recover_fake_quant_block,
                              seed=self.seed, progress=progress, device=device)
 
 

@@ -247,7 +247,8 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     plan.float_weights = config.float_weights
     plan.int4_block = config.int4_block
     if config.int4 and not portable:      # the portable experts' If/Loop branches have no 4-bit form
-        plan_int4(model, rows, plan, int4_candidates(model, plan, config.int4), budget, ref.reference, log=log, **kw)
+        plan_int4(model, rows, plan, int4_candidates(model, plan, config.int4),
+                  budget if config.int4_search else float("inf"), ref.reference, log=log, **kw)
     kw4 = dict(kw, int4=plan.int4, int4_block=plan.int4_block)
     with emulated(model, plan.int8, **kw4):
         routes_q = routing(model, rows)
@@ -268,7 +269,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
                     f"(drop {drop * 100:+.2f} points)")
                 if drop <= budget:
                     break
-                if plan.int4:           # 4-bit goes back to 8-bit before anything goes back to fp32
+                if plan.int4 and config.int4_search:   # 4-bit goes back to 8-bit before anything goes to fp32
                     n = max(plan.int4, key=lambda u: plan.sensitivity_int4.get(u, 0.0))
                     plan.int4.discard(n)
                     plan.steps.append({"int4_reverted": n, "ort_drop": drop})
