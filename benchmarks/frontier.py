@@ -10,7 +10,8 @@ point's table overrides, built by the pipeline's own ``build`` (prune + recover 
 -> score -> plan -> quantize, every stage through the stage cache, so points sharing a pruned model
 share its stage). Like ``compress --auto``, the planner's accuracy budget is taken on the target
 domain's dev split and calibration/distillation read its calib/recover splits; the eval split (its
-first ``--eval-tokens`` tokens, 0 = all; windows of the recipe's seq_len) is only measured: fp32
+first ``--eval-tokens`` tokens, 0 = all; windows of the recipe's seq_len; ``--dev-tokens`` likewise
+for dev) is only measured: fp32
 (torch) and each bundle (onnxruntime). Size ratio = the bundle's ONNX bytes / the unpruned fp32
 export's bytes (the size gate's reading). The other domains' eval splits are scored too with
 ``--ood`` (reported, as compress does).
@@ -91,6 +92,7 @@ def main(argv=None) -> int:
     ap.add_argument("--points", default="", help="nano | mini (default: by model name)")
     ap.add_argument("--only", action="append", default=[], help="run only these points (repeatable)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="first N tokens of the eval split (0: all)")
+    ap.add_argument("--dev-tokens", type=int, default=0, help="first N tokens of the dev split (0: all)")
     ap.add_argument("--ood", action="store_true", help="also score the other domains' eval splits")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     texts = load_texts(src, tok, recipe, plan, auto=True)          # dev = the domain's dev split
     if a.eval_tokens:
         texts.eval = texts.eval[: a.eval_tokens + 1]
+    if a.dev_tokens:
+        texts.dev = texts.dev[: a.dev_tokens + 1]
     seq = recipe.validate.seq_len
     cache = StageCache()
     st = Stages(None, total=0)

@@ -85,6 +85,12 @@ class PruneConfig:
             plan[str(int(i))] = dict(over)
         self.per_layer = plan or None
 
+    @property
+    def removes_anything(self) -> bool:
+        """False when every ratio (global and per layer) is 0 and no layer goes."""
+        return bool(self.layers or any(getattr(self, k) for k in RATIO_KINDS)
+                    or any(v for over in (self.per_layer or {}).values() for v in over.values()))
+
     def ratios(self, layer: int) -> dict[str, float]:
         base = {k: getattr(self, k) for k in RATIO_KINDS}
         return {**base, **(self.per_layer or {}).get(str(layer), {})}
@@ -177,9 +183,10 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
 
     check_prunable(model, config, calib_tokens)
     teacher = copy.deepcopy(model).eval() if config.recover_steps else None
-    stats = collect_stats(model, calib_tokens, seq_len=config.calib_seq_len,
-                          max_tokens=config.calib_max_tokens, progress=progress)
-    apply_plan_(model, plan_from_stats(model, stats, config))
+    if config.removes_anything:       # nothing to remove: no statistics (recovery alone is then QAT)
+        stats = collect_stats(model, calib_tokens, seq_len=config.calib_seq_len,
+                              max_tokens=config.calib_max_tokens, progress=progress)
+        apply_plan_(model, plan_from_stats(model, stats, config))
     if teacher is not None:
         distill_(model, teacher, calib_tokens if recover_tokens is None else recover_tokens,
                  config.distill_config(progress, device))
