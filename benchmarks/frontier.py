@@ -69,17 +69,22 @@ POINTS = {
     },
     "mini": {
         "int8": {"prune": NO_PRUNE, "quantize": {"int4": []}},
-        "int4 experts": {"prune": NO_PRUNE, "quantize": {"int4": [EXPERTS], "int4_search": False}},
         "int4 experts + lm_head": {"prune": NO_PRUNE,
                                    "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
-        "experts 25% + int4": {"prune": {**NO_PRUNE, "experts": 0.25},
-                               "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
         "experts 37.5% + int4": {"prune": {**NO_PRUNE, "experts": 0.375},
                                  "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
         "experts 50% + int4": {"prune": {**NO_PRUNE, "experts": 0.5},
                                "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
-        "experts 50% + KD 100 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 100},
+        "experts 50% + KD 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 200},
                                         "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
+        "experts 50% + QAT 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 200,
+                                                   "recover_fake_quant": "int4-experts"},
+                                         "smooth": {"enabled": False},
+                                         "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
+        "experts 62.5% + QAT 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.625, "recover_steps": 200,
+                                                     "recover_fake_quant": "int4-experts"},
+                                           "smooth": {"enabled": False},
+                                           "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
     },
 }
 
@@ -94,11 +99,18 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=0, help="first N tokens of the eval split (0: all)")
     ap.add_argument("--dev-tokens", type=int, default=0, help="first N tokens of the dev split (0: all)")
     ap.add_argument("--ood", action="store_true", help="also score the other domains' eval splits")
+    ap.add_argument("--recover-steps", type=int, default=0,
+                    help="distillation steps of every point that distills (0: as the point says)")
+    ap.add_argument("--device", default="cpu", help="where torch stages run: cpu, cuda, auto")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     src = resolve(a.model)
     grid = POINTS[a.points or ("mini" if "mini" in src.name else "nano")]
     points = {k: v for k, v in grid.items() if not a.only or k in a.only}
+    if a.recover_steps:
+        n = a.recover_steps
+        points = {k.replace(" 200", f" {n}"): {**v, "prune": {**v["prune"], "recover_steps": n}}
+                  if v["prune"].get("recover_steps") else v for k, v in points.items()}
     recipe = load_recipe(a.recipe, STAGE_CONFIGS)
     tok = load_tokenizer(src)
     plan = plan_data(src, recipe, a.domain, None, None)
@@ -109,7 +121,7 @@ def main(argv=None) -> int:
         texts.dev = texts.dev[: a.dev_tokens + 1]
     seq = recipe.validate.seq_len
     cache = StageCache()
-    st = Stages(None, total=0)
+    st = Stages(None, total=0, device=a.device)
     t0 = time.perf_counter()
     baseline = baseline_for(src, recipe, texts.eval, cache, st)     # what compress's gates compare with
     fp32_eval, base_bytes = baseline["accuracy"], baseline["onnx_bytes"]
