@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recover-steps", type=int, default=0,
                     help="distillation steps of every point that distills (0: as the point says)")
     ap.add_argument("--device", default="cpu", help="where torch stages run: cpu, cuda, auto")
+    ap.add_argument("--no-simplify", action="store_true",
+                    help="skip onnxsim in every export, the fp32 baseline's too (hosts without onnxsim)")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     src = resolve(a.model)
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
         points = {k.replace(" 200", f" {n}"): {**v, "prune": {**v["prune"], "recover_steps": n}}
                   if v["prune"].get("recover_steps") else v for k, v in points.items()}
     recipe = load_recipe(a.recipe, STAGE_CONFIGS)
+    if a.no_simplify:
+        recipe = with_overrides(recipe, export={"simplify": False})
     tok = load_tokenizer(src)
     plan = plan_data(src, recipe, a.domain, None, None)
     texts = load_texts(src, tok, recipe, plan, auto=True)          # dev = the domain's dev split
