@@ -47,6 +47,12 @@ NO_PRUNE = {"experts": 0.0, "ffn": 0.0, "heads": 0.0, "layers": 0, "recover_step
 EXPERTS = "re:.*mlp\\.experts"
 LINEARS = "re:.*(self_attn|mlp|shared_experts).*_proj"        # every Linear but the routers; lm_head apart
 
+# fixed precision (no search, no onnxruntime re-check): routed experts + lm_head 4-bit, the rest int8,
+# routers fp32; the int8 budget is the whole accuracy budget, so no unit reverts to fp32 unless the
+# all-int8 model alone misses it
+FIXED = {"quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False, "verify_ort": False},
+         "goals": {"int8_floor": 1.0}}
+
 # name -> recipe table overrides; "nano": v3-nano (8 experts: every one busy), "mini": v3-mini
 # (64 fine-grained experts: the target domain leaves some idle)
 POINTS = {
@@ -69,22 +75,16 @@ POINTS = {
     },
     "mini": {
         "int8": {"prune": NO_PRUNE, "quantize": {"int4": []}},
-        "int4 experts + lm_head": {"prune": NO_PRUNE,
-                                   "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
-        "experts 37.5% + int4": {"prune": {**NO_PRUNE, "experts": 0.375},
-                                 "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
-        "experts 50% + int4": {"prune": {**NO_PRUNE, "experts": 0.5},
-                               "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
-        "experts 50% + KD 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 200},
-                                        "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
+        "int4 experts + lm_head": {"prune": NO_PRUNE, **FIXED},
+        "experts 50% + int4": {"prune": {**NO_PRUNE, "experts": 0.5}, **FIXED},
         "experts 50% + QAT 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 200,
                                                    "recover_fake_quant": "int4-experts"},
-                                         "smooth": {"enabled": False},
-                                         "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
+                                         "smooth": {"enabled": False}, **FIXED},
+        "experts 37.5% + int4": {"prune": {**NO_PRUNE, "experts": 0.375}, **FIXED},
         "experts 62.5% + QAT 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.625, "recover_steps": 200,
                                                      "recover_fake_quant": "int4-experts"},
-                                           "smooth": {"enabled": False},
-                                           "quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False}},
+                                           "smooth": {"enabled": False}, **FIXED},
+        "experts 50% + KD 200 + int4": {"prune": {**NO_PRUNE, "experts": 0.5, "recover_steps": 200}, **FIXED},
     },
 }
 
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
         for d in plan.out_of_domain:
             toks = load_tokens(f"{d}/eval", tok)[: (a.eval_tokens or 10**9) + 1]
             ood[d] = (toks, fp32_accuracy(src, toks, recipe, cache, st, f"{d}/eval"))
+    out = Path(a.out or f"benchmarks/results/frontier_{src.name}_{a.domain}")
     rows = []
     for name, over in points.items():
         r = with_overrides(recipe, **over)
@@ -156,25 +157,33 @@ def main(argv=None) -> int:
             row.setdefault("out_of_domain", {})[d] = {"accuracy": o, "fp32_accuracy": f32,
                                                       "drop_points": 100 * (f32 - o)}
         rows.append(row)
+        _write(out, _result(a, argv, src, texts, seq, fp32_eval, fp32_dev, base_bytes, t0, rows))
         print(f"{name:40s} size {row['size_ratio']:.4f}  drop {row['drop_points']:+.2f} points "
               f"({row['drop_relative_pct']:+.2f}%)  dev {row['dev_drop_points']:+.2f}  [{row['seconds']:.0f}s]",
               flush=True)
+    _plot(_result(a, argv, src, texts, seq, fp32_eval, fp32_dev, base_bytes, t0, rows), out.with_suffix(".png"))
+    print(f"wrote {out}.json / .md")
+    return 0
+
+
+def _result(a, argv, src, texts, seq, fp32_eval, fp32_dev, base_bytes, t0, rows) -> dict:
     facts = host_facts()
-    result = {"command": "python benchmarks/frontier.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
-              "model": src.name, "domain": a.domain, "recipe": a.recipe,
-              "eval": {"split": f"{a.domain}/eval", "tokens": int(len(texts.eval) - 1), "seq_len": seq},
-              "dev": {"split": texts.dev_name, "tokens": int(len(texts.dev))},
-              "fp32": {"eval_accuracy": fp32_eval, "dev_accuracy": fp32_dev, "onnx_bytes": base_bytes},
-              "machine": {"cpu": facts.get("cpu_model") or platform.processor(), "cores": facts.get("cores"),
-                          "onnxruntime": facts.get("onnxruntime"), "python": platform.python_version()},
-              "seconds": round(time.perf_counter() - t0, 1), "points": rows}
-    out = Path(a.out or f"benchmarks/results/frontier_{src.name}_{a.domain}")
+    return {"command": "python benchmarks/frontier.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
+            "model": src.name, "domain": a.domain, "recipe": a.recipe,
+            "eval": {"split": f"{a.domain}/eval", "tokens": int(len(texts.eval) - 1), "seq_len": seq},
+            "dev": {"split": texts.dev_name, "tokens": int(len(texts.dev))},
+            "fp32": {"eval_accuracy": fp32_eval, "dev_accuracy": fp32_dev, "onnx_bytes": base_bytes},
+            "machine": {"cpu": facts.get("cpu_model") or platform.processor(), "cores": facts.get("cores"),
+                        "onnxruntime": facts.get("onnxruntime"), "python": platform.python_version(),
+                        "device": a.device},
+            "seconds": round(time.perf_counter() - t0, 1), "points": rows}
+
+
+def _write(out: Path, result: dict) -> None:
+    """Both files after every point, so an interrupted run keeps what it measured."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(_markdown(result))
-    _plot(result, out.with_suffix(".png"))
-    print(f"wrote {out}.json / .md")
-    return 0
 
 
 def _precision_summary(q: dict) -> dict:

@@ -211,6 +211,9 @@ def overrides_plan(export_dir, config, args, max_drop: float) -> Plan:
                 moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge)
     plan.report = {"config": asdict(config), "max_drop": max_drop,
                    "mixed_precision": "not searched (streamed): every unit the overrides allow is int8",
+                   **({"int4": {"units": [], "candidates": list(config.int4),
+                                "note": "not searched (streamed): 4-bit candidates stay 8-bit"}}
+                      if config.int4 else {}),
                    "accuracy": {"ort": []}}
     return plan
 
