@@ -205,6 +205,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parallel", default="0", help="'0', '1' or '0,1': onnxruntime's parallel executor too")
+    ap.add_argument("--session-config", default="",
+                    help="onnxruntime session config variants to time besides the default, ';'-separated, each "
+                    "a ','-list of KEY=VALUE (e.g. 'session.dynamic_block_base=4')")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are appended)")
     a = ap.parse_args(argv)
@@ -226,16 +229,19 @@ def main(argv=None) -> dict:
         a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
         a.out.with_suffix(".md").write_text(render(res))
 
+    configs = [""] + [c.strip() for c in a.session_config.split(";") if c.strip()]
     for t in [int(x) for x in a.threads.split(",")]:
-        for name, par in [(f"int8-{p}", par) for p in paths for par in a.parallel.split(",")]:
+        for name, par, sc in [(f"int8-{p}", par, sc) for p in paths for par in a.parallel.split(",")
+                              for sc in configs]:
             lat = measure(dirs[name], threads=t, prefill_tokens=a.prefill, decode_tokens=a.decode_tokens,
-                          runs=a.runs, warmup=2, parallel=par == "1")
-            key = f"{name}{'+parallel' if par == '1' else ''}@{t}"
+                          runs=a.runs, warmup=2, parallel=par == "1",
+                          session_config=dict(kv.split("=", 1) for kv in sc.split(",") if kv))
+            key = f"{name}{'+parallel' if par == '1' else ''}{f'+[{sc}]' if sc else ''}@{t}"
             res["latency"][key] = {k: lat[k] for k in ("prefill_ms", "decode_ms", "peak_rss_mb") if k in lat}
             log(f"{key}: prefill p50 {lat['prefill_ms']['p50']:.1f} p95 {lat['prefill_ms']['p95']:.1f} ms"
                 f" | decode p50 {lat['decode_ms']['p50']:.2f} p95 {lat['decode_ms']['p95']:.2f} ms/token")
             save()
-            if a.profile and t == int(a.threads.split(",")[0]) and par == a.parallel.split(",")[0]:
+            if a.profile and t == int(a.threads.split(",")[0]) and par == a.parallel.split(",")[0] and not sc:
                 for phase, runs in (("prefill", 4), ("decode", 16)):
                     res["profiles"][f"{name}@{t}:{phase}"] = p = profile(dirs[name], t, phase, a.prefill, runs, work)
                     top = list(p["by_layer_kind"].items())[:4]
@@ -253,7 +259,7 @@ def render(res: dict) -> str:
              "|---|---|---|---|---|---|"]
     for key, v in res["latency"].items():
         name, t = key.split("@")
-        mb = res["sizes_mb"].get(name.removesuffix("+parallel"), "")
+        mb = res["sizes_mb"].get(name.split("+[")[0].removesuffix("+parallel"), "")
         lines.append(f"| {name} | {mb} | {t} | {v['prefill_ms']['p50']:.1f} / "
                      f"{v['prefill_ms']['p95']:.1f} | {v['decode_ms']['p50']:.2f} / {v['decode_ms']['p95']:.2f} | "
                      f"{v.get('peak_rss_mb', 0):.0f} |")

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..atomic import scratch_dir
 from .apply import quantize_export
-from .plan import FLOAT_WEIGHTS, Plan
+from .plan import CACHE_DTYPES, FLOAT_WEIGHTS, Plan
 
 __all__ = ["DEFAULT_OVERRIDES", "MODES", "MOE_PATHS", "Plan", "QuantConfig", "quantize_", "quantize_export"]
 
@@ -76,6 +76,7 @@ class QuantConfig:
     max_ort_rounds: int = 4
     rank_always: bool = False         # rank sensitivity even when the budget already holds (for the report)
     float_weights: str = "fp32"       # units kept in float: "fp32", or "fp16" storage + Cast (half the bytes; fp16.py)
+    cache: str = "fp32"               # latent cache I/O: "fp32", or "fp16" (half the cache memory; cache_fp16.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -91,6 +92,8 @@ class QuantConfig:
             raise ValueError(f"quantize overrides {bad}: values must be 'int8' or 'fp32'")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ValueError(f"quantize float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
+        if self.cache not in CACHE_DTYPES:
+            raise ValueError(f"quantize cache={self.cache!r}: use one of {CACHE_DTYPES}")
         if self.moe_block and (self.moe_block < 16 or self.moe_block & (self.moe_block - 1)):
             raise ValueError(f"quantize moe_block={self.moe_block}: use 0 (auto) or a power of two >= 16")
 

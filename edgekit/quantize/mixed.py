@@ -168,7 +168,8 @@ def overrides_plan(export_dir, config, args, max_drop: float) -> Plan:
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
-                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge)
+                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge,
+                float_weights=config.float_weights, cache=config.cache)
     plan.report = {"config": asdict(config), "max_drop": max_drop,
                    "mixed_precision": "not searched (streamed): every unit the overrides allow is int8",
                    "accuracy": {"ort": []}}
@@ -204,7 +205,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
     plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
-    plan.float_weights = config.float_weights
+    plan.float_weights, plan.cache = config.float_weights, config.cache
     with emulated(model, plan.int8, **kw):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy
