@@ -53,6 +53,8 @@ def layer_kind(name: str, op: str) -> str:
         return "router (fp32)"
     if "layernorm" in name or "norm" in name:
         return "RMSNorm (fp32)"
+    if re.match(r"^/(ffn|mlp)\.?\d*/", name) and "shared_experts" not in name:
+        return "MoE routing glue (fp32)"
     return "attention core + other fp32 ops"
 
 
@@ -118,7 +120,8 @@ def profile(d: Path, threads: int, phase: str, tokens: int, runs: int, work: Pat
 
 def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
     """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags;
-    ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts."""
+    ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts;
+    ``+cache16``: the fp16 latent cache."""
     from edgekit.quantize import Plan
 
     parts = path.split("+")
@@ -128,8 +131,9 @@ def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
         bits, _, blk = nb[2:].partition("b")
         kernel, block = f"nbits{bits}", int(blk or 32)
     st = calibrated if "static" in parts else {}
+    cache = "fp16" if "cache16" in parts else "fp32"
     return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block,
-                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}))
+                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}), cache=cache)
 
 
 def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
@@ -208,17 +212,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--session-config", default="",
                     help="onnxruntime session config variants to time besides the default, ';'-separated, each "
                     "a ','-list of KEY=VALUE (e.g. 'session.dynamic_block_base=4')")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="time (and --profile) this export or bundle as it is instead of building --shape")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are appended)")
     a = ap.parse_args(argv)
     from edgekit.host import host_facts
     from edgekit.latency import measure
 
-    work = a.work / f"{a.shape}-e{a.experts or 'all'}"
+    work = a.work / (a.dir.name if a.dir else f"{a.shape}-e{a.experts or 'all'}")
     work.mkdir(parents=True, exist_ok=True)
-    paths = [p for p in a.moe.split(",") if p]
-    dirs = build(a.shape, a.experts, work, paths)
-    res = {"shape": a.shape, "experts": a.experts, "host": host_facts(), "python": platform.python_version(),
+    if a.dir:   # one given graph: its rows are keyed "int8-<dir name>"
+        paths, dirs = [a.dir.name], {f"int8-{a.dir.name}": a.dir}
+    else:
+        paths = [p for p in a.moe.split(",") if p]
+        dirs = build(a.shape, a.experts, work, paths)
+    res = {"shape": str(a.dir) if a.dir else a.shape, "experts": a.experts, "host": host_facts(), "python": platform.python_version(),
            "command": "python benchmarks/scale_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "sizes_mb": {k: round(size_mb(d), 1) for k, d in dirs.items()}, "latency": {}, "profiles": {}}
     import onnxruntime
