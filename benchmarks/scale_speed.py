@@ -121,7 +121,8 @@ def profile(d: Path, threads: int, phase: str, tokens: int, runs: int, work: Pat
 def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
     """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags;
     ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts;
-    ``+cache16``: the fp16 latent cache."""
+    ``+cache16``: the fp16 latent cache; ``+branch``: grouped experts' elementwise work in one If per
+    expert (the layout before "batched")."""
     from edgekit.quantize import Plan
 
     parts = path.split("+")
@@ -133,7 +134,8 @@ def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
     st = calibrated if "static" in parts else {}
     cache = "fp16" if "cache16" in parts else "fp32"
     return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block,
-                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}), cache=cache)
+                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}), cache=cache,
+                moe_layout="branch" if "branch" in parts else "batched")
 
 
 def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
@@ -227,7 +229,8 @@ def main(argv=None) -> dict:
     else:
         paths = [p for p in a.moe.split(",") if p]
         dirs = build(a.shape, a.experts, work, paths)
-    res = {"shape": str(a.dir) if a.dir else a.shape, "experts": a.experts, "host": host_facts(), "python": platform.python_version(),
+    res = {"shape": str(a.dir) if a.dir else a.shape, "experts": a.experts, "host": host_facts(),
+           "python": platform.python_version(),
            "command": "python benchmarks/scale_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "sizes_mb": {k: round(size_mb(d), 1) for k, d in dirs.items()}, "latency": {}, "profiles": {}}
     import onnxruntime

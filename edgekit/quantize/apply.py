@@ -90,7 +90,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                            plan.static_scales, merge=plan.merge, wmax=plan.wmax, fold=plan.fold, nbits=nb,
                            base_dir=base)
     emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
-    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
+    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb, layout=plan.moe_layout)
     def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
         s = plan.expert_scales.get(u)
         return dataclasses.replace(gcfg, static_x=s[0], static_h=tuple(s[1])) if s else gcfg

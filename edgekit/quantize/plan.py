@@ -52,6 +52,7 @@ class Plan:
     nbits_block: int = 32                                        # MatMulNBits block along K
     float_weights: str = "fp32"                                  # units kept in float: stored fp32 or fp16
     cache: str = "fp32"                                          # latent cache I/O: fp32, or fp16 (cache_fp16.py)
+    moe_layout: str = "batched"                                  # grouped experts: "batched" or "branch" (If each)
     pinned_fp32: set[str] = field(default_factory=set)           # overridden to fp32: fp32 storage too
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
     accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
@@ -69,6 +70,8 @@ class Plan:
             raise ValueError(f"plan kernel={self.kernel!r}: use one of {KERNELS}")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ValueError(f"plan float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
+        if self.moe_layout not in ("batched", "branch"):
+            raise ValueError(f"plan moe_layout={self.moe_layout!r}: use 'batched' or 'branch'")
         if self.cache not in CACHE_DTYPES:
             raise ValueError(f"plan cache={self.cache!r}: use one of {CACHE_DTYPES}")
         if self.moe_path not in MOE_PATHS:
