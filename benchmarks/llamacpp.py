@@ -317,16 +317,32 @@ def parse_bench(text: str) -> dict:
     return out
 
 
+# llama-bench aborts in its scheduler when weight repacking (its default: CPU "extra" buffer types,
+# AMX included on hosts that have it) leaves an op of this model's graph with no backend; seen at
+# 0c1e570 on the pruned v3-1.6b (16-core Xeon, AMX) and a pruned v3-nano shape (2-core EPYC).
+REPACK_ABORT = "cur_backend_id != -1"
+
+
 def bench(gguf: Path, bindir: Path, threads: int, reps: int = 5, timeout: float = 1800) -> dict:
-    """Run llama-bench in a child and parse it; adds the child's peak RSS and the resolved flash attention."""
+    """Run llama-bench in a child and parse it; adds the child's peak RSS and the resolved flash attention.
+    When its default weight repacking aborts (``REPACK_ABORT``), runs again with ``--repack 0`` and
+    says so in ``note``."""
     import resource
 
     cmd = bench_command(bindir, gguf, threads, reps)
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    note = None
+    if p.returncode and REPACK_ABORT in p.stderr:
+        cmd += ["--repack", "0"]
+        note = ("llama-bench's default weight repacking aborts on this model (GGML_ASSERT(*cur_backend_id != -1)); "
+                "measured with --repack 0")
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if p.returncode:
         raise LlamaCppError(f"llama-bench failed (rc {p.returncode}):\n{p.stderr[-2000:]}")
     out = parse_bench(p.stdout)
+    if note:
+        out["note"] = note
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out["peak_rss_mb"] = rss / 1024 if rss > before else None   # KiB on Linux; None if a bigger child ran before
     out["flash_attn"] = flash_attn_resolved(p.stderr)

@@ -418,7 +418,7 @@ def run_note(a, rows: list[dict], llama: dict | None, host: dict, load: dict) ->
                  f"timed by `{cmd}`; flash attention left at llama.cpp's default ({', '.join(fa) or 'auto'}); "
                  f"prefill p50/p95 over its {lb[0].get('prefill_samples') if lb else '?'} reps, decode = mean "
                  f"ms/token of {BENCH_GEN} tokens after a context of 128 / 1024 (other rows: p50 of single-token "
-                 "steps from that context). ")
+                 "steps from that context). " + "".join(sorted({x["note"] + ". " for x in lb if x.get("note")})))
     note += f"1-min load average {load['start']} at start, {load['end']} at end ({host['cores']} cores)."
     return note
 

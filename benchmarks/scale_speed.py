@@ -53,6 +53,8 @@ def layer_kind(name: str, op: str) -> str:
         return "router (fp32)"
     if "layernorm" in name or "norm" in name:
         return "RMSNorm (fp32)"
+    if re.match(r"^/(ffn|mlp)\.?\d*/", name) and "shared_experts" not in name:
+        return "MoE routing glue (fp32)"
     return "attention core + other fp32 ops"
 
 
@@ -118,7 +120,9 @@ def profile(d: Path, threads: int, phase: str, tokens: int, runs: int, work: Pat
 
 def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
     """``grouped+fold``, ``grouped+nb8``, ``grouped+nb4b128``, ``row``: moe path + kernel flags;
-    ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts."""
+    ``+static``: the calibrated static activation scales (``calibrated``) for linears and experts;
+    ``+cache16``: the fp16 latent cache; ``+branch``: grouped experts' elementwise work in one If per
+    expert (the layout before "batched")."""
     from edgekit.quantize import Plan
 
     parts = path.split("+")
@@ -128,8 +132,10 @@ def plan_for(path: str, int8: set[str], calibrated: dict | None = None):
         bits, _, blk = nb[2:].partition("b")
         kernel, block = f"nbits{bits}", int(blk or 32)
     st = calibrated if "static" in parts else {}
+    cache = "fp16" if "cache16" in parts else "fp32"
     return Plan(int8=int8, moe_path=parts[0], wmax=63.0, fold="fold" in parts, kernel=kernel, nbits_block=block,
-                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}))
+                static_scales=st.get("linears", {}), expert_scales=st.get("experts", {}), cache=cache,
+                moe_layout="branch" if "branch" in parts else "batched")
 
 
 def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
@@ -205,17 +211,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--parallel", default="0", help="'0', '1' or '0,1': onnxruntime's parallel executor too")
+    ap.add_argument("--session-config", default="",
+                    help="onnxruntime session config variants to time besides the default, ';'-separated, each "
+                    "a ','-list of KEY=VALUE (e.g. 'session.dynamic_block_base=4')")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="time (and --profile) this export or bundle as it is instead of building --shape")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
     ap.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are appended)")
     a = ap.parse_args(argv)
     from edgekit.host import host_facts
     from edgekit.latency import measure
 
-    work = a.work / f"{a.shape}-e{a.experts or 'all'}"
+    work = a.work / (a.dir.name if a.dir else f"{a.shape}-e{a.experts or 'all'}")
     work.mkdir(parents=True, exist_ok=True)
-    paths = [p for p in a.moe.split(",") if p]
-    dirs = build(a.shape, a.experts, work, paths)
-    res = {"shape": a.shape, "experts": a.experts, "host": host_facts(), "python": platform.python_version(),
+    if a.dir:   # one given graph: its rows are keyed "int8-<dir name>"
+        paths, dirs = [a.dir.name], {f"int8-{a.dir.name}": a.dir}
+    else:
+        paths = [p for p in a.moe.split(",") if p]
+        dirs = build(a.shape, a.experts, work, paths)
+    res = {"shape": str(a.dir) if a.dir else a.shape, "experts": a.experts, "host": host_facts(),
+           "python": platform.python_version(),
            "command": "python benchmarks/scale_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "sizes_mb": {k: round(size_mb(d), 1) for k, d in dirs.items()}, "latency": {}, "profiles": {}}
     import onnxruntime
@@ -226,16 +241,19 @@ def main(argv=None) -> dict:
         a.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
         a.out.with_suffix(".md").write_text(render(res))
 
+    configs = [""] + [c.strip() for c in a.session_config.split(";") if c.strip()]
     for t in [int(x) for x in a.threads.split(",")]:
-        for name, par in [(f"int8-{p}", par) for p in paths for par in a.parallel.split(",")]:
+        for name, par, sc in [(f"int8-{p}", par, sc) for p in paths for par in a.parallel.split(",")
+                              for sc in configs]:
             lat = measure(dirs[name], threads=t, prefill_tokens=a.prefill, decode_tokens=a.decode_tokens,
-                          runs=a.runs, warmup=2, parallel=par == "1")
-            key = f"{name}{'+parallel' if par == '1' else ''}@{t}"
+                          runs=a.runs, warmup=2, parallel=par == "1",
+                          session_config=dict(kv.split("=", 1) for kv in sc.split(",") if kv))
+            key = f"{name}{'+parallel' if par == '1' else ''}{f'+[{sc}]' if sc else ''}@{t}"
             res["latency"][key] = {k: lat[k] for k in ("prefill_ms", "decode_ms", "peak_rss_mb") if k in lat}
             log(f"{key}: prefill p50 {lat['prefill_ms']['p50']:.1f} p95 {lat['prefill_ms']['p95']:.1f} ms"
                 f" | decode p50 {lat['decode_ms']['p50']:.2f} p95 {lat['decode_ms']['p95']:.2f} ms/token")
             save()
-            if a.profile and t == int(a.threads.split(",")[0]) and par == a.parallel.split(",")[0]:
+            if a.profile and t == int(a.threads.split(",")[0]) and par == a.parallel.split(",")[0] and not sc:
                 for phase, runs in (("prefill", 4), ("decode", 16)):
                     res["profiles"][f"{name}@{t}:{phase}"] = p = profile(dirs[name], t, phase, a.prefill, runs, work)
                     top = list(p["by_layer_kind"].items())[:4]
@@ -253,7 +271,7 @@ def render(res: dict) -> str:
              "|---|---|---|---|---|---|"]
     for key, v in res["latency"].items():
         name, t = key.split("@")
-        mb = res["sizes_mb"].get(name.removesuffix("+parallel"), "")
+        mb = res["sizes_mb"].get(name.split("+[")[0].removesuffix("+parallel"), "")
         lines.append(f"| {name} | {mb} | {t} | {v['prefill_ms']['p50']:.1f} / "
                      f"{v['prefill_ms']['p95']:.1f} | {v['decode_ms']['p50']:.2f} / {v['decode_ms']['p95']:.2f} | "
                      f"{v.get('peak_rss_mb', 0):.0f} |")

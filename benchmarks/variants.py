@@ -44,7 +44,7 @@ def model_spec(name: str | None = None, checkpoint: str | os.PathLike | None = N
         d = Path(checkpoint)
         if not (d / "config.json").exists():
             raise FileNotFoundError(f"--checkpoint {d}: no config.json there; pass a Hugging Face checkpoint dir")
-        return d.resolve().name, {"trained": False, "source": {"path": str(d.resolve())}}
+        return d.absolute().name, {"trained": False, "source": {"path": str(d.resolve())}}   # a link keeps its name
     if name in MODELS:
         return name, MODELS[name]
     shape_config(name)  # unknown shape -> EdgekitError naming the choices

@@ -58,11 +58,12 @@ def reset_peak_rss() -> bool:
 
 
 def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode_tokens: int,
-               runs: int, warmup: int, seed: int = 0, parallel: bool = False) -> dict:
+               runs: int, warmup: int, seed: int = 0, parallel: bool = False,
+               session_config: dict | None = None) -> dict:
     from .runtime.session import OrtModel
 
     t0 = time.perf_counter()
-    m = OrtModel(d, threads=threads, spinning=spinning, parallel=parallel)
+    m = OrtModel(d, threads=threads, spinning=spinning, parallel=parallel, session_config=session_config)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
     ids = rng.integers(2, m.vocab_size, (1, prefill_tokens))
@@ -82,15 +83,19 @@ def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode
             decode.extend(steps[1:])  # the first step after prefill also warms the decode shapes
     return {"prefill_ms": _stats(prefill), "decode_ms": _stats(decode), "peak_rss_mb": round(peak_rss_mb(), 1),
             "session_load_s": round(load_s, 3), "threads": threads, "spinning": spinning, "parallel": parallel,
+            "session_config": dict(session_config or {}),
             "prefill_tokens": prefill_tokens, "decode_tokens": decode_tokens, "runs": runs, "warmup": warmup}
 
 
 def measure(d, threads: int, spinning: bool = True, prefill_tokens: int = 128, decode_tokens: int = 32,
-            runs: int = 20, warmup: int = 3, timeout: float = 900, parallel: bool = False) -> dict:
+            runs: int = 20, warmup: int = 3, timeout: float = 900, parallel: bool = False,
+            session_config: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "edgekit.latency", str(d), "--threads", str(threads),
            "--spinning", str(int(spinning)), "--prefill-tokens", str(prefill_tokens),
            "--decode-tokens", str(decode_tokens), "--runs", str(runs), "--warmup", str(warmup)]
     cmd += ["--parallel"] if parallel else []
+    for k, v in (session_config or {}).items():
+        cmd += ["--session-config", f"{k}={v}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if p.returncode != 0:
@@ -109,9 +114,14 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--parallel", action="store_true", help="onnxruntime's parallel executor (inter-op threads)")
+    ap.add_argument("--session-config", action="append", default=[], metavar="KEY=VALUE",
+                    help="an onnxruntime session config entry, e.g. session.dynamic_block_base=4 (repeatable)")
     a = ap.parse_args(argv)
+    bad = [kv for kv in a.session_config if "=" not in kv]
+    if bad:
+        ap.error(f"--session-config {bad[0]!r}: use KEY=VALUE, e.g. session.dynamic_block_base=4")
     res = run_worker(a.dir, a.threads, bool(a.spinning), a.prefill_tokens, a.decode_tokens, a.runs, a.warmup,
-                     parallel=a.parallel)
+                     parallel=a.parallel, session_config=dict(kv.split("=", 1) for kv in a.session_config))
     print(json.dumps(res))
 
 

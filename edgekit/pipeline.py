@@ -166,7 +166,7 @@ def baseline_for(src: Path, recipe: Recipe, eval_tokens: np.ndarray, cache: Stag
         export(m, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=recipe.export.simplify))
         t, v = recipe.target, recipe.validate
         lat = measure(tmp / "onnx", threads=min(t.threads, usable_cores()), spinning=t.spinning,
-                      prefill_tokens=recipe.goals.prefill_tokens,
+                      prefill_tokens=recipe.goals.prefill_tokens, session_config=t.session_config,
                       decode_tokens=v.decode_tokens, runs=max(5, v.runs // 2), warmup=v.warmup)
         meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": param_count(m), "latency": lat,
                 "note": "fp32 torch accuracy; size and latency of the unpruned fp32 ONNX export"}

@@ -60,8 +60,18 @@ class Target:
     ops: str = "full"                 # operator set: full ORT CPU (com.microsoft), mobile, web
     format: str = "onnx"              # "onnx" or "ort" (onnxruntime mobile's flatbuffer format)
     hardware_recommendation: str = ""
+    # onnxruntime session config entries (``SessionOptions.add_session_config_entry``), e.g.
+    # {"session.dynamic_block_base" = "4"}: used wherever the bundle is timed or run
+    session_config: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.session_config, dict):
+            raise ValueError(f"session_config={self.session_config!r}: a table of strings, e.g. "
+                             '{"session.dynamic_block_base" = "4"}')
+        bad = [k for k, v in self.session_config.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"session_config: {bad[0]!r}: keys and values are strings, e.g. "
+                             '{"session.dynamic_block_base" = "4"}')
         if self.threads < 1:
             raise ValueError(f"threads={self.threads}: use >= 1")
         if self.ops not in OPS:

@@ -48,7 +48,7 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     why = latency_unverified_reason(t, facts)
     # more threads than cores only measures oversubscription; the gate is unverified then anyway
     lat = measure(d, threads=min(t.threads, facts["cores"]), spinning=t.spinning, prefill_tokens=goals.prefill_tokens,
-                  decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup)
+                  decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup, session_config=t.session_config)
     size = graph_bytes(d, t.format)
     drop = baseline["accuracy"] - acc["accuracy"]
     ratio = size / baseline["onnx_bytes"]

@@ -106,7 +106,8 @@ def test_ort_format_model_matches_onnx(bundle):
     sess = {f: ort.InferenceSession(str(bundle / f), so, providers=["CPUExecutionProvider"])
             for f in (json.loads((bundle / "export.json").read_text())["graph"], m["ort_model"])}
     ids = np.asarray([_cases(bundle)["cases"][0]["prompt_ids"]], np.int64)
-    feed = {i.name: (ids if i.name == "input_ids" else np.zeros((1, 0, i.shape[2]), np.float32))
+    feed = {i.name: (ids if i.name == "input_ids" else
+                     np.zeros((1, 0, i.shape[2]), np.float16 if i.type == "tensor(float16)" else np.float32))
             for a in sess.values() for i in a.get_inputs() if i.name != "logits_keep"}
     a, b = (s.run(["logits"], feed)[0] for s in sess.values())
     d = np.abs(a - b).max() / np.abs(a).max()

@@ -52,7 +52,7 @@ import numpy as np
 
 from ..atomic import scratch_dir
 from .apply import quantize_export
-from .plan import FLOAT_WEIGHTS, Plan
+from .plan import CACHE_DTYPES, FLOAT_WEIGHTS, Plan
 
 __all__ = ["DEFAULT_OVERRIDES", "MODES", "MOE_PATHS", "Plan", "QuantConfig", "quantize_", "quantize_export"]
 
@@ -83,6 +83,7 @@ class QuantConfig:
     int4: list = field(default_factory=list)   # unit names / "re:" patterns that may go 4-bit, least sensitive first
     int4_block: int = 32              # 4-bit weights per scale along K (MatMulNBits / QMoE block_size)
     int4_search: bool = True          # False: every int4 candidate goes 4-bit, whatever it costs (frontier points)
+    cache: str = "fp32"               # latent cache I/O: "fp32", or "fp16" (half the cache memory; cache_fp16.py)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -102,6 +103,8 @@ class QuantConfig:
             raise ValueError(f"quantize int4={self.int4!r}: use a list of unit names or 're:' patterns")
         if self.int4_block < 16 or self.int4_block & (self.int4_block - 1):
             raise ValueError(f"quantize int4_block={self.int4_block}: use a power of two >= 16")
+        if self.cache not in CACHE_DTYPES:
+            raise ValueError(f"quantize cache={self.cache!r}: use one of {CACHE_DTYPES}")
         if self.moe_block and (self.moe_block < 16 or self.moe_block & (self.moe_block - 1)):
             raise ValueError(f"quantize moe_block={self.moe_block}: use 0 (auto) or a power of two >= 16")
 

@@ -62,6 +62,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     ``plan.json`` path) says; returns the ``quantize.json`` report."""
     import onnx
 
+    from .cache_fp16 import fp16_cache_
     from .fp16 import store_fp16_
     from .moe_grouped import GroupedMoEConfig, rewrite_moe_grouped
     from .nbits import NBitsConfig
@@ -95,7 +96,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                             base_dir=base)
     done += done4
     emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
-    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb)
+    gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb, layout=plan.moe_layout)
     def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
         s = plan.expert_scales.get(u)
         return dataclasses.replace(gcfg, static_x=s[0], static_h=tuple(s[1])) if s else gcfg
@@ -114,6 +115,12 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
     f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]], base_dir=base) \
         if plan.float_weights == "fp16" else None
+    cache = fp16_cache_(proto) if plan.cache == "fp16" else None
+    if cache:
+        per_token = spec["cache"]["bytes_per_token"]   # fp32 figures of the export
+        spec["cache"].update(dtype="float16", bytes_per_token=(
+            {**per_token, "latent": per_token["latent"] // 2, "per_head_kv": per_token["per_head_kv"] // 2}
+            if isinstance(per_token, dict) else per_token // 2))
     ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +140,8 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
                                 "moe": sorted(u for u in by_op["MoE"] if u in plan.int4)}} if plan.int4 else {}),
                    "activation_scales": "static" if static else "dynamic",
                    "static_units": static, "merged_siblings": plan.merge,
-                   **({"float_weights": "fp16", "fp16": {**f16, "units": floats}} if f16 else {})}
+                   **({"float_weights": "fp16", "fp16": {**f16, "units": floats}} if f16 else {}),
+                   **({"latent_cache": cache} if cache else {})}
         spec.update(dtype="int8", external_data=large, quantization=summary)
         (tmp / "export.json").write_text(json.dumps(spec, indent=2) + "\n")
         size = sum(p.stat().st_size for p in tmp.glob(spec["graph"] + "*"))

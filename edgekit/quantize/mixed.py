@@ -208,7 +208,8 @@ def overrides_plan(export_dir, config, args, max_drop: float) -> Plan:
     plan = Plan(int8={n for n in names if n not in forced and n not in absent},
                 fp32={**{n: "override" for n in sorted(forced)},
                       **{n: "not a quantizable op in the exported graph" for n in sorted(absent)}},
-                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge)
+                moe_path="portable" if portable else path, moe_block=block, wmax=wmax, merge=config.merge,
+                float_weights=config.float_weights, cache=config.cache)
     plan.report = {"config": asdict(config), "max_drop": max_drop,
                    "mixed_precision": "not searched (streamed): every unit the overrides allow is int8",
                    **({"int4": {"units": [], "candidates": list(config.int4),
@@ -247,7 +248,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
     plan = plan_precision(model, rows, config.overrides, budget, rank_always=config.rank_always,
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
     plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
-    plan.float_weights = config.float_weights
+    plan.float_weights, plan.cache = config.float_weights, config.cache
     plan.int4_block = config.int4_block
     if config.int4 and not portable:      # the portable experts' If/Loop branches have no 4-bit form
         plan_int4(model, rows, plan, int4_candidates(model, plan, config.int4),

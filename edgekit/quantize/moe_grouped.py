@@ -10,12 +10,19 @@ attributes ``k``, ``normalize_routing_weights``) in place by::
     order     = argsort(idx.flatten())           # token slots grouped by expert
     counts    = bincount(idx.flatten(), E)
     xq, sx    = int8(x) per token                # quantized once per layer, gathered in expert order
-    for e in experts:                            # unrolled; an If skips experts with no tokens
-        h  = silu(xq_e @ G_e * sx_e * sg_e) * (xq_e @ U_e * sx_e * su_e)   # one GEMM over [G_e | U_e]
-        hq, sh_e = int8(h) per token
-        y_e = hq @ D_e * sd_e
-    y_sorted = concat(y_e) * concat(sh_e) * w      # one row factor per layer, not one Mul per expert
+    a_e = xq_e @ [G_e | U_e] * [sg_e | su_e]     # per expert: one GEMM (0 rows for an unused expert)
+    h   = silu(concat(a_e)[:, :I] * sx) * (concat(a_e)[:, I:] * sx)       # once over all N*k rows
+    hq, sh = int8(h) per token
+    y_e = hq_e @ D_e * sd_e                      # per expert: one GEMM
+    y_sorted = concat(y_e) * sh * w              # one row factor per layer
     y = sum over the k slots of y_sorted[argsort(order)]
+
+That is the default "batched" layout: per expert only its two GEMMs, the elementwise work once per
+layer (measured on the 1.6B shape, 16-core host: the per-expert small elementwise nodes cost about
+as much kernel time as the expert GEMMs themselves). The "branch" layout (``layout="branch"``, and
+always with static scales, MatMulNBits or ``fold=False``) runs each expert's whole chain inside one
+``If`` that skips experts without tokens; per row both compute the same operations on the same
+values, so their results are equal bit for bit (tests/test_moe_grouped.py).
 
 Why (measured, see benchmarks/results/ and benchmarks/moe_kernels.py): onnxruntime's CPU ``QMoE``
 kernel with 8-bit weights dequantizes each used expert's weights to fp32 and runs an fp32 GEMM,
@@ -52,6 +59,7 @@ from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
 MS = "com.microsoft"
+LAYOUTS = ("batched", "branch")
 
 
 @dataclass
@@ -63,6 +71,14 @@ class GroupedMoEConfig:
     # layer's expert input; static_h: per expert, the down projection's input. Need ``fold``.
     static_x: float | None = None
     static_h: tuple[float, ...] | None = None
+    # dynamic integer path with fold: "batched" = the elementwise work (x scale, SwiGLU, h quantization)
+    # once over all experts' rows between the two GEMM stages; "branch" = all of it in one If per expert
+    # (what static scales, MatMulNBits and fold=False always use)
+    layout: str = "batched"
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"grouped layout={self.layout!r}: use one of {LAYOUTS}")
 
 
 class _Emit:
@@ -192,7 +208,7 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
         xq, sx = token_quant(em, x, c)
         xs = em.op("Gather", [xq, token], "xs", axis=0)
         ss = em.op("Gather", [sx, token], "ss", axis=0)
-        ss_e = em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
+        ss_e = None if cfg.fold and cfg.layout == "batched" else em.op("Split", [ss, counts], "ss_e", n_out=E, axis=0)
     else:
         xs = em.op("Gather", [x, token], "xs", axis=0)
         ss_e = [None] * E
@@ -202,6 +218,10 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     if E == 1:
         xs_e = [xs_e]
         ss_e = ss_e if nb is not None or static else [ss_e]
+    batched = nb is None and not static and cfg.fold and cfg.layout == "batched"
+    if batched:
+        _batched_experts(em, fc1, fc2, xs_e, ss, ws, inverse, counts, k, c, cfg, out)
+        return em.nodes, em.inits
     dyn_h = nb is None and not static             # the branch returns its per-token h scale too
     has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
     empties = [np.zeros((0, D), np.float32)] + ([np.zeros((0, 1), np.float32)] if dyn_h else [])
@@ -235,6 +255,44 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
                                      keepdims=0, name=f"{em.prefix}/sum_slots"))
     return em.nodes, em.inits
+
+
+def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int, c: dict,
+                     cfg: GroupedMoEConfig, out: str) -> None:
+    """The dynamic integer path (column scales folded into the kernel) with its elementwise work
+    batched: per expert only the two GEMMs
+    (``MatMulIntegerToFloat`` over that expert's rows, none for an expert without tokens: the kernel
+    takes 0 rows); between them, over all N*k rows at once: the per-token x scale, SwiGLU and the
+    per-token quantization of h. Per row the same operations on the same values as the per-expert
+    branches ("branch" layout), so the same results, bit for bit; ~14 fewer nodes per expert, and no
+    If (measured on the 1.6B shape: small per-expert elementwise nodes cost as much as the GEMMs)."""
+    E, two_i, D = fc1.shape
+    if E == 1:
+        xs_e = [xs_e]
+    gu = []
+    s2s = []
+    for e in range(E):
+        w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
+        q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
+        q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
+        W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
+        s2s.append((em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")))
+        gu.append(em.op("MatMulIntegerToFloat", [xs_e[e], W1, c["one"], S1, c["zp"]], f"e{e}.gu", domain=MS))
+    a = em.op("Mul", [em.op("Concat", gu, "gu_cat", axis=0), ss], "gu")                            # [N*k, 2I]
+    g, u = em.op("Split", [a, c["split_gu"]], "g_u", n_out=2, axis=-1)
+    h = em.op("Mul", [em.op("Mul", [g, em.op("Sigmoid", [g])]), u], "h")                           # [N*k, I]
+    hq, sh = token_quant(em, h, c)
+    hq_e = em.op("Split", [hq, counts], "hq_e", n_out=E, axis=0)
+    hq_e = [hq_e] if E == 1 else hq_e
+    ys = []
+    for e, (W2, S2) in enumerate(s2s):
+        ys.append(em.op("MatMulIntegerToFloat", [hq_e[e], W2, c["one"], S2, c["zp"]], f"e{e}.y", domain=MS))
+    factor = em.op("Mul", [sh, ws], "row_factor")
+    y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
+    y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)
+    y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
+    em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
+                                     keepdims=0, name=f"{em.prefix}/sum_slots"))
 
 
 def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None,

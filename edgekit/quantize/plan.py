@@ -38,6 +38,7 @@ PLAN_FILE = "plan.json"
 MOE_PATHS = ("grouped", "row", "block", "portable")     # "portable": set by planning for a portable export
 KERNELS = ("integer", "nbits8", "nbits4")   # int8 linears/experts: MatMulIntegerToFloat, or MatMulNBits 8/4-bit
 FLOAT_WEIGHTS = ("fp32", "fp16")            # storage of the weights of units kept in float (fp16.py)
+CACHE_DTYPES = ("fp32", "fp16")             # the latent cache's element type (cache_fp16.py)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Plan:
     kernel: str = "integer"                                      # "integer": MatMulIntegerToFloat; "nbits8"/"nbits4"
     nbits_block: int = 32                                        # MatMulNBits block along K
     float_weights: str = "fp32"                                  # units kept in float: stored fp32 or fp16
+    cache: str = "fp32"                                          # latent cache I/O: fp32, or fp16 (cache_fp16.py)
+    moe_layout: str = "batched"                                  # grouped experts: "batched" or "branch" (If each)
     pinned_fp32: set[str] = field(default_factory=set)           # overridden to fp32: fp32 storage too
     sensitivity: dict[str, float] = field(default_factory=dict)  # unit -> KL when alone int8
     accuracy_fp32: float = 0.0                                   # on the calibration rows (emulation)
@@ -77,6 +80,10 @@ class Plan:
             raise ValueError(f"plan kernel={self.kernel!r}: use one of {KERNELS}")
         if self.float_weights not in FLOAT_WEIGHTS:
             raise ValueError(f"plan float_weights={self.float_weights!r}: use one of {FLOAT_WEIGHTS}")
+        if self.moe_layout not in ("batched", "branch"):
+            raise ValueError(f"plan moe_layout={self.moe_layout!r}: use 'batched' or 'branch'")
+        if self.cache not in CACHE_DTYPES:
+            raise ValueError(f"plan cache={self.cache!r}: use one of {CACHE_DTYPES}")
         if self.moe_path not in MOE_PATHS:
             raise ValueError(f"plan moe_path={self.moe_path!r}: use one of {MOE_PATHS}")
 

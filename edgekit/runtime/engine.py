@@ -173,7 +173,12 @@ class Engine:
         if not (d / "tokenizer.json").exists():
             raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
         tokenizer = _bundle.read_tokenizer(d, "bundle")
-        return cls(OrtModel(d, threads=threads, spinning=spinning), tokenizer, manifest, d, threads, spinning)
+        config = target.get("session_config") or {}
+        if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
+            raise EdgekitError(f"{d / 'recipe.toml'}: [target] session_config must map names to strings; "
+                               f"{_bundle.REBUILD}")
+        return cls(OrtModel(d, threads=threads, spinning=spinning, session_config=config), tokenizer, manifest, d,
+                   threads, spinning)
 
     # -- facts ---------------------------------------------------------------------------------
     @property

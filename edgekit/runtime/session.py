@@ -22,6 +22,9 @@ difference from ``session.run`` + ``np.concatenate`` at this size (1.55 vs 1.46 
 ctx 128, 1.84 vs 1.85 at ctx 1024; the concatenation copies only ~2 MB/token there). The copy
 grows with layers x width x context, so the zero-copy path is kept for larger models.
 
+The cache's element type is the graph's: fp32, or fp16 for bundles quantized with
+``[quantize] cache = "fp16"`` (``cache_dtype``; edgekit/quantize/cache_fp16.py), half the memory.
+
 Batching rows of different lengths (graphs with the ``left_pad`` input, see
 edgekit/export/graph.py): a row's cache is right-aligned at column ``length``; its first
 ``pad[r]`` columns are padding the graph masks out. Joining rows right-aligns the shorter cache
@@ -108,7 +111,7 @@ class LatentCache:
         shorter one is right-aligned, its rows get the difference as extra left padding."""
         n = max(a.length, b.length)
         cap = max(capacity, n, 1)
-        pads, bufs = [], [np.zeros((a.batch + b.batch, cap, x.shape[2]), np.float32) for x in a.buffers]
+        pads, bufs = [], [np.zeros((a.batch + b.batch, cap, x.shape[2]), x.dtype) for x in a.buffers]
         for c, lo, hi in ((a, 0, a.batch), (b, a.batch, a.batch + b.batch)):
             shift = n - c.length
             for dst, src in zip(bufs, c.buffers):
@@ -121,7 +124,7 @@ class LatentCache:
 
 class OrtModel:
     def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None,
-                 parallel: bool = False):
+                 parallel: bool = False, session_config: dict | None = None):
         d = Path(export_dir)
         spec_file = d / "export.json"
         if not spec_file.exists():
@@ -133,6 +136,8 @@ class OrtModel:
             so.intra_op_num_threads = threads
         if spinning is not None:
             so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        for k, v in (session_config or {}).items():   # e.g. the target's session.dynamic_block_base
+            so.add_session_config_entry(str(k), str(v))
         if parallel:   # independent branches (a layer's expert If nodes) may run at once on inter-op threads
             so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
             so.inter_op_num_threads = threads or 0
@@ -153,20 +158,23 @@ class OrtModel:
         # exports since left_pad: rows of different lengths can share a call
         self.pads_rows = any(i["name"] == "left_pad" for i in spec["inputs"])
         self._no_pad = np.zeros(1, np.int64)
+        # the latent cache's element type: fp32, or fp16 in bundles quantized with [quantize] cache = "fp16"
+        types = {i.type for i in self.session.get_inputs() if i.name in self._past}
+        self.cache_dtype = np.dtype(np.float16 if types == {"tensor(float16)"} else np.float32)
 
     # -- full-sequence logits ------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, T] -> logits [B, T, V] (fp32), no cache kept."""
         ids = self._ids(ids)
         self._check_room(0, ids.shape[1])
-        empty = np.zeros((ids.shape[0], 0, self.width), np.float32)
+        empty = np.zeros((ids.shape[0], 0, self.width), self.cache_dtype)
         feed = {"input_ids": ids, **{n: empty for n in self._past}}
         return self.session.run(["logits"], feed)[0]
 
     # -- incremental generation -----------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int = 256) -> LatentCache:
         capacity = max(1, min(capacity, self.max_positions))
-        return LatentCache([np.zeros((batch, capacity, self.width), np.float32) for _ in range(self.num_layers)],
+        return LatentCache([np.zeros((batch, capacity, self.width), self.cache_dtype) for _ in range(self.num_layers)],
                            binding=self.session.io_binding())
 
     def prefill(self, ids: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, LatentCache]:
@@ -234,7 +242,7 @@ class OrtModel:
     def _grow(self, cache: LatentCache, need: int) -> None:
         cap = min(self.max_positions, max(need, 2 * cache.capacity))
         for i, b in enumerate(cache.buffers):
-            nb = np.zeros((b.shape[0], cap, b.shape[2]), np.float32)
+            nb = np.zeros((b.shape[0], cap, b.shape[2]), b.dtype)
             nb[:, :cache.length] = b[:, :cache.length]
             cache.buffers[i] = nb
 
@@ -247,20 +255,20 @@ class OrtModel:
         self._check_room(P - (int(cache.pad.min()) if cache.pad is not None else 0), T)
         if P + T > cache.capacity:
             self._grow(cache, P + T)
-        bind, f32 = cache.binding, np.float32
+        bind, f32, cd = cache.binding, np.float32, self.cache_dtype
         bind.bind_input("input_ids", "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
         keep = [ids]                         # arrays whose memory the binding points at
         copies = []
         for name, buf in zip(self._past, cache.buffers):
             past = np.ascontiguousarray(buf[:, :P])          # a view (no copy) when B == 1
             keep.append(past)
-            bind.bind_input(name, "cpu", 0, f32, past.shape, past.ctypes.data)
+            bind.bind_input(name, "cpu", 0, cd, past.shape, past.ctypes.data)
         for name, buf in zip(self._new, cache.buffers):
             dst = buf[:, P:P + T]
-            tgt = dst if dst.flags.c_contiguous else np.empty(dst.shape, f32)
+            tgt = dst if dst.flags.c_contiguous else np.empty(dst.shape, cd)
             if tgt is not dst:
                 copies.append((dst, tgt))
-            bind.bind_output(name, "cpu", 0, f32, tgt.shape, tgt.ctypes.data)
+            bind.bind_output(name, "cpu", 0, cd, tgt.shape, tgt.ctypes.data)
         if self._keep is not None:
             bind.bind_input("logits_keep", "cpu", 0, np.int64, (), self._keep.ctypes.data)
         if self.pads_rows:       # always bound: the binding outlives this call (reused per cache)
