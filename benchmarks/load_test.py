@@ -168,7 +168,9 @@ def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: P
         if name.startswith("edgekit"):
             h = json.loads(_get(port, "/health")[1])
             extra = {"mean_rows_per_decode_call": round(h["rows_decoded"] / max(1, h["decode_calls"]), 2),
-                     "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"]}
+                     "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"],
+                     "workers": h["workers"], "threads_per_worker": h["threads_per_worker"],
+                     "worker_seconds": {k: h[f"{k}_s"] for k in ("prefill", "decode", "other")}}
     finally:
         stop_server(proc)
     ok = {i: r for i, r in results.items() if "error" not in r}
@@ -200,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="edgekit batched mode: worker sessions sharing the threads (default: one per thread)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads of every server (default: cores)")
     ap.add_argument("--ctx-per-slot", type=int, default=1024, help="llama-server context per parallel slot")
     ap.add_argument("--cap-s", type=float, default=300.0, help="per mode: no new requests after this many seconds")
@@ -232,6 +236,7 @@ def main(argv=None):
 
     facts = host_facts()
     a.threads = a.threads or facts["cores"]
+    a.workers = a.workers or min(a.threads, a.max_batch)
     eng = Engine.from_bundle(a.bundle)
     prompts = make_prompts(a.requests)
     lengths = [len(eng.encode(p)) for p in prompts]
@@ -251,7 +256,8 @@ def main(argv=None):
         else:
             cmd = [sys.executable, app, "--bundle", a.bundle, "--port", str(port), "--threads", str(a.threads),
                    "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
-                   str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens)]
+                   str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens),
+                   "--workers", "1" if name == "edgekit-1" else str(a.workers)]
         r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
         if r["errors"]:
             r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
@@ -283,7 +289,7 @@ def main(argv=None):
            "bundle": _safe(str(a.bundle)), "gguf": a.gguf and Path(a.gguf).name,
            "llama_cpp": llama_info and llama_info["version"], "host": facts, "threads": a.threads,
            "requests": a.requests,
-           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
+           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch, "workers": a.workers,
            "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
            "exact_vs_alone": exact, "ratios": ratios,
            "modes": [{k: v for k, v in r.items() if k != "texts"} for r in runs]}

@@ -149,12 +149,12 @@ def test_continuous_batching_answers_equal_each_request_alone(dtype, bundle, int
         if step == 3:
             jobs[3].cancelled = True                             # its client went away
         bat.step()
-        if bat.cache is not None:
-            lengths.add(len(set(bat.cache.row_lengths().tolist())))
+        if bat.lanes[0].cache is not None:
+            lengths.add(len(set(bat.lanes[0].cache.row_lengths().tolist())))
             widest = max(widest, len(bat.rows))
         if all(j.done for j in jobs):
             break
-    assert all(j.done for j in jobs) and bat.cache is None and not bat.rows
+    assert all(j.done for j in jobs) and bat.lanes[0].cache is None and not bat.rows
     assert widest == 4 and max(lengths) > 1, (widest, lengths)   # full batch, rows of different lengths
     ends = [list(j.out.queue)[-1] for j in jobs]
     assert [e["finish_reason"] for e in ends] == ["length", "length", "length", "cancelled", "length"], ends

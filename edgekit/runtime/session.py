@@ -40,6 +40,7 @@ Imports only numpy, onnxruntime and the stdlib (plus ``edgekit.errors``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,7 @@ class OrtModel:
     def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None,
                  parallel: bool = False, session_config: dict | None = None):
         d = Path(export_dir)
+        self.dir, self.threads, self.spinning, self.parallel = d, threads, spinning, parallel
         spec_file = d / "export.json"
         if not spec_file.exists():
             raise EdgekitError(f"{d} has no export.json; pass a directory written by `edgekit export`")
@@ -161,6 +163,13 @@ class OrtModel:
         # the latent cache's element type: fp32, or fp16 in bundles quantized with [quantize] cache = "fp16"
         types = {i.type for i in self.session.get_inputs() if i.name in self._past}
         self.cache_dtype = np.dtype(np.float16 if types == {"tensor(float16)"} else np.float32)
+
+    def replicas(self, n: int) -> list[OrtModel]:
+        """``n`` sessions of the same graph that share this one's threads (at least one each): rows
+        do not depend on each other, so a server can split its batch across them and run the parts
+        at once, each session on its own threads. Each holds its own copy of the weights."""
+        per = max(1, (self.threads or os.cpu_count() or 1) // n)
+        return [OrtModel(self.dir, threads=per, spinning=self.spinning, parallel=self.parallel) for _ in range(n)]
 
     # -- full-sequence logits ------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:

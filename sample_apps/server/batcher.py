@@ -116,21 +116,37 @@ def client_gone(sock) -> bool:
         return True
 
 
+class Lane:
+    """One worker's share of the batch: its own onnxruntime session and running batch (``rows`` in
+    cache row order, ``cache``)."""
+
+    def __init__(self, model, max_rows: int):
+        self.model, self.max_rows = model, max_rows
+        self.rows: list[Job] = []
+        self.cache: LatentCache | None = None
+
+
 class Batcher:
     def __init__(self, engine, max_batch: int = 16, batch_wait_ms: float = 5.0, queue_size: int = 64,
-                 prefill_call_tokens: int = 64):
+                 prefill_call_tokens: int = 64, workers: int = 1):
+        if not 1 <= workers <= max_batch:
+            raise ValueError(f"workers={workers}: pass 1..max_batch ({max_batch})")
         self.engine, self.max_batch, self.wait_s = engine, max_batch, batch_wait_ms / 1e3
         self.prefill_call_tokens = prefill_call_tokens
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.rows: list[Job] = []                       # active rows, in cache row order
-        self.cache: LatentCache | None = None
-        self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0}
+        models = [engine.model] if workers == 1 else engine.model.replicas(workers)
+        self.lanes = [Lane(m, max_batch // workers + (i < max_batch % workers)) for i, m in enumerate(models)]
+        self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0, "workers": workers,
+                      "threads_per_worker": models[0].threads}
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "other": 0.0}   # worker time: graph calls vs the rest
+        self._lock = threading.Lock()
         self._job_s = 1.0                               # running mean of a job's duration (Retry-After)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(lane,), name=f"batcher-{i}", daemon=True)
+                         for i, lane in enumerate(self.lanes)]
         r = self.metrics = Registry()
         r.add(Gauge("edgekit_queue_depth", "Requests waiting for a batch slot.", self.queue.qsize))
-        r.add(Gauge("edgekit_active_rows", "Requests being generated (rows of the running batch).",
+        r.add(Gauge("edgekit_active_rows", "Requests being generated (rows of the running batches).",
                     lambda: len(self.rows)))
         self.m_decode_rows = r.add(Histogram("edgekit_decode_batch_rows", "Rows per decode call.", BATCH_BUCKETS))
         self.m_prefill_rows = r.add(Histogram("edgekit_prefill_batch_rows", "Rows per prefill call.", BATCH_BUCKETS))
@@ -141,14 +157,23 @@ class Batcher:
         self.m_rate = r.add(Rate("edgekit_tokens_per_second", "Generated tokens per second over the last 10 s."))
         self.m_ttft = r.add(Histogram("edgekit_time_to_first_token_seconds",
                                       "From submit to the first generated token.", TTFT_BUCKETS))
+        self.m_seconds = r.add(Counter("edgekit_worker_seconds_total", "Worker time by part: prefill and "
+                                       "decode graph calls, other (scheduling, sampling, text).", "part"))
+
+    @property
+    def rows(self) -> list[Job]:
+        """Active rows of every lane."""
+        return [j for lane in self.lanes for j in lane.rows]
 
     def start(self) -> Batcher:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
 
     def submit(self, job: Job) -> Job:
         job.text = TextStream(self.engine.tokenizer, job.cfg.stop)
@@ -166,30 +191,48 @@ class Batcher:
         return int(min(60, max(1, round((self.queue.qsize() + 1) / self.max_batch * self._job_s))))
 
     def health(self) -> dict:
-        return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
-                "max_batch": self.max_batch, **self.stats}
+        with self._lock:
+            return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
+                    "max_batch": self.max_batch, **self.stats,
+                    **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
+
+    def _count(self, **n) -> None:
+        with self._lock:
+            for k, v in n.items():
+                self.stats[k] += v
 
     # -- worker ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, lane: Lane) -> None:
         while not self._stop.is_set():
-            self.step(wait=True)
+            self.step(wait=True, lane=lane)
 
-    def step(self, wait: bool = False) -> None:
-        """One round: drop cancelled rows, admit + prefill queued jobs, decode every active row.
-        ``wait``: when no row is active, block briefly for a job (the worker thread's loop)."""
+    def step(self, wait: bool = False, lane: Lane | None = None) -> None:
+        """One round of one lane (default: the first): drop cancelled rows, admit + prefill queued
+        jobs, decode every active row. ``wait``: when no row is active, block briefly for a job
+        (the worker thread's loop)."""
+        lane = lane or self.lanes[0]
         new: list[Job] = []
         try:
-            self._drop([j for j in self.rows if j.cancelled], "cancelled")
-            new = self._admit(self.max_batch - len(self.rows), wait=wait and not self.rows)
+            self._drop(lane, [j for j in lane.rows if j.cancelled], "cancelled")
+            new = self._admit(lane.max_rows - len(lane.rows), wait=wait and not lane.rows)
+            t0 = time.perf_counter()
+            graph = 0.0
             if new:
-                self._prefill(new)
-            if self.rows:
-                self._decode()
+                graph += self._prefill(lane, new)
+            if lane.rows:
+                graph += self._decode(lane)
+            if new or lane.rows:
+                self._spent("other", time.perf_counter() - t0 - graph)
         except Exception as e:   # a failed call ends its jobs, never the worker
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            for j in self.rows + new:
+            for j in lane.rows + new:
                 self._finish(j, "error", msg)
-            self.rows, self.cache = [], None
+            lane.rows, lane.cache = [], None
+
+    def _spent(self, part: str, s: float) -> None:
+        with self._lock:
+            self.seconds[part] += s
+        self.m_seconds.inc(s, label=part)
 
     def _admit(self, room: int, wait: bool) -> list[Job]:
         jobs: list[Job] = []
@@ -208,56 +251,64 @@ class Batcher:
                 break
         return jobs
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _prefill(self, lane: Lane, jobs: list[Job]) -> float:
+        """Prefill ``jobs`` into ``lane``; returns the seconds spent in graph calls."""
         for j in jobs:
             if j.cancelled:
                 self._finish(j, "cancelled")
         jobs = [j for j in jobs if not j.cancelled]
-        for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens):
-            self._prefill_group([jobs[i] for i in group])
+        return sum(self._prefill_group(lane, [jobs[i] for i in group])
+                   for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens))
 
-    def _prefill_group(self, jobs: list[Job]) -> None:
+    def _prefill_group(self, lane: Lane, jobs: list[Job]) -> float:
         need = max(len(j.ids) + j.cfg.max_new_tokens for j in jobs)
-        logits, cache = self.engine.model.prefill_rows([j.ids for j in jobs], capacity=need)
-        self.stats["prefill_calls"] += 1
-        self.stats["jobs"] += len(jobs)
+        t0 = time.perf_counter()
+        logits, cache = lane.model.prefill_rows([j.ids for j in jobs], capacity=need)
+        took = time.perf_counter() - t0
+        self._spent("prefill", took)
+        self._count(prefill_calls=1, jobs=len(jobs))
         self.m_prefill_rows.observe(len(jobs))
         self.m_prompt.inc(sum(len(j.ids) for j in jobs))
         keep = self._advance(jobs, logits)
         if not keep:
-            return
+            return took
         cache.take(keep)
         jobs = [jobs[r] for r in keep]
-        if self.cache is None:
-            self.rows, self.cache = jobs, cache
+        if lane.cache is None:
+            lane.rows, lane.cache = jobs, cache
         else:
-            left = max(j.cfg.max_new_tokens - j.n for j in self.rows + jobs)
-            self.cache = LatentCache.join(self.cache, cache, max(self.cache.length, cache.length) + left)
-            self.rows = self.rows + jobs
+            left = max(j.cfg.max_new_tokens - j.n for j in lane.rows + jobs)
+            lane.cache = LatentCache.join(lane.cache, cache, max(lane.cache.length, cache.length) + left)
+            lane.rows = lane.rows + jobs
+        return took
 
-    def _decode(self) -> None:
-        tokens = np.fromiter((j.last for j in self.rows), np.int64, len(self.rows))
-        logits = self.engine.model.decode(tokens, self.cache)                        # [B, V]
-        self.stats["decode_calls"] += 1
-        self.stats["rows_decoded"] += len(self.rows)
-        self.m_decode_rows.observe(len(self.rows))
-        keep = self._advance(self.rows, logits)
-        if len(keep) < len(self.rows):
-            self._keep(keep)
+    def _decode(self, lane: Lane) -> float:
+        """One decode call for every row of ``lane``; returns the seconds spent in it."""
+        tokens = np.fromiter((j.last for j in lane.rows), np.int64, len(lane.rows))
+        t0 = time.perf_counter()
+        logits = lane.model.decode(tokens, lane.cache)                               # [B, V]
+        took = time.perf_counter() - t0
+        self._spent("decode", took)
+        self._count(decode_calls=1, rows_decoded=len(lane.rows))
+        self.m_decode_rows.observe(len(lane.rows))
+        keep = self._advance(lane.rows, logits)
+        if len(keep) < len(lane.rows):
+            self._keep(lane, keep)
+        return took
 
-    def _drop(self, jobs: list[Job], reason: str) -> None:
+    def _drop(self, lane: Lane, jobs: list[Job], reason: str) -> None:
         if not jobs:
             return
         for j in jobs:
             self._finish(j, reason)
-        self._keep([r for r, j in enumerate(self.rows) if not j.done])
+        self._keep(lane, [r for r, j in enumerate(lane.rows) if not j.done])
 
-    def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[r] for r in keep]
-        if self.rows:
-            self.cache.take(keep)
+    def _keep(self, lane: Lane, keep: list[int]) -> None:
+        lane.rows = [lane.rows[r] for r in keep]
+        if lane.rows:
+            lane.cache.take(keep)
         else:
-            self.cache = None
+            lane.cache = None
 
     def _advance(self, jobs: list[Job], logits: np.ndarray) -> list[int]:
         """Sample one token per row, report text, finish rows that are done; returns the rows kept."""
@@ -296,7 +347,8 @@ class Batcher:
             return
         j.done = True
         self.m_requests.inc(label=reason)
-        self._job_s += 0.1 * (time.monotonic() - j.submitted - self._job_s)
+        with self._lock:
+            self._job_s += 0.1 * (time.monotonic() - j.submitted - self._job_s)
         if reason in ("stop", "length"):
             tail = j.text.flush()
             if tail:
