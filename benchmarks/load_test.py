@@ -144,6 +144,15 @@ def pct(a, q):
     return round(float(np.percentile(a, q)) * 1e3, 2) if len(a) else None
 
 
+def alone_texts(bundle: str, prompts: list[str], max_tokens: int, threads: int) -> dict[int, str]:
+    """Every request's greedy answer served alone, in-process, on one session like one of the
+    batched server's workers (``threads`` each): the reference the batched answers must equal."""
+    from edgekit.runtime import Engine
+
+    eng = Engine.from_bundle(bundle, threads=threads, spinning=False)
+    return {i: eng.generate(p, max_new_tokens=max_tokens, temperature=0) for i, p in enumerate(prompts)}
+
+
 def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: Path) -> dict:
     proc = start(cmd, port, log)
     stop_at = time.monotonic() + a.cap_s
@@ -267,12 +276,20 @@ def main(argv=None):
         runs.append(r)
     tmp.cleanup()
     by = {r["mode"]: r for r in runs}
-    exact = None
-    if "edgekit" in by and "edgekit-1" in by:
-        alone, batched = by["edgekit-1"]["texts"], by["edgekit"]["texts"]
+    exact = {}
+
+    def compare(alone: dict, batched: dict) -> dict:
         common = sorted(set(alone) & set(batched))
         diff = [i for i in common if alone[i] != batched[i]]
-        exact = {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
+        return {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
+
+    per_worker = max(1, a.threads // a.workers)
+    if "edgekit" in by:
+        print(f"exactness reference: each request alone on a {per_worker}-thread session ...", flush=True)
+        exact["alone_same_session"] = compare(alone_texts(a.bundle, prompts, a.max_tokens, per_worker),
+                                              by["edgekit"]["texts"])
+    if "edgekit" in by and "edgekit-1" in by:
+        exact["one_at_a_time_server"] = compare(by["edgekit-1"]["texts"], by["edgekit"]["texts"])
     ratios = {}
     def ratio(x, y):
         return round(x / y, 3) if x is not None and y else None
@@ -308,12 +325,17 @@ def main(argv=None):
           f"`{res['command']}`.\n\n{a.requests} streaming greedy requests, {a.concurrency} concurrent, max_tokens "
           f"{a.max_tokens}, prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}).\n\n"
           + "\n".join(rows) + "\n\n"
-          + (f"Exactness: {exact['equal']} of {exact['compared']} batched answers equal the same request "
-             f"served alone (edgekit-1).\n\n" if exact else "")
+          + (f"Exactness: {exact['alone_same_session']['equal']} of {exact['alone_same_session']['compared']} "
+             f"batched answers equal the same request served alone on a session like the batched server's "
+             f"workers ({per_worker} thread(s) each)"
+             + (f"; {exact['one_at_a_time_server']['equal']} of {exact['one_at_a_time_server']['compared']} equal "
+                f"edgekit-1's ({a.threads} threads)" if "one_at_a_time_server" in exact else "")
+             + ".\n\n" if exact else "")
           + "".join(f"- {k}: {v}\n" for k, v in ratios.items()))
     out.with_suffix(".md").write_text(md)
     print(md)
-    bad = any(r["errors"] for r in runs) or (exact and exact["equal"] != exact["compared"])
+    same = exact.get("alone_same_session")
+    bad = any(r["errors"] for r in runs) or (same and same["equal"] != same["compared"])
     return 1 if bad else 0
 
 

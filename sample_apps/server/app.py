@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import re
 import sys
@@ -283,9 +284,9 @@ def main(argv=None):
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the bundle's target)")
     ap.add_argument("--max-batch", type=int, default=16, help="rows stepped together; 1 = no batching")
-    ap.add_argument("--workers", type=int, default=1,
+    ap.add_argument("--workers", type=int, default=None,
                     help="worker threads, each with its own session on threads/workers threads and its share of "
-                         "the batch (rows are independent, so the parts run at once)")
+                         "the batch, run at once (default: one per thread, up to --max-batch)")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long an idle worker waits to fill a batch")
     ap.add_argument("--queue-size", type=int, default=64, help="waiting requests beyond this get 503")
     ap.add_argument("--max-body-bytes", type=int, default=65536)
@@ -299,22 +300,26 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
     if min(a.max_batch, a.queue_size, a.max_stops + 1, a.max_stop_chars, a.max_body_bytes, a.max_tokens,
-           a.workers) < 1 or not a.read_timeout > 0:
+           a.workers or 1) < 1 or not a.read_timeout > 0:
         ap.error("--max-batch, --workers, --queue-size, --max-stop-chars, --max-body-bytes, --max-tokens and "
                  "--read-timeout must be positive (--max-stops >= 0)")
-    if a.workers > a.max_batch:
+    if (a.workers or 1) > a.max_batch:
         ap.error(f"--workers {a.workers} > --max-batch {a.max_batch}: each worker needs at least one row")
     try:
         engine = Engine.from_bundle(a.bundle, threads=a.threads)
     except EdgekitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    a.workers = a.workers or min(engine.threads or os.cpu_count() or 1, a.max_batch)
     httpd, batcher = serve(engine, a.host, a.port, a.max_batch, a.batch_wait_ms, a.queue_size, a.max_body_bytes,
                            a.max_tokens, a.max_prompt_tokens, verbose=a.verbose, request_tokens=a.max_request_tokens,
                            max_stops=a.max_stops, stop_chars=a.max_stop_chars, read_timeout_s=a.read_timeout,
                            workers=a.workers)
-    print(f"listening on http://{a.host}:{httpd.server_address[1]} (max batch {a.max_batch}, {a.workers} worker(s))",
-          flush=True)
+    print(f"listening on http://{a.host}:{httpd.server_address[1]} (max batch {a.max_batch}, {a.workers} worker(s) of "
+          f"{batcher.stats['threads_per_worker'] or 'all'} thread(s))", flush=True)
+    if batcher.inexact:
+        print(f"note: a batched answer may differ in the last bits from the request served alone: {batcher.inexact}",
+              flush=True)
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -1,26 +1,43 @@
 """Continuous batching for the HTTP sample app: requests join the running batch at every step.
 
-What: ``Batcher(engine, max_batch, batch_wait_ms, queue_size)`` owns the engine on one worker
-thread. ``submit(job)`` puts a ``Job`` on a bounded queue (``queue.Full`` when it is full: the
-server answers 503 with ``retry_after_s()``). Every step the worker
+What: ``Batcher(engine, max_batch, batch_wait_ms, queue_size, workers=1)`` runs ``workers`` worker
+threads, each a ``Lane``: its own onnxruntime session (``OrtModel.replicas``: the engine's threads
+split between them, at least one each) and its share of ``max_batch`` rows. ``submit(job)`` puts a
+``Job`` on one bounded queue all lanes take from (``queue.Full`` when it is full: the server
+answers 503 with ``retry_after_s()``). Every step a lane
 1. drops rows whose client went away (``Job.cancelled``) and rows that finished;
-2. admits queued jobs while fewer than ``max_batch`` rows are active (when idle it first waits up
-   to ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
+2. admits queued jobs while it has fewer rows than its share (when idle it first waits up to
+   ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
    (``OrtModel.prefill_rows``), sampling each one's first token. Jobs are grouped by prompt length
    (``prefill_groups``): one call per group, the grouping that minimises padded token-rows plus
    ``prefill_call_tokens`` per call (a call's fixed cost, in token-rows), so a 10-token prompt is
    not padded to the length of a 500-token one that arrived with it;
-3. joins their cache rows to the running batch (``LatentCache.join``: rows of any cache length)
-   and runs one decode call for every active row.
+3. joins their cache rows to its running batch (``LatentCache.join``: rows of any cache length)
+   and runs one decode call for every row it holds.
 Jobs report text pieces and a final summary through their own ``out`` queue; ``Job.results``
 is what an HTTP handler iterates (it notices a closed client and cancels the job).
 ``max_batch=1`` runs one request at a time: the no-batching baseline of benchmarks/load_test.py.
 
+Why several one-thread sessions instead of one session on every thread: onnxruntime runs a
+v3-nano decode step as ~1,000-2,000 small nodes; with one thread per session nothing waits on a
+thread pool, the lanes' calls run at once (onnxruntime releases the GIL), and, on the loaded
+2-core dev VM, server CPU per generated token fell from 3.4 to 2.0 ms with two lanes of one
+thread vs one lane of two (48 requests, 16 concurrent). Each lane holds its own copy of the
+weights (9 MB for v3-nano).
+
 Why a row's answer does not depend on its neighbours: the graph computes a padded row's attention
 on the row's own columns and everything else per token (edgekit/export/graph.py), and int8 graphs
-quantize activations per token; so on int8 bundles with grouped experts a row's logits equal the
-request served alone bit for bit, and greedy answers are identical (tests/test_sample_apps.py
-sends prompts of different lengths together and compares). fp32 bundles match to ~1e-6.
+quantize activations per token; so on int8 bundles with grouped experts and one-thread sessions
+a row's logits equal the request served alone (on a session like the lane's) bit for bit, and
+greedy answers are identical (tests/test_sample_apps.py sends prompts of different lengths
+together and compares; benchmarks/load_test.py checks every answer of its run). Two things break
+it, and ``inexact_batching`` names them (``/health`` "exact_batching"): onnxruntime's QMoE expert
+kernel, and sessions of more than one thread (onnxruntime splits one row's long MatMul over the
+key axis across threads, but not a batch of rows, so the rounding of a row alone differs).
+
+Time split (``seconds`` in ``/health``, ``edgekit_worker_seconds_total{part}``): seconds in
+prefill graph calls, in decode graph calls, and the rest of a step (scheduling, sampling, text),
+summed over lanes.
 
 Metrics (``metrics.text()``, Prometheus format): queue depth, active rows, rows per decode and
 prefill call (histograms), requests by finish reason (and rejected), prompt and generated
@@ -107,6 +124,23 @@ def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def inexact_batching(model, rows: int) -> str:
+    """Why a row's answer could depend on the rows batched with it on ``model`` ('' = it cannot):
+    onnxruntime's QMoE expert kernel does not compute rows independently, and a session with more
+    than one thread splits a single row's long MatMuls (the attention's key axis) across threads,
+    which it does not do for several rows, so one row's rounding differs from the same row in a
+    batch."""
+    if rows <= 1:
+        return ""
+    qmoe = sorted({v for v in ((model.spec.get("quantization") or {}).get("moe") or {}).values() if v != "grouped"})
+    why = [f"the routed experts run on onnxruntime's QMoE kernel ({', '.join(qmoe)}); build the bundle with "
+           "grouped experts (--target cpu4-serve)"] if qmoe else []
+    if (model.threads or 0) != 1:
+        why.append(f"sessions run {model.threads or 'all'} threads; one thread per worker (--workers = --threads) "
+                   "keeps rows independent")
+    return "; ".join(why)
+
+
 def client_gone(sock) -> bool:
     """True when the peer closed the connection (readable with no data) or the socket is dead."""
     try:
@@ -124,6 +158,7 @@ class Lane:
         self.model, self.max_rows = model, max_rows
         self.rows: list[Job] = []
         self.cache: LatentCache | None = None
+        self.decode_calls = self.rows_decoded = 0
 
 
 class Batcher:
@@ -138,6 +173,7 @@ class Batcher:
         self.lanes = [Lane(m, max_batch // workers + (i < max_batch % workers)) for i, m in enumerate(models)]
         self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0, "workers": workers,
                       "threads_per_worker": models[0].threads}
+        self.inexact = inexact_batching(models[0], max(lane.max_rows for lane in self.lanes))
         self.seconds = {"prefill": 0.0, "decode": 0.0, "other": 0.0}   # worker time: graph calls vs the rest
         self._lock = threading.Lock()
         self._job_s = 1.0                               # running mean of a job's duration (Retry-After)
@@ -193,7 +229,8 @@ class Batcher:
     def health(self) -> dict:
         with self._lock:
             return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
-                    "max_batch": self.max_batch, **self.stats,
+                    "max_batch": self.max_batch, **self.stats, "exact_batching": not self.inexact,
+                    **({"inexact_because": self.inexact} if self.inexact else {}),
                     **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
 
     def _count(self, **n) -> None:
@@ -290,6 +327,8 @@ class Batcher:
         took = time.perf_counter() - t0
         self._spent("decode", took)
         self._count(decode_calls=1, rows_decoded=len(lane.rows))
+        lane.decode_calls += 1
+        lane.rows_decoded += len(lane.rows)
         self.m_decode_rows.observe(len(lane.rows))
         keep = self._advance(lane.rows, logits)
         if len(keep) < len(lane.rows):
