@@ -4,8 +4,10 @@
         [--threads 2] [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
 
 Modes, one after another, each server a subprocess on a free loopback port (127.0.0.1 only):
-- ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching);
-- ``edgekit``: the same server with continuous batching (``--max-batch N``);
+- ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching; one
+  session on all ``--threads``);
+- ``edgekit``: the same server with continuous batching (``--max-batch N --workers W``: W lanes, each
+  a one-session worker on threads / W threads with its share of the N rows; default one per thread);
 - ``llama-server`` (with ``--gguf``, or ``--llama-checkpoint`` converted to Q8_0 by llama.cpp's own
   converter): llama.cpp built from its pinned source (benchmarks/llamacpp.py, once; ``--llama-server``
   names another binary), ``benchmarks.llamacpp.server_command``: loopback only, ``-t T -tb T
@@ -21,8 +23,11 @@ Per request: TTFT (send -> first streamed event with text), inter-token latency 
 consecutive text events; both servers stream one event per token), end-to-end latency and
 completion tokens (the final ``usage``, else the count of text events). Per mode: errors
 (anything but a complete 200 stream), throughput (completion tokens / wall seconds), p50/p95 of
-TTFT, ITL and latency. Exactness: every ``edgekit`` answer is compared with the same request's
-answer in ``edgekit-1`` (served alone), text for text. Writes PREFIX.json and PREFIX.md.
+TTFT, ITL and latency, and (edgekit) the workers' seconds in prefill calls, decode calls and the
+rest. Exactness: every ``edgekit`` answer is compared, text for text, with the same request served
+alone in-process on a session like a lane's (threads / W threads; the exit code is 1 unless all
+are equal), and with ``edgekit-1``'s answer (a session on all threads: onnxruntime splits a single
+row's long MatMuls across threads, so its last bits may differ). Writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -218,6 +224,8 @@ def main(argv=None):
     ap.add_argument("--cap-s", type=float, default=300.0, help="per mode: no new requests after this many seconds")
     ap.add_argument("--request-timeout-s", type=float, default=120.0)
     ap.add_argument("--modes", default="edgekit-1,edgekit,llama-server")
+    ap.add_argument("--cpus", default=None,
+                    help="pin every server to these CPUs (taskset -c LIST, e.g. 0,1); the clients run unpinned")
     ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_test"))
     a = ap.parse_args(argv)
@@ -225,6 +233,8 @@ def main(argv=None):
         ap.error("give --gguf or --llama-checkpoint, not both")
     if a.llama_server and not (a.gguf or a.llama_checkpoint):
         ap.error("--llama-server needs --gguf or --llama-checkpoint (the model it serves)")
+    if a.cpus and not shutil.which("taskset"):
+        ap.error("--cpus needs taskset (util-linux); install it or leave --cpus out")
     sys.path.insert(0, str(ROOT))
     llama_info = None
     if "llama-server" in a.modes.split(",") and (a.gguf or a.llama_checkpoint):
@@ -267,6 +277,8 @@ def main(argv=None):
                    "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
                    str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens),
                    "--workers", "1" if name == "edgekit-1" else str(a.workers)]
+        if a.cpus:
+            cmd = ["taskset", "-c", a.cpus, *cmd]
         r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
         if r["errors"]:
             r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
@@ -305,7 +317,7 @@ def main(argv=None):
     res = {"machine": a.machine, "command": command,
            "bundle": _safe(str(a.bundle)), "gguf": a.gguf and Path(a.gguf).name,
            "llama_cpp": llama_info and llama_info["version"], "host": facts, "threads": a.threads,
-           "requests": a.requests,
+           "requests": a.requests, "cpus": a.cpus,
            "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch, "workers": a.workers,
            "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
            "exact_vs_alone": exact, "ratios": ratios,
@@ -313,15 +325,21 @@ def main(argv=None):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = ["| server | sent | errors | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | latency p95 ms |"
-            " rows/decode call |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| server | workers x threads | sent | errors | tok/s | TTFT p50 ms | TTFT p95 ms "
+            "| ITL p50 ms | ITL p95 ms "
+            "| latency p95 ms | rows/decode call | worker s: prefill / decode / other |", "|---" * 12 + "|"]
     for r in runs:
-        rows.append(f"| {r['mode']} | {r['sent']} | {r['errors']} | {r['tokens_per_s']} | {r['ttft_ms']['p50']} "
-                    f"| {r['ttft_ms']['p95']} | {r['itl_ms']['p50']} | {r['itl_ms']['p95']} | {r['latency_ms']['p95']} "
-                    f"| {r.get('mean_rows_per_decode_call', '')} |")
+        ws = r.get("worker_seconds")
+        wt = f"{r['workers']} x {r['threads_per_worker']}" if "workers" in r else f"{a.threads} threads"
+        rows.append(f"| {r['mode']} | {wt} | {r['sent']} "
+                    f"| {r['errors']} | {r['tokens_per_s']} | {r['ttft_ms']['p50']} | {r['ttft_ms']['p95']} "
+                    f"| {r['itl_ms']['p50']} | {r['itl_ms']['p95']} | {r['latency_ms']['p95']} "
+                    f"| {r.get('mean_rows_per_decode_call', '')} "
+                    f"| {' / '.join(str(ws[k]) for k in ('prefill', 'decode', 'other')) if ws else ''} |")
     md = (f"# Load test: edgekit sample server vs llama-server on loopback\n\n"
           f"Machine: {a.machine or facts['cpu_model']} ({facts['cpu_model']}, {facts['cores']} cores, "
-          f"onnxruntime {facts.get('onnxruntime')}); every server {a.threads} compute threads. Command: "
+          f"onnxruntime {facts.get('onnxruntime')}); every server {a.threads} compute threads"
+          f"{f' pinned to CPUs {a.cpus}' if a.cpus else ''}. Command: "
           f"`{res['command']}`.\n\n{a.requests} streaming greedy requests, {a.concurrency} concurrent, max_tokens "
           f"{a.max_tokens}, prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}).\n\n"
           + "\n".join(rows) + "\n\n"

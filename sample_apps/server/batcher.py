@@ -352,11 +352,14 @@ class Batcher:
     def _advance(self, jobs: list[Job], logits: np.ndarray) -> list[int]:
         """Sample one token per row, report text, finish rows that are done; returns the rows kept."""
         keep, eos, now, made = [], self.engine.eos_token_id, time.monotonic(), 0
+        # greedy rows: one argmax call for the batch (numpy releases the GIL in each call, and taking it
+        # back can wait for an HTTP thread's switch interval: per-row calls made that a cost per row)
+        best = logits.argmax(-1).tolist() if any(j.cfg.temperature == 0 for j in jobs) else None
         for r, j in enumerate(jobs):
             if j.cancelled:
                 self._finish(j, "cancelled")
                 continue
-            tok = sample(logits[r], j.cfg, j.rng)
+            tok = best[r] if j.cfg.temperature == 0 else sample(logits[r], j.cfg, j.rng)
             if j.n == 0:
                 self.m_ttft.observe(now - j.submitted)
             reason = None
