@@ -3,6 +3,13 @@
     python benchmarks/load_test.py --bundle DIR [--llama-checkpoint CKPT | --gguf FILE [--llama-server BIN]]
         [--threads 2] [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
 
+The committed comparison (v3-nano, servers pinned to two cores of an otherwise idle host; compress
+exits 1 on v3-nano's relative accuracy gate, the bundle is written all the same):
+
+    EDGEKIT_CACHE=lt-cache edgekit compress --target cpu4-serve -o lt-bundle; python benchmarks/load_test.py
+    --bundle lt-bundle --llama-checkpoint lt-cache/prune/*/ --threads 2 --cpus 2,3
+    --machine "HOST, servers pinned to 2 cores" --out benchmarks/results/load_test
+
 Modes, one after another, each server a subprocess on a free loopback port (127.0.0.1 only):
 - ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching; one
   session on all ``--threads``);
