@@ -172,7 +172,7 @@ def stage(name: str, a) -> dict:
         from edgekit.export import ExportConfig
         from edgekit.export.layered import export_layered
         from edgekit.validate import graph_bytes
-        export_layered(ck, work / "onnx-fp32", ExportConfig(simplify=False))
+        export_layered(ck, work / "onnx-fp32", ExportConfig(simplify=False, external_data_threshold=0))
         info["onnx_bytes"] = graph_bytes(work / "onnx-fp32")
     elif name == "quantize":
         from edgekit.export.layered import export_layered
