@@ -47,6 +47,10 @@ from .errors import EdgekitError
 from .lazy import CheckpointReader, ShardWriter
 from .model import rope_tables
 
+# checkpoints written by the streamed stages are cut into shards of this size: ``ShardWriter`` holds
+# one shard's tensors until it is written, so this bounds what writing adds to the layer in memory
+SHARD_BYTES = 1 << 28
+
 
 class ModelSource:
     """An in-memory ``Transformer`` seen as a layer source (its own modules, not copies)."""
@@ -160,7 +164,7 @@ def _write_checkpoint(tmp: Path, writer: ShardWriter, args, src_dir: Path | None
 
 
 def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray, progress: bool = False,
-                   device: str = "cpu", shard_bytes: int = 1 << 30) -> Path:
+                   device: str = "cpu", shard_bytes: int = SHARD_BYTES) -> Path:
     """``prune.prune_checkpoint`` for checkpoints larger than memory (no distillation)."""
     from .info import param_count
     from .prune import check_prunable, plan_from_stats
@@ -199,7 +203,7 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
 
 
 def smooth_streamed(src, out: str | os.PathLike, calib_tokens: np.ndarray, config=None, device: str = "cpu",
-                    shard_bytes: int = 1 << 30, progress: bool = False) -> dict:
+                    shard_bytes: int = SHARD_BYTES, progress: bool = False) -> dict:
     """``smooth.smooth_checkpoint`` one layer at a time: writes the smoothed checkpoint to ``out``
     with the same ``smooth.json`` (``{"config", "groups"}``) and returns the per-group report."""
     from .smooth import SmoothConfig, calib_rows, finish_norm_stats, fold_group, layer_groups, norm_hooks, selected

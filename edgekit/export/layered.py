@@ -33,7 +33,6 @@ Failure modes: as ``export`` (routing the contrib MoE op cannot express).
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from pathlib import Path
@@ -126,17 +125,22 @@ class _Epilogue(nn.Module):
         return self.model.lm_head(self.model.model.norm(x).index_select(1, rows))
 
 
-def _trace(module, args: tuple, names_in, names_out, axes, opset: int, custom: tuple = ()) -> onnx.ModelProto:
-    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears);
-    ``custom``: the custom op domains it uses."""
-    buf = io.BytesIO()
+def _trace(module, args: tuple, names_in, names_out, axes, opset: int, path: Path, custom: tuple = ()) -> None:
+    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears), to
+    the file ``path`` (``_read_piece``); ``custom``: the custom op domains it uses. Written to a
+    file, not to memory, so the caller can drop the module's weights before the piece is parsed."""
     with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(module):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=opset, input_names=names_in,
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes,
                           custom_opsets=dict.fromkeys(custom, 1))
+
+
+def _read_piece(path: Path) -> onnx.ModelProto:
+    """The piece ``_trace`` wrote to ``path``; the file is removed."""
     proto = onnx.ModelProto()
-    proto.ParseFromString(buf.getbuffer())      # parsed in place: no second copy of the piece's bytes
+    proto.ParseFromString(path.read_bytes())
+    path.unlink()
     return proto
 
 
@@ -267,6 +271,7 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
+        piece = tmp / ".piece.onnx"           # one traced piece at a time (_trace, _read_piece)
         names = ["cos3", "sin3", "cos4", "sin4", "mask"]
         wired = {n: f"/shared/{n}" for n in names}
         rope_axes = {0: "pad_batch", 1: "seq"}
@@ -276,32 +281,36 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
             pro = _Prologue(src.embedding(), inv_freq, scale)
             with torch.no_grad():           # no autograd graph: it would keep every layer's weights alive
                 x, *sh = pro(ids, past, pad)
-            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
-                       {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
-                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset)
-            sink.add(p, {"x": "/layers.0/x_in", **wired}, "/embed/")
-            del pro, p
+            _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
+                   {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
+                    "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset, piece)
+            del pro
+            sink.add(_read_piece(piece), {"x": "/layers.0/x_in", **wired}, "/embed/")
+            release()
             for i in range(L):
                 custom = ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",)
                 step = _LayerStep(src.layer(i, device), a, i, cfg.moe, own_block=not hasattr(src, "model")).cpu()
                 with torch.no_grad():
                     x_out, _ = step(x, past, *sh, pad)
-                p = _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
-                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
-                            "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
-                           cfg.opset, custom)
-                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired, "pad": "left_pad",
-                             "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
+                _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
+                       {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
+                        "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
+                       cfg.opset, piece, custom)
+                del step                    # the layer's weights go before its traced copy is parsed
+                release()
+                sink.add(_read_piece(piece), {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired,
+                                              "pad": "left_pad", "x_out": f"/layers.{i + 1}/x_in",
+                                              "new": f"new_latent.{i}"}, f"/layers.{i}/")
                 x = x_out
-                del step, p
                 release()                   # this layer's freed buffers back to the OS (edgekit.heap)
                 if log:
                     log(f"export: layer {i + 1}/{L}")
             epi = _Epilogue(*src.head())
-            p = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
-                       {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset)
-            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/")
-            del epi, p
+            _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
+                   {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, piece)
+            del epi
+            sink.add(_read_piece(piece), {"x": f"/layers.{L}/x_in"}, "/head/")
+            release()
         finally:
             sink.close()
         proto = onnx.helper.make_model(_assemble(sink, a, W), producer_name="edgekit", opset_imports=[
