@@ -122,13 +122,22 @@ def _tokens(split: str, n: int):
     return load_tokens(split, load_tokenizer("v3-nano"), n)
 
 
-def _recipe(a, work: Path) -> Path:
-    """cpu4 with the scale runs' settings: half the routed experts, no distillation, bounded data."""
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _recipe(a, work: Path, simplify: bool = True) -> Path:
+    """cpu4 with the scale runs' settings: half the routed experts, no distillation, bounded data;
+    ``simplify=False``: no onnxsim on the in-memory export (where onnxsim is not installed)."""
     import tomli_w
 
     from edgekit.recipes import load_recipe, recipe_dict
 
     d = recipe_dict(load_recipe("cpu4"))
+    if not simplify:
+        d["export"]["simplify"] = False
     d["target"]["name"] = "cpu4"
     d["prune"].update(experts=a.experts, recover_steps=0, calib_max_tokens=a.calib_tokens)
     d["quantize"].update(calib_max_tokens=a.quant_tokens, mode="dynamic")
@@ -198,7 +207,10 @@ def stage(name: str, a) -> dict:
                     decode_p95_ms=rep["gates"]["latency_decode_p95_ms"]["value"])
     elif name in ("compress", "compress-memory"):
         from edgekit.pipeline import compress
-        res = compress(ck, str(_recipe(a, work)), out=work / "bundle", use_cache=False, force=True,
+        simplify = name == "compress" or _has("onnxsim")
+        if not simplify:
+            info["note"] = "onnxsim is not installed here: the in-memory export was not simplified"
+        res = compress(ck, str(_recipe(a, work, simplify)), out=work / "bundle", use_cache=False, force=True,
                        stream=name == "compress", device=a.device)
         info.update(exit_code=res.exit_code, status=res.report["status"],
                     gates={k: g["status"] for k, g in res.report["gates"].items()},
@@ -234,6 +246,10 @@ def main():
     if a.stage:
         print(json.dumps(stage(a.stage, a)))
         return
+    if not _has("tomli_w"):   # the stages write their recipe, and compress writes the bundle's, with it
+        sys.exit("memory.py: tomli_w is not installed (edgekit's recipes are written with it): pip install "
+                 "'tomli-w>=1.0,<2', or on a machine without an index install it into a folder elsewhere "
+                 "(pip install --target DIR tomli-w), bring DIR along and add it to PYTHONPATH")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"

@@ -44,6 +44,7 @@ import torch
 from .atomic import atomic_dir
 from .device import pick
 from .errors import EdgekitError
+from .heap import release
 from .lazy import CheckpointReader, ShardWriter
 from .model import rope_tables
 
@@ -131,6 +132,7 @@ def run_layers(source, rows: np.ndarray, batch_size: int, before=None, after=Non
         if after:
             after(i, block)
         del block
+        release()                 # the layer's freed buffers back to the OS (edgekit.heap)
     return xs
 
 
