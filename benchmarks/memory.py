@@ -25,6 +25,11 @@ then a lower bound), so the in-memory contrast cannot take the machine down.
 Prints one row per stage: peak tree RSS, its ratio to the fp32 checkpoint size, the stage's own
 VmHWM, wall time; writes ``OUT.json`` and ``OUT.md``.
 
+Needs: edgekit's dependencies; ``tomli_w`` (the stages write their recipe, compress its bundle's
+with it: without it the script stops at once naming the fix); onnxsim only for the in-memory
+contrast of a model under the protobuf limit (without it that export is not simplified, noted in
+the row). The streamed path never runs onnxsim (its export writes every weight to external data).
+
 Why per stage in subprocesses: a process's peak never goes down, so stages measured in one process
 would hide each other; VmHWM is exact per process, the tree sample catches child processes.
 """

@@ -193,6 +193,8 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
                                        plan.per_layer.get(i, LayerPlan()), sliced))
             for k, v in sliced.items():
                 w.add(k, v)
+            del sliced
+            release()
         w.add("model.norm.weight", g["model.norm.weight"])
         if not args.tie_word_embeddings:
             w.add("lm_head.weight", g["lm_head.weight"])
