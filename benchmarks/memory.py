@@ -19,7 +19,9 @@ stage and everything it starts, e.g. the latency worker of ``validate``) every 5
 - ``validate``: onnxruntime accuracy, latency and size of the int8 graph (``edgekit.validate``);
 - ``compress``: the whole ``edgekit compress --stream`` end to end; each of its stages' own peak
   (VmHWM reset at the stage's start) comes from the report's ``timings``;
-- ``compress-memory`` (contrast): the same compress in memory (``--no-stream``), same recipe.
+- ``compress-memory`` (contrast): the same compress in memory (``--no-stream``), same recipe;
+- ``validate-bundle``: ``edgekit validate`` of the bundle the last compress wrote (its recipe, the
+  baseline it records): the validation stage again, alone.
 A stage whose process tree passes ``--rss-limit-gb`` is killed and reported as such (its peak is
 then a lower bound), so the in-memory contrast cannot take the machine down.
 Prints one row per stage: peak tree RSS, its ratio to the fp32 checkpoint size, the stage's own
@@ -49,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = ("synth", "load", "calibrate", "prune", "baseline", "export", "quantize", "validate", "compress",
-          "compress-memory")
+          "compress-memory", "validate-bundle")
 
 
 def _children(pid: int) -> list[int]:
@@ -210,6 +212,11 @@ def stage(name: str, a) -> dict:
         info.update(size_ratio=rep["gates"]["size_ratio"]["value"], accuracy=rep["compressed"]["accuracy"],
                     prefill_p95_ms=rep["gates"]["latency_prefill_p95_ms"]["value"],
                     decode_p95_ms=rep["gates"]["latency_decode_p95_ms"]["value"])
+    elif name == "validate-bundle":
+        from edgekit.validate import validate_bundle
+        rep = validate_bundle(work / "bundle")
+        info.update(status=rep["status"], accuracy=rep["compressed"]["accuracy"],
+                    bundle_bytes=rep["compressed"]["size_bytes"])
     elif name in ("compress", "compress-memory"):
         from edgekit.pipeline import compress
         simplify = name == "compress" or _has("onnxsim")
