@@ -3,9 +3,18 @@
     python benchmarks/load_test.py --bundle DIR [--llama-checkpoint CKPT | --gguf FILE [--llama-server BIN]]
         [--threads 2] [--requests 200 --concurrency 16 --max-batch 16 --max-tokens 64 --cap-s 300] [--out PREFIX]
 
+The committed comparison (v3-nano, servers pinned to two cores of an otherwise idle host; compress
+exits 1 on v3-nano's relative accuracy gate, the bundle is written all the same):
+
+    EDGEKIT_CACHE=lt-cache edgekit compress --target cpu4-serve -o lt-bundle; python benchmarks/load_test.py
+    --bundle lt-bundle --llama-checkpoint lt-cache/prune/*/ --threads 2 --cpus 2,3
+    --machine "HOST, servers pinned to 2 cores" --out benchmarks/results/load_test
+
 Modes, one after another, each server a subprocess on a free loopback port (127.0.0.1 only):
-- ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching);
-- ``edgekit``: the same server with continuous batching (``--max-batch N``);
+- ``edgekit-1``: sample_apps/server with ``--max-batch 1`` (one request at a time: no batching; one
+  session on all ``--threads``);
+- ``edgekit``: the same server with continuous batching (``--max-batch N --workers W``: W lanes, each
+  a one-session worker on threads / W threads with its share of the N rows; default one per thread);
 - ``llama-server`` (with ``--gguf``, or ``--llama-checkpoint`` converted to Q8_0 by llama.cpp's own
   converter): llama.cpp built from its pinned source (benchmarks/llamacpp.py, once; ``--llama-server``
   names another binary), ``benchmarks.llamacpp.server_command``: loopback only, ``-t T -tb T
@@ -21,8 +30,11 @@ Per request: TTFT (send -> first streamed event with text), inter-token latency 
 consecutive text events; both servers stream one event per token), end-to-end latency and
 completion tokens (the final ``usage``, else the count of text events). Per mode: errors
 (anything but a complete 200 stream), throughput (completion tokens / wall seconds), p50/p95 of
-TTFT, ITL and latency. Exactness: every ``edgekit`` answer is compared with the same request's
-answer in ``edgekit-1`` (served alone), text for text. Writes PREFIX.json and PREFIX.md.
+TTFT, ITL and latency, and (edgekit) the workers' seconds in prefill calls, decode calls and the
+rest. Exactness: every ``edgekit`` answer is compared, text for text, with the same request served
+alone in-process on a session like a lane's (threads / W threads; the exit code is 1 unless all
+are equal), and with ``edgekit-1``'s answer (a session on all threads: onnxruntime splits a single
+row's long MatMuls across threads, so its last bits may differ). Writes PREFIX.json and PREFIX.md.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -144,6 +157,15 @@ def pct(a, q):
     return round(float(np.percentile(a, q)) * 1e3, 2) if len(a) else None
 
 
+def alone_texts(bundle: str, prompts: list[str], max_tokens: int, threads: int) -> dict[int, str]:
+    """Every request's greedy answer served alone, in-process, on one session like one of the
+    batched server's workers (``threads`` each): the reference the batched answers must equal."""
+    from edgekit.runtime import Engine
+
+    eng = Engine.from_bundle(bundle, threads=threads, spinning=False)
+    return {i: eng.generate(p, max_new_tokens=max_tokens, temperature=0) for i, p in enumerate(prompts)}
+
+
 def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: Path) -> dict:
     proc = start(cmd, port, log)
     stop_at = time.monotonic() + a.cap_s
@@ -168,7 +190,9 @@ def run_mode(name: str, cmd: list[str], port: int, prompts: list[str], a, log: P
         if name.startswith("edgekit"):
             h = json.loads(_get(port, "/health")[1])
             extra = {"mean_rows_per_decode_call": round(h["rows_decoded"] / max(1, h["decode_calls"]), 2),
-                     "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"]}
+                     "prefill_calls": h["prefill_calls"], "decode_calls": h["decode_calls"],
+                     "workers": h["workers"], "threads_per_worker": h["threads_per_worker"],
+                     "worker_seconds": {k: h[f"{k}_s"] for k in ("prefill", "decode", "other")}}
     finally:
         stop_server(proc)
     ok = {i: r for i, r in results.items() if "error" not in r}
@@ -200,11 +224,15 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="edgekit batched mode: worker sessions sharing the threads (default: one per thread)")
     ap.add_argument("--threads", type=int, default=None, help="compute threads of every server (default: cores)")
     ap.add_argument("--ctx-per-slot", type=int, default=1024, help="llama-server context per parallel slot")
     ap.add_argument("--cap-s", type=float, default=300.0, help="per mode: no new requests after this many seconds")
     ap.add_argument("--request-timeout-s", type=float, default=120.0)
     ap.add_argument("--modes", default="edgekit-1,edgekit,llama-server")
+    ap.add_argument("--cpus", default=None,
+                    help="pin every server to these CPUs (taskset -c LIST, e.g. 0,1); the clients run unpinned")
     ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load_test"))
     a = ap.parse_args(argv)
@@ -212,6 +240,8 @@ def main(argv=None):
         ap.error("give --gguf or --llama-checkpoint, not both")
     if a.llama_server and not (a.gguf or a.llama_checkpoint):
         ap.error("--llama-server needs --gguf or --llama-checkpoint (the model it serves)")
+    if a.cpus and not shutil.which("taskset"):
+        ap.error("--cpus needs taskset (util-linux); install it or leave --cpus out")
     sys.path.insert(0, str(ROOT))
     llama_info = None
     if "llama-server" in a.modes.split(",") and (a.gguf or a.llama_checkpoint):
@@ -232,6 +262,7 @@ def main(argv=None):
 
     facts = host_facts()
     a.threads = a.threads or facts["cores"]
+    a.workers = a.workers or min(a.threads, a.max_batch)
     eng = Engine.from_bundle(a.bundle)
     prompts = make_prompts(a.requests)
     lengths = [len(eng.encode(p)) for p in prompts]
@@ -251,7 +282,10 @@ def main(argv=None):
         else:
             cmd = [sys.executable, app, "--bundle", a.bundle, "--port", str(port), "--threads", str(a.threads),
                    "--max-batch", "1" if name == "edgekit-1" else str(a.max_batch), "--batch-wait-ms",
-                   str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens)]
+                   str(a.batch_wait_ms), "--queue-size", str(a.requests), "--max-tokens", str(a.max_tokens),
+                   "--workers", "1" if name == "edgekit-1" else str(a.workers)]
+        if a.cpus:
+            cmd = ["taskset", "-c", a.cpus, *cmd]
         r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
         if r["errors"]:
             r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
@@ -261,12 +295,20 @@ def main(argv=None):
         runs.append(r)
     tmp.cleanup()
     by = {r["mode"]: r for r in runs}
-    exact = None
-    if "edgekit" in by and "edgekit-1" in by:
-        alone, batched = by["edgekit-1"]["texts"], by["edgekit"]["texts"]
+    exact = {}
+
+    def compare(alone: dict, batched: dict) -> dict:
         common = sorted(set(alone) & set(batched))
         diff = [i for i in common if alone[i] != batched[i]]
-        exact = {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
+        return {"compared": len(common), "equal": len(common) - len(diff), "mismatches": diff[:20]}
+
+    per_worker = max(1, a.threads // a.workers)
+    if "edgekit" in by:
+        print(f"exactness reference: each request alone on a {per_worker}-thread session ...", flush=True)
+        exact["alone_same_session"] = compare(alone_texts(a.bundle, prompts, a.max_tokens, per_worker),
+                                              by["edgekit"]["texts"])
+    if "edgekit" in by and "edgekit-1" in by:
+        exact["one_at_a_time_server"] = compare(by["edgekit-1"]["texts"], by["edgekit"]["texts"])
     ratios = {}
     def ratio(x, y):
         return round(x / y, 3) if x is not None and y else None
@@ -282,32 +324,43 @@ def main(argv=None):
     res = {"machine": a.machine, "command": command,
            "bundle": _safe(str(a.bundle)), "gguf": a.gguf and Path(a.gguf).name,
            "llama_cpp": llama_info and llama_info["version"], "host": facts, "threads": a.threads,
-           "requests": a.requests,
-           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch,
+           "requests": a.requests, "cpus": a.cpus,
+           "concurrency": a.concurrency, "max_tokens": a.max_tokens, "max_batch": a.max_batch, "workers": a.workers,
            "prompt_tokens": {"min": min(lengths), "max": max(lengths), "mean": round(float(np.mean(lengths)), 1)},
            "exact_vs_alone": exact, "ratios": ratios,
            "modes": [{k: v for k, v in r.items() if k != "texts"} for r in runs]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    rows = ["| server | sent | errors | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | latency p95 ms |"
-            " rows/decode call |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| server | workers x threads | sent | errors | tok/s | TTFT p50 ms | TTFT p95 ms "
+            "| ITL p50 ms | ITL p95 ms "
+            "| latency p95 ms | rows/decode call | worker s: prefill / decode / other |", "|---" * 12 + "|"]
     for r in runs:
-        rows.append(f"| {r['mode']} | {r['sent']} | {r['errors']} | {r['tokens_per_s']} | {r['ttft_ms']['p50']} "
-                    f"| {r['ttft_ms']['p95']} | {r['itl_ms']['p50']} | {r['itl_ms']['p95']} | {r['latency_ms']['p95']} "
-                    f"| {r.get('mean_rows_per_decode_call', '')} |")
+        ws = r.get("worker_seconds")
+        wt = f"{r['workers']} x {r['threads_per_worker']}" if "workers" in r else f"{a.threads} threads"
+        rows.append(f"| {r['mode']} | {wt} | {r['sent']} "
+                    f"| {r['errors']} | {r['tokens_per_s']} | {r['ttft_ms']['p50']} | {r['ttft_ms']['p95']} "
+                    f"| {r['itl_ms']['p50']} | {r['itl_ms']['p95']} | {r['latency_ms']['p95']} "
+                    f"| {r.get('mean_rows_per_decode_call', '')} "
+                    f"| {' / '.join(str(ws[k]) for k in ('prefill', 'decode', 'other')) if ws else ''} |")
     md = (f"# Load test: edgekit sample server vs llama-server on loopback\n\n"
           f"Machine: {a.machine or facts['cpu_model']} ({facts['cpu_model']}, {facts['cores']} cores, "
-          f"onnxruntime {facts.get('onnxruntime')}); every server {a.threads} compute threads. Command: "
+          f"onnxruntime {facts.get('onnxruntime')}); every server {a.threads} compute threads"
+          f"{f' pinned to CPUs {a.cpus}' if a.cpus else ''}. Command: "
           f"`{res['command']}`.\n\n{a.requests} streaming greedy requests, {a.concurrency} concurrent, max_tokens "
           f"{a.max_tokens}, prompts of {min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f}).\n\n"
           + "\n".join(rows) + "\n\n"
-          + (f"Exactness: {exact['equal']} of {exact['compared']} batched answers equal the same request "
-             f"served alone (edgekit-1).\n\n" if exact else "")
+          + (f"Exactness: {exact['alone_same_session']['equal']} of {exact['alone_same_session']['compared']} "
+             f"batched answers equal the same request served alone on a session like the batched server's "
+             f"workers ({per_worker} thread(s) each)"
+             + (f"; {exact['one_at_a_time_server']['equal']} of {exact['one_at_a_time_server']['compared']} equal "
+                f"edgekit-1's ({a.threads} threads)" if "one_at_a_time_server" in exact else "")
+             + ".\n\n" if exact else "")
           + "".join(f"- {k}: {v}\n" for k, v in ratios.items()))
     out.with_suffix(".md").write_text(md)
     print(md)
-    bad = any(r["errors"] for r in runs) or (exact and exact["equal"] != exact["compared"])
+    same = exact.get("alone_same_session")
+    bad = any(r["errors"] for r in runs) or (same and same["equal"] != same["compared"])
     return 1 if bad else 0
 
 

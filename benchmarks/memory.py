@@ -19,11 +19,18 @@ stage and everything it starts, e.g. the latency worker of ``validate``) every 5
 - ``validate``: onnxruntime accuracy, latency and size of the int8 graph (``edgekit.validate``);
 - ``compress``: the whole ``edgekit compress --stream`` end to end; each of its stages' own peak
   (VmHWM reset at the stage's start) comes from the report's ``timings``;
-- ``compress-memory`` (contrast): the same compress in memory (``--no-stream``), same recipe.
+- ``compress-memory`` (contrast): the same compress in memory (``--no-stream``), same recipe;
+- ``validate-bundle``: ``edgekit validate`` of the bundle the last compress wrote (its recipe, the
+  baseline it records): the validation stage again, alone.
 A stage whose process tree passes ``--rss-limit-gb`` is killed and reported as such (its peak is
 then a lower bound), so the in-memory contrast cannot take the machine down.
 Prints one row per stage: peak tree RSS, its ratio to the fp32 checkpoint size, the stage's own
 VmHWM, wall time; writes ``OUT.json`` and ``OUT.md``.
+
+Needs: edgekit's dependencies; ``tomli_w`` (the stages write their recipe, compress its bundle's
+with it: without it the script stops at once naming the fix); onnxsim only for the in-memory
+contrast of a model under the protobuf limit (without it that export is not simplified, noted in
+the row). The streamed path never runs onnxsim (its export writes every weight to external data).
 
 Why per stage in subprocesses: a process's peak never goes down, so stages measured in one process
 would hide each other; VmHWM is exact per process, the tree sample catches child processes.
@@ -44,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = ("synth", "load", "calibrate", "prune", "baseline", "export", "quantize", "validate", "compress",
-          "compress-memory")
+          "compress-memory", "validate-bundle")
 
 
 def _children(pid: int) -> list[int]:
@@ -122,13 +129,22 @@ def _tokens(split: str, n: int):
     return load_tokens(split, load_tokenizer("v3-nano"), n)
 
 
-def _recipe(a, work: Path) -> Path:
-    """cpu4 with the scale runs' settings: half the routed experts, no distillation, bounded data."""
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _recipe(a, work: Path, simplify: bool = True) -> Path:
+    """cpu4 with the scale runs' settings: half the routed experts, no distillation, bounded data;
+    ``simplify=False``: no onnxsim on the in-memory export (where onnxsim is not installed)."""
     import tomli_w
 
     from edgekit.recipes import load_recipe, recipe_dict
 
     d = recipe_dict(load_recipe("cpu4"))
+    if not simplify:
+        d["export"]["simplify"] = False
     d["target"]["name"] = "cpu4"
     d["prune"].update(experts=a.experts, recover_steps=0, calib_max_tokens=a.calib_tokens)
     d["quantize"].update(calib_max_tokens=a.quant_tokens, mode="dynamic")
@@ -172,7 +188,7 @@ def stage(name: str, a) -> dict:
         from edgekit.export import ExportConfig
         from edgekit.export.layered import export_layered
         from edgekit.validate import graph_bytes
-        export_layered(ck, work / "onnx-fp32", ExportConfig(simplify=False))
+        export_layered(ck, work / "onnx-fp32", ExportConfig(simplify=False, external_data_threshold=0))
         info["onnx_bytes"] = graph_bytes(work / "onnx-fp32")
     elif name == "quantize":
         from edgekit.export.layered import export_layered
@@ -196,9 +212,17 @@ def stage(name: str, a) -> dict:
         info.update(size_ratio=rep["gates"]["size_ratio"]["value"], accuracy=rep["compressed"]["accuracy"],
                     prefill_p95_ms=rep["gates"]["latency_prefill_p95_ms"]["value"],
                     decode_p95_ms=rep["gates"]["latency_decode_p95_ms"]["value"])
+    elif name == "validate-bundle":
+        from edgekit.validate import validate_bundle
+        rep = validate_bundle(work / "bundle")
+        info.update(status=rep["status"], accuracy=rep["compressed"]["accuracy"],
+                    bundle_bytes=rep["compressed"]["size_bytes"])
     elif name in ("compress", "compress-memory"):
         from edgekit.pipeline import compress
-        res = compress(ck, str(_recipe(a, work)), out=work / "bundle", use_cache=False, force=True,
+        simplify = name == "compress" or _has("onnxsim")
+        if not simplify:
+            info["note"] = "onnxsim is not installed here: the in-memory export was not simplified"
+        res = compress(ck, str(_recipe(a, work, simplify)), out=work / "bundle", use_cache=False, force=True,
                        stream=name == "compress", device=a.device)
         info.update(exit_code=res.exit_code, status=res.report["status"],
                     gates={k: g["status"] for k, g in res.report["gates"].items()},
@@ -234,6 +258,10 @@ def main():
     if a.stage:
         print(json.dumps(stage(a.stage, a)))
         return
+    if not _has("tomli_w"):   # the stages write their recipe, and compress writes the bundle's, with it
+        sys.exit("memory.py: tomli_w is not installed (edgekit's recipes are written with it): pip install "
+                 "'tomli-w>=1.0,<2', or on a machine without an index install it into a folder elsewhere "
+                 "(pip install --target DIR tomli-w), bring DIR along and add it to PYTHONPATH")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     results_file = work / "results.json"

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .bundle import member
 from .configcheck import check_shapes
@@ -274,30 +273,67 @@ class CheckpointReader:
         return norm.to(device).eval(), lm.to(device).eval()
 
 
+# torch dtype -> safetensors' dtype name (the header's "dtype")
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
 class ShardWriter:
     """Writes tensors in order into safetensors shards of at most ``shard_bytes`` (a tensor larger
     than that gets a shard of its own); ``close()`` names them ``-of-n`` and writes the index (or
-    ``model.safetensors`` when one shard suffices). Holds at most one shard in memory."""
+    ``model.safetensors`` when one shard suffices).
+
+    Memory: without ``save``, each tensor's bytes go to the shard's data file as it is added
+    (nothing is held); ``flush`` then writes the safetensors header (known only once the shard is
+    complete) and appends that data file to it, a copy done by the kernel. With ``save`` (a
+    ``safetensors.torch.save_file``-like function) the shard's tensors are held until it is saved."""
 
     def __init__(self, out_dir: str | os.PathLike, shard_bytes: int = 1 << 30, save=None):
         self.dir, self.limit = Path(out_dir), shard_bytes
-        self._save = save or save_file
+        self._save = save
         self.pending: dict[str, torch.Tensor] = {}
+        self.header: dict[str, dict] = {}              # streamed: the open shard's entries
+        self.data = None                               # streamed: the open shard's data file
         self.size, self.parts, self.weight_map, self.total = 0, [], {}, 0
+
+    def _path(self, suffix: str) -> Path:
+        return self.dir / f".shard-{len(self.parts) + 1:05d}{suffix}"
 
     def add(self, name: str, t: torch.Tensor) -> None:
         b = t.numel() * t.element_size()
-        if self.pending and self.size + b > self.limit:
+        if (self.pending or self.header) and self.size + b > self.limit:
             self.flush()
-        self.pending[name] = t.detach().contiguous()
+        t = t.detach().contiguous()
+        if self._save is not None:
+            self.pending[name] = t
+        else:
+            if t.dtype not in _ST_DTYPES:
+                raise EdgekitError(f"{name}: dtype {t.dtype} cannot be stored in safetensors; convert it first")
+            if self.data is None:
+                self.data = open(self._path(".data"), "wb")
+            self.header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                                 "data_offsets": [self.size, self.size + b]}
+            self.data.write(t.cpu().reshape(-1).view(torch.uint8).numpy().data)
         self.size += b
 
     def flush(self) -> None:
-        if not self.pending:
+        if not (self.pending or self.header):
             return
-        f = self.dir / f".shard-{len(self.parts) + 1:05d}.safetensors"
-        self._save(self.pending, str(f), metadata={"format": "pt"})
-        self.parts.append((f, list(self.pending)))
+        f = self._path(".safetensors")
+        if self._save is not None:
+            self._save(self.pending, str(f), metadata={"format": "pt"})
+            names = list(self.pending)
+        else:
+            self.data.close()
+            head = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+            head += b" " * (-len(head) % 8)            # data starts 8-byte aligned, as safetensors writes it
+            with open(f, "wb", buffering=0) as out, open(self.data.name, "rb", buffering=0) as src:
+                out.write(len(head).to_bytes(8, "little") + head)
+                _copy(src, out, self.size)
+            os.unlink(self.data.name)
+            names, self.header, self.data = list(self.header), {}, None
+        self.parts.append((f, names))
         self.total += self.size
         self.pending, self.size = {}, 0
 
@@ -313,3 +349,17 @@ class ShardWriter:
             (self.dir / INDEX_FILE).write_text(json.dumps(
                 {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, indent=2) + "\n")
         return files
+
+
+def _copy(src, dst, n: int) -> None:
+    """Append ``n`` bytes of file ``src`` to file ``dst`` (both unbuffered), in the kernel where it can."""
+    done = 0
+    while done < n:
+        try:
+            k = os.copy_file_range(src.fileno(), dst.fileno(), n - done)
+        except (AttributeError, OSError):          # no copy_file_range here (other OS, old kernel, filesystem)
+            buf = src.read(min(n - done, 1 << 24))
+            k = dst.write(buf)
+        if not k:
+            raise EdgekitError(f"writing {dst.name}: the shard's data ended early; check free disk space")
+        done += k

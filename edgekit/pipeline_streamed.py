@@ -86,6 +86,14 @@ def _params(args) -> int:
     return param_count(meta_model(args))
 
 
+def external(export_config):
+    """``export_config`` with every weight in external data (``model.onnx.data``): the layered
+    export then streams each layer's weights to disk as it goes, the graph it holds has no weights,
+    and the int8 pass reads them one unit at a time. (Inline, a graph under the protobuf limit would
+    be held whole, and serialized, in memory: ~2x the fp32 model.)"""
+    return dataclasses.replace(export_config, external_data_threshold=0)
+
+
 def fp32_evaluator(src: Path, st):
     """``tokens -> EvalResult`` of the unpruned fp32 model, streamed (``domains.ood_report``)."""
     from .stream import evaluate_streamed
@@ -107,7 +115,7 @@ def baseline_for(src: Path, recipe, eval_tokens: np.ndarray, cache, st) -> dict:
     def do(tmp: Path):
         reader = CheckpointReader(src)
         res = evaluate_streamed(reader, eval_tokens, seq_len=recipe.validate.seq_len, device=dev)
-        export_layered(reader, tmp / "onnx", ExportConfig(moe=recipe.export.moe, simplify=False))
+        export_layered(reader, tmp / "onnx", external(ExportConfig(moe=recipe.export.moe, simplify=False)))
         meta = {**res.to_dict(), "onnx_bytes": graph_bytes(tmp / "onnx"), "params": _params(reader.args),
                 "latency": None, "streamed": True,
                 "note": "fp32 torch accuracy (streamed); size of the unpruned fp32 ONNX export (layer by layer); "
@@ -138,9 +146,9 @@ def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: flo
     key.append(dataclasses.asdict(recipe.smooth))
     smoothed = st.run("smooth (streamed)", lambda: cache.get(
         "smooth", key, lambda tmp: smooth_streamed(pruned, tmp, texts.calib, recipe.smooth, device=dev)), device=ran)
-    key.append(dataclasses.asdict(recipe.export))
+    key.append(dataclasses.asdict(external(recipe.export)))
     exported = st.run("export (layer by layer, fp32)", lambda: cache.get(
-        "export", key, lambda tmp: export_layered(smoothed, tmp, recipe.export, tokenizer_from=smoothed)))
+        "export", key, lambda tmp: export_layered(smoothed, tmp, external(recipe.export), tokenizer_from=smoothed)))
     pruned_acc = st.run("score pruned fp32 (streamed torch)",
                         lambda: _cached_accuracy(smoothed, score_tokens, recipe, cache, dev), device=ran)
     budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)

@@ -44,8 +44,13 @@ import torch
 from .atomic import atomic_dir
 from .device import pick
 from .errors import EdgekitError
+from .heap import release
 from .lazy import CheckpointReader, ShardWriter
 from .model import rope_tables
+
+# checkpoints written by the streamed stages are cut into shards of this size: ``ShardWriter`` holds
+# one shard's tensors until it is written, so this bounds what writing adds to the layer in memory
+SHARD_BYTES = 1 << 28
 
 
 class ModelSource:
@@ -127,6 +132,7 @@ def run_layers(source, rows: np.ndarray, batch_size: int, before=None, after=Non
         if after:
             after(i, block)
         del block
+        release()                 # the layer's freed buffers back to the OS (edgekit.heap)
     return xs
 
 
@@ -160,7 +166,7 @@ def _write_checkpoint(tmp: Path, writer: ShardWriter, args, src_dir: Path | None
 
 
 def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray, progress: bool = False,
-                   device: str = "cpu", shard_bytes: int = 1 << 30) -> Path:
+                   device: str = "cpu", shard_bytes: int = SHARD_BYTES) -> Path:
     """``prune.prune_checkpoint`` for checkpoints larger than memory (no distillation)."""
     from .info import param_count
     from .prune import check_prunable, plan_from_stats
@@ -187,6 +193,8 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
                                        plan.per_layer.get(i, LayerPlan()), sliced))
             for k, v in sliced.items():
                 w.add(k, v)
+            del sliced
+            release()
         w.add("model.norm.weight", g["model.norm.weight"])
         if not args.tie_word_embeddings:
             w.add("lm_head.weight", g["lm_head.weight"])
@@ -199,7 +207,7 @@ def prune_streamed(src, out: str | os.PathLike, config, calib_tokens: np.ndarray
 
 
 def smooth_streamed(src, out: str | os.PathLike, calib_tokens: np.ndarray, config=None, device: str = "cpu",
-                    shard_bytes: int = 1 << 30, progress: bool = False) -> dict:
+                    shard_bytes: int = SHARD_BYTES, progress: bool = False) -> dict:
     """``smooth.smooth_checkpoint`` one layer at a time: writes the smoothed checkpoint to ``out``
     with the same ``smooth.json`` (``{"config", "groups"}``) and returns the per-group report."""
     from .smooth import SmoothConfig, calib_rows, finish_norm_stats, fold_group, layer_groups, norm_hooks, selected

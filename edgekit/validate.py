@@ -32,11 +32,20 @@ def graph_bytes(d: Path, fmt: str = "onnx") -> int:
     return sum(p.stat().st_size for p in files if p.suffix == ".onnx" or p.name.endswith(".onnx.data"))
 
 
-def score(model_dir: Path, eval_tokens, seq_len: int, threads: int | None = None) -> dict:
+def score(model_dir: Path, eval_tokens, seq_len: int, threads: int | None = None, batch_size: int = 2) -> dict:
+    """Accuracy of the graph in ``model_dir`` on ``eval_tokens``. ``batch_size`` windows per run:
+    onnxruntime keeps every activation of a run (and its arena keeps the largest run's), which for
+    8 windows of 512 tokens outweighed the int8 weights (scores are per window: the batch changes
+    only float rounding); the session is released before returning."""
     from .evaluate import evaluate
+    from .heap import release
     from .runtime.session import OrtModel
 
-    return evaluate(OrtModel(model_dir, threads=threads), eval_tokens, seq_len=seq_len, progress=False).to_dict()
+    m = OrtModel(model_dir, threads=threads)
+    out = evaluate(m, eval_tokens, seq_len=seq_len, batch_size=batch_size, progress=False).to_dict()
+    del m
+    release()
+    return out
 
 
 def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: dict | None = None) -> dict:

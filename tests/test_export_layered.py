@@ -57,3 +57,28 @@ def test_layered_export_of_fp8_checkpoint(tmp_path):
     diff = np.abs(OrtModel(e).logits(ids) - ref).max()
     print(f"fp8 checkpoint, layered export vs torch: {diff:.2e}")
     assert diff <= 1e-4
+
+
+def test_layered_export_streams_every_weight_and_leaves_a_model_whole(tiny, tmp_path):
+    """external_data_threshold=0 (the streamed pipeline's export): every weight is in
+    model.onnx.data, the graph file holds none; an in-memory model keeps all its modules (only
+    layers read from a checkpoint for the step are trimmed)."""
+    import onnx
+
+    from edgekit.heap import release
+
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    d = export_layered(tiny, tmp_path / "ext", ExportConfig(simplify=False, external_data_threshold=0))
+    after = tiny.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    g = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
+    inline = [t.name for t in g.initializer if len(t.raw_data) >= 1024]
+    external = [t.name for t in g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    print(f"{len(external)} external initializers, inline >= 1 KB: {inline}")
+    assert not inline and (d / "model.onnx.data").stat().st_size > 0.9 * sum(v.numel() * 4 for v in before.values())
+    assert json.loads((d / "export.json").read_text())["external_data"] is True
+    ids = np.random.default_rng(3).integers(0, 128, (1, 9))
+    with torch.no_grad():
+        ref = tiny(torch.from_numpy(ids)).numpy()
+    assert np.abs(OrtModel(d).logits(ids) - ref).max() <= 1e-4
+    assert isinstance(release(), bool)

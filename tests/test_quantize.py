@@ -198,6 +198,12 @@ def test_quantize_export_of_external_data_reads_weights_per_unit(tmp_path, moe, 
     a, b = quantize_export(inline, tmp_path / "qa", plan), quantize_export(ext, tmp_path / "qb", plan)
     assert a["graph"] == b["graph"] and (tmp_path / "qb" / "model.onnx.data").exists()
     assert not (tmp_path / "qa" / "model.onnx.data").exists()
+    # the external pass spills each rewrite's weights as it goes; the graph holds the same tensors
+    assert sorted(p.name for p in (tmp_path / "qb").iterdir()) == sorted(
+        [p.name for p in (tmp_path / "qa").iterdir()] + ["model.onnx.data"])
+    ga, gb = (onnx.load(str(tmp_path / q / "model.onnx")).graph for q in ("qa", "qb"))
+    assert [n.name for n in ga.node] == [n.name for n in gb.node]
+    assert {t.name: t.raw_data for t in ga.initializer} == {t.name: t.raw_data for t in gb.initializer}
     ids = np.random.default_rng(0).integers(0, 128, (2, 11))
     la, lb = OrtModel(tmp_path / "qa").logits(ids), OrtModel(tmp_path / "qb").logits(ids)
     print(f"{moe}: int8 from inline vs external export: max abs diff {np.abs(la - lb).max():.2e}")

@@ -149,12 +149,12 @@ def test_continuous_batching_answers_equal_each_request_alone(dtype, bundle, int
         if step == 3:
             jobs[3].cancelled = True                             # its client went away
         bat.step()
-        if bat.cache is not None:
-            lengths.add(len(set(bat.cache.row_lengths().tolist())))
+        if bat.lanes[0].cache is not None:
+            lengths.add(len(set(bat.lanes[0].cache.row_lengths().tolist())))
             widest = max(widest, len(bat.rows))
         if all(j.done for j in jobs):
             break
-    assert all(j.done for j in jobs) and bat.cache is None and not bat.rows
+    assert all(j.done for j in jobs) and bat.lanes[0].cache is None and not bat.rows
     assert widest == 4 and max(lengths) > 1, (widest, lengths)   # full batch, rows of different lengths
     ends = [list(j.out.queue)[-1] for j in jobs]
     assert [e["finish_reason"] for e in ends] == ["length", "length", "length", "cancelled", "length"], ends
@@ -166,6 +166,59 @@ def test_continuous_batching_answers_equal_each_request_alone(dtype, bundle, int
         assert "".join(x for x in j.out.queue if isinstance(x, str)) == eng.tokenizer.decode(alone)
     text = bat.metrics.render()
     assert 'edgekit_requests_total{reason="cancelled"} 1' in text and "edgekit_decode_batch_rows_count" in text
+
+
+@pytest.fixture(scope="module")
+def long_bundles(tmp_path_factory):
+    """fp32 and int8 tiny bundles with room for caches of several hundred tokens (onnxruntime splits a
+    single row's long key-axis MatMul across threads; one-thread lanes must not)."""
+    d = tmp_path_factory.mktemp("long")
+    return {"fp32": build_tiny_bundle(d / "fp32", max_positions=512),
+            "int8": build_tiny_bundle(d / "int8", max_positions=512, int8=True)}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_worker_lanes_answer_every_request_as_served_alone(dtype, long_bundles):
+    """Two worker lanes (one-thread sessions) serve 8 requests of 1-400 prompt tokens at once, 4 rows at
+    most: both lanes batch rows of different lengths, and every greedy answer equals the same request
+    served alone on a one-thread session, token for token."""
+    from edgekit.runtime import Engine, GenerationConfig, OrtModel
+    eng = Engine.from_bundle(long_bundles[dtype], threads=2)
+    app = _app()
+    bat = app.Batcher(eng, max_batch=4, queue_size=16, workers=2)
+    assert [lane.model.threads for lane in bat.lanes] == [1, 1] and bat.inexact == ""
+    g = np.random.default_rng(3)
+    jobs = []
+    for i, n in enumerate((5, 380, 40, 1, 250, 17, 400, 90)):
+        cfg = GenerationConfig(max_new_tokens=6 + 4 * (i % 4), stop_at_eos=False)
+        jobs.append(bat.submit(app.Job(g.integers(0, eng.model.vocab_size, n).tolist(), cfg)))
+    bat.start()
+    deadline = time.monotonic() + 120
+    while not all(j.done for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    bat.stop()
+    assert all(j.done for j in jobs), bat.health()
+    assert all(lane.rows_decoded > lane.decode_calls > 0 for lane in bat.lanes), \
+        [(lane.rows_decoded, lane.decode_calls) for lane in bat.lanes]
+    alone = Engine(OrtModel(long_bundles[dtype], threads=1), eng.tokenizer)
+    for i, j in enumerate(jobs):
+        want = list(alone.stream_ids(j.ids, j.cfg))
+        assert j.text.ids == want, f"{dtype} request {i} ({len(j.ids)} tokens): batched {j.text.ids} vs alone {want}"
+    h = bat.health()
+    assert h["exact_batching"] and h["workers"] == 2 and h["decode_s"] > 0 and h["prefill_s"] > 0
+
+
+def test_inexact_batching_names_its_causes(bundle):
+    """A QMoE bundle or multi-thread sessions: the server says why a batched answer may differ."""
+    from types import SimpleNamespace
+
+    from edgekit.runtime import Engine
+    app = _app()
+    two = app.Batcher(Engine.from_bundle(bundle, threads=2), max_batch=4, workers=1)
+    assert "threads" in two.inexact and two.health()["exact_batching"] is False
+    assert app.Batcher(Engine.from_bundle(bundle, threads=2), max_batch=1).inexact == ""   # one row: nothing to mix
+    qmoe = SimpleNamespace(spec={"quantization": {"moe": {"model.layers.1.mlp.experts": "row"}}}, threads=1)
+    assert "QMoE" in sys.modules["batcher"].inexact_batching(qmoe, 4)
 
 
 def test_prefill_groups_minimise_padding_plus_calls():

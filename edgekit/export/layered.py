@@ -33,7 +33,6 @@ Failure modes: as ``export`` (routing the contrib MoE op cannot express).
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..errors import EdgekitError
+from ..heap import release
 from .graph import _Absorbed, _Shared, name_keyed_weights, shared
 
 ALIGN = 64
@@ -74,9 +74,11 @@ class _Prologue(nn.Module):
 
 class _LayerStep(nn.Module):
     """Decoder layer ``i`` of ``LatentDecoder``: (x, past, *shared, pad) -> (x, new). The
-    model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names."""
+    model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names.
+    ``own_block``: the block was read for this step alone, so its routed experts, stacked into the
+    op module's weights and never traced, are dropped (one copy of them in memory, not two)."""
 
-    def __init__(self, block, args, i: int, moe: str):
+    def __init__(self, block, args, i: int, moe: str, own_block: bool = False):
         super().__init__()
         from ..model import MoE
         from .graph import LatentDecoder, rope_matrices
@@ -93,6 +95,8 @@ class _LayerStep(nn.Module):
             from .moe_contrib import ContribMoE
             from .moe_portable import PortableMoE
             mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, args, args.for_layer(i))
+            if own_block:
+                del block.mlp.experts
         self.ffn = nn.ModuleDict({str(i): mlp})
         self.i = str(i)
         self._attention = LatentDecoder.attention
@@ -121,16 +125,23 @@ class _Epilogue(nn.Module):
         return self.model.lm_head(self.model.model.norm(x).index_select(1, rows))
 
 
-def _trace(module, args: tuple, names_in, names_out, axes, opset: int, custom: tuple = ()) -> onnx.ModelProto:
-    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears);
-    ``custom``: the custom op domains it uses."""
-    buf = io.BytesIO()
+def _trace(module, args: tuple, names_in, names_out, axes, opset: int, path: Path, custom: tuple = ()) -> None:
+    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears), to
+    the file ``path`` (``_read_piece``); ``custom``: the custom op domains it uses. Written to a
+    file, not to memory, so the caller can drop the module's weights before the piece is parsed."""
     with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(module):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=opset, input_names=names_in,
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes,
                           custom_opsets=dict.fromkeys(custom, 1))
-    return onnx.load_from_string(buf.getvalue())
+
+
+def _read_piece(path: Path) -> onnx.ModelProto:
+    """The piece ``_trace`` wrote to ``path``; the file is removed."""
+    proto = onnx.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    path.unlink()
+    return proto
 
 
 def _rename(g: onnx.GraphProto, nm) -> None:
@@ -155,10 +166,15 @@ def _rename_sub(g: onnx.GraphProto, nm) -> None:
 
 
 class _Sink:
-    """The stitched graph under construction and its external data file."""
+    """The stitched graph under construction and its external data file.
+
+    Memory: protobuf (upb) keeps a parsed piece's whole arena, weight bytes included, alive while
+    any of its sub-messages is referenced, and clearing ``raw_data`` frees nothing. So each piece's
+    nodes and (externalized) initializers are copied into a small ``GraphProto`` of their own and
+    the traced piece is dropped whole: the sink holds graph structure, never weights."""
 
     def __init__(self, data_path: Path | None):
-        self.nodes, self.inits, self.opsets, self.names = [], [], {}, set()
+        self.parts, self.opsets, self.names = [], {}, set()
         self.data_path, self.offset = data_path, 0
         self.f = open(data_path, "wb") if data_path else None
 
@@ -176,17 +192,19 @@ class _Sink:
             return wires.get(x) or prefix + x.lstrip("/")
 
         _rename(g, nm)
+        part = onnx.GraphProto()          # copies: nothing here refers into ``proto`` (see the class doc)
         for n in g.node:
             if n.name:
                 n.name = prefix + n.name.lstrip("/")
-            self.nodes.append(n)
+        part.node.extend(g.node)
         for t in g.initializer:
             t.name = nm(t.name)
             if t.name in self.names:      # a constant every layer holds (the RoPE matrices): kept once
                 continue
             self.names.add(t.name)
             self._store(t)
-            self.inits.append(t)
+            part.initializer.append(t)
+        self.parts.append(part)
         for op in proto.opset_import:
             self.opsets[op.domain] = max(self.opsets.get(op.domain, 0), op.version)
 
@@ -253,6 +271,7 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
+        piece = tmp / ".piece.onnx"           # one traced piece at a time (_trace, _read_piece)
         names = ["cos3", "sin3", "cos4", "sin4", "mask"]
         wired = {n: f"/shared/{n}" for n in names}
         rope_axes = {0: "pad_batch", 1: "seq"}
@@ -260,31 +279,38 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
         try:
             inv_freq, scale = rope_frequencies(a)
             pro = _Prologue(src.embedding(), inv_freq, scale)
-            x, *sh = pro(ids, past, pad)
-            p = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
-                       {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
-                        "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset)
-            sink.add(p, {"x": "/layers.0/x_in", **wired}, "/embed/")
-            del pro, p
+            with torch.no_grad():           # no autograd graph: it would keep every layer's weights alive
+                x, *sh = pro(ids, past, pad)
+            _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
+                   {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
+                    "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset, piece)
+            del pro
+            sink.add(_read_piece(piece), {"x": "/layers.0/x_in", **wired}, "/embed/")
+            release()
             for i in range(L):
                 custom = ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",)
-                step = _LayerStep(src.layer(i, device), a, i, cfg.moe).cpu()
-                x_out, _ = step(x, past, *sh, pad)
-                p = _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
-                           {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
-                            "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
-                           cfg.opset, custom)
-                sink.add(p, {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired, "pad": "left_pad",
-                             "x_out": f"/layers.{i + 1}/x_in", "new": f"new_latent.{i}"}, f"/layers.{i}/")
+                step = _LayerStep(src.layer(i, device), a, i, cfg.moe, own_block=not hasattr(src, "model")).cpu()
+                with torch.no_grad():
+                    x_out, _ = step(x, past, *sh, pad)
+                _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
+                       {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
+                        "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
+                       cfg.opset, piece, custom)
+                del step                    # the layer's weights go before its traced copy is parsed
+                release()
+                sink.add(_read_piece(piece), {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired,
+                                              "pad": "left_pad", "x_out": f"/layers.{i + 1}/x_in",
+                                              "new": f"new_latent.{i}"}, f"/layers.{i}/")
                 x = x_out
-                del step, p
+                release()                   # this layer's freed buffers back to the OS (edgekit.heap)
                 if log:
                     log(f"export: layer {i + 1}/{L}")
             epi = _Epilogue(*src.head())
-            p = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
-                       {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset)
-            sink.add(p, {"x": f"/layers.{L}/x_in"}, "/head/")
-            del epi, p
+            _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
+                   {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, piece)
+            del epi
+            sink.add(_read_piece(piece), {"x": f"/layers.{L}/x_in"}, "/head/")
+            release()
         finally:
             sink.close()
         proto = onnx.helper.make_model(_assemble(sink, a, W), producer_name="edgekit", opset_imports=[
@@ -309,4 +335,5 @@ def _assemble(sink: _Sink, a, W: int) -> onnx.GraphProto:
                helper.make_tensor_value_info("left_pad", TensorProto.INT64, ["pad_batch"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", a.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", W]) for n in outs[1:]]
-    return helper.make_graph(sink.nodes, "edgekit_decoder", inputs, outputs, sink.inits)
+    return helper.make_graph([n for p in sink.parts for n in p.node], "edgekit_decoder", inputs, outputs,
+                             [t for p in sink.parts for t in p.initializer])

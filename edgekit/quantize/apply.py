@@ -17,8 +17,11 @@ matched by value, and the same plan on the same export always writes the same gr
 
 Memory: an export with external data (``model.onnx.data``: weights over the protobuf limit, or a
 layer-by-layer export) is read without its weights; each unit's fp32 weights are read when that
-unit is rewritten, and at the end every tensor is streamed into the output's data file one at a
-time, so the pass holds the graph structure, the int8 weights and one unit's fp32 weights.
+unit is rewritten, each rewrite's new (int8) weights are appended to a spill file in the output
+directory right after it (and the graph message re-made, since protobuf frees bytes only with the
+whole message), and at the end every tensor is streamed into the output's data file one at a time,
+so the pass holds the graph structure and one unit's weights (fp32 in, int8 out). An inline export
+is rewritten in memory as before.
 
 Invariants: ``out`` appears only when complete; units the plan keeps fp32 keep their fp32 ops.
 Failure modes (``EdgekitError``): ``src`` is not an fp32 export, its ``export.json`` has no
@@ -85,17 +88,12 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
         e = units[u]
         if e["node"] not in nodes or not set(e["weights"]) <= inits:
             raise EdgekitError(f"{src}: export.json maps {u} to node {e['node']}, which model.onnx lacks; re-export")
+    del nodes                  # they refer into ``proto``, which ``_spill`` replaces
     by_op = {op: sorted(u for u in plan.int8 if units[u]["op"] == op) for op in QUANTIZABLE}
     nb = NBitsConfig(bits=int(plan.kernel[5:]), block=plan.nbits_block) if plan.kernel.startswith("nbits") else None
     nb4 = NBitsConfig(bits=4, block=plan.int4_block)
     lin8 = {u for u in by_op["MatMul"] if u not in plan.int4}
     lin_map = {units[u]["weights"][0]: u for u in by_op["MatMul"]}
-    done = rewrite_linears(proto, lin_map, lin8, plan.static_scales, merge=plan.merge, wmax=plan.wmax,
-                           fold=plan.fold, nbits=nb, base_dir=base)
-    done4 = rewrite_linears(proto, lin_map, set(by_op["MatMul"]) - lin8, None, merge=plan.merge, nbits=nb4,
-                            base_dir=base)
-    done += done4
-    emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
     gcfg = GroupedMoEConfig(wmax=plan.wmax, fold=plan.fold, nbits=nb, layout=plan.moe_layout)
     def gcfg_of(u):   # static activation scales of this layer's experts, when the plan has them
         s = plan.expert_scales.get(u)
@@ -109,28 +107,47 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
             return rewrite_moe(proto, units[u]["node"], plan.int4_block, base, bits=4)
         return rewrite_moe(proto, units[u]["node"], plan.moe_block, base)
 
-    moe = {u: moe_of(u) for u in by_op["MoE"]}
-    moe.update({u: rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
-                                          base_dir=base) for u in by_op["If"]})
-    floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
-    f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]], base_dir=base) \
-        if plan.float_weights == "fp16" else None
-    cache = fp16_cache_(proto) if plan.cache == "fp16" else None
-    if cache:
-        per_token = spec["cache"]["bytes_per_token"]   # fp32 figures of the export
-        spec["cache"].update(dtype="float16", bytes_per_token=(
-            {**per_token, "latent": per_token["latent"] // 2, "per_head_kv": per_token["per_head_kv"] // 2}
-            if isinstance(per_token, dict) else per_token // 2))
-    ensure_ms_opset(proto)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
+        # an export with external data: each rewrite's new weights go to a spill file at once (_spill)
+        spill = _Spill(tmp / SPILL_FILE) if spec.get("external_data") else None
+        done = rewrite_linears(proto, lin_map, lin8, plan.static_scales, merge=plan.merge, wmax=plan.wmax,
+                               fold=plan.fold, nbits=nb, base_dir=base)
+        proto = _spill(proto, spill)
+        done4 = rewrite_linears(proto, lin_map, set(by_op["MatMul"]) - lin8, None, merge=plan.merge, nbits=nb4,
+                                base_dir=base)     # 4-bit linears: MatMulNBits
+        done += done4
+        proto = _spill(proto, spill)
+        emb_done = [u for u in by_op["Gather"] if rewrite_embedding(proto, units[u]["weights"][0], base)]
+        proto = _spill(proto, spill)
+        moe = {}
+        for u in by_op["MoE"]:
+            moe[u] = moe_of(u)
+            proto = _spill(proto, spill)
+        for u in by_op["If"]:
+            moe[u] = rewrite_sparse_experts(proto, units[u]["node"], *units[u]["weights"], qmax=plan.wmax,
+                                            base_dir=base)
+            proto = _spill(proto, spill)
+        floats = sorted(u for u in units if u not in plan.int8 and u not in plan.pinned_fp32)
+        f16 = store_fp16_(proto, [w for u in floats for w in units[u]["weights"]], base_dir=base) \
+            if plan.float_weights == "fp16" else None
+        cache = fp16_cache_(proto) if plan.cache == "fp16" else None
+        if cache:
+            per_token = spec["cache"]["bytes_per_token"]   # fp32 figures of the export
+            spec["cache"].update(dtype="float16", bytes_per_token=(
+                {**per_token, "latent": per_token["latent"] // 2, "per_head_kv": per_token["per_head_kv"] // 2}
+                if isinstance(per_token, dict) else per_token // 2))
+        ensure_ms_opset(proto)
         for p in src.iterdir():
             if p.is_file() and p.name != spec["graph"] and not p.name.endswith(".data"):
                 shutil.copy(p, tmp / p.name)
         large = bool(spec.get("external_data")) or proto.ByteSize() > 2**31 - 2**26
         if large:
-            write_external(proto, src, tmp / (spec["graph"] + ".data"))
+            write_external(proto, src, tmp / (spec["graph"] + ".data"), spill=tmp)
+        if spill:
+            spill.close()
+            (tmp / SPILL_FILE).unlink()
         onnx.save_model(proto, str(tmp / spec["graph"]))
         static = sorted(u for u in plan.static_scales if u in plan.int8)
         summary = {"linears_int8": len(done), "embedding_int8": emb_done, "moe": moe, "weight_max": plan.wmax,
@@ -154,6 +171,50 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
     return report
 
 
+SPILL_FILE = ".int8-weights.data"   # new weights of the pass, until write_external gathers them
+
+
+class _Spill:
+    """The pass's new weights, appended to a file as each rewrite makes them (``_spill``)."""
+
+    def __init__(self, path: Path, threshold: int = 1024):
+        self.f, self.name, self.offset, self.threshold = open(path, "wb"), path.name, 0, threshold
+
+    def take(self, t) -> None:
+        import onnx
+
+        raw = t.raw_data
+        self.f.write(raw)
+        t.ClearField("raw_data")
+        for k, v in (("location", self.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        t.data_location = onnx.TensorProto.EXTERNAL
+        self.offset += len(raw)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _spill(proto, spill: _Spill | None):
+    """``proto`` with every inline tensor of at least ``spill.threshold`` bytes moved to the spill
+    file, as a fresh message: protobuf (upb) frees a message's bytes only with the whole message, so
+    the rewritten one is dropped and the pass holds graph structure, not the int8 weights. The same
+    tensors, in the same order, are what ``write_external`` would move: the output is unchanged."""
+    if spill is None:
+        return proto
+    import onnx
+
+    for t in _tensors(proto.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data") and \
+                len(t.raw_data) >= spill.threshold:
+            spill.take(t)
+    spill.f.flush()
+    fresh = onnx.ModelProto()
+    fresh.ParseFromString(proto.SerializeToString())
+    return fresh
+
+
 def _tensors(g):
     """Every TensorProto of graph ``g``: initializers, node attributes, subgraphs (recursively)."""
     yield from g.initializer
@@ -166,9 +227,11 @@ def _tensors(g):
                 yield from _tensors(sub)
 
 
-def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int = 1024) -> None:
+def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int = 1024,
+                   spill: Path | None = None) -> None:
     """Point every tensor of ``proto`` over ``threshold`` bytes into the new file ``data``, one tensor
-    at a time: bytes held inline are moved there, bytes still in ``src``'s external data are copied."""
+    at a time: bytes held inline are moved there, bytes still in ``src``'s external data (or in the
+    ``SPILL_FILE`` in directory ``spill``) are copied."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
 
@@ -179,7 +242,8 @@ def write_external(proto, src: Path, data: Path, align: int = 64, threshold: int
         for t in _tensors(proto.graph):
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 info = ExternalDataInfo(t)
-                with open(member(src, info.location, "model.onnx"), "rb") as s:
+                where = spill if spill is not None and info.location == SPILL_FILE else src
+                with open(member(where, info.location, "model.onnx"), "rb") as s:
                     s.seek(info.offset or 0)
                     raw = s.read(info.length) if info.length else s.read()
                 del t.external_data[:]

@@ -40,6 +40,7 @@ Imports only numpy, onnxruntime and the stdlib (plus ``edgekit.errors``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,20 +67,25 @@ def greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass
 class LatentCache:
-    """Per-layer buffers [B, capacity, W]; columns [:length] are filled; row r's first ``pad[r]``
-    of them are left padding (``pad`` None: no padding)."""
-    buffers: list[np.ndarray]
+    """All layers' latent rows in one buffer ``store`` [layers, B, capacity, W]; columns [:length]
+    are filled; row r's first ``pad[r]`` of them are left padding (``pad`` None: no padding)."""
+    store: np.ndarray
     length: int = 0
     binding: object = None     # the onnxruntime IOBinding reused across steps
     pad: np.ndarray | None = None   # [B] int64
 
     @property
+    def buffers(self) -> list[np.ndarray]:
+        """Per-layer views [B, capacity, W]."""
+        return list(self.store)
+
+    @property
     def capacity(self) -> int:
-        return self.buffers[0].shape[1]
+        return self.store.shape[2]
 
     @property
     def batch(self) -> int:
-        return self.buffers[0].shape[0]
+        return self.store.shape[1]
 
     def row_lengths(self) -> np.ndarray:
         """[B] tokens cached per row."""
@@ -88,7 +94,7 @@ class LatentCache:
     def take(self, rows) -> None:
         """Keep only ``rows`` (indices, in that order), in place; drops padding they all share."""
         rows = np.asarray(rows, np.int64)
-        self.buffers = [b[rows] for b in self.buffers]
+        self.store = self.store[:, rows]
         if self.pad is not None:
             self.pad = self.pad[rows]
         self.trim()
@@ -99,7 +105,7 @@ class LatentCache:
             return
         cut = int(self.pad.min())
         if cut > 0:
-            self.buffers = [np.ascontiguousarray(b[:, cut:]) for b in self.buffers]
+            self.store = np.ascontiguousarray(self.store[:, :, cut:])
             self.length -= cut
             self.pad = self.pad - cut
         if not self.pad.any():
@@ -107,17 +113,18 @@ class LatentCache:
 
     @staticmethod
     def join(a: LatentCache, b: LatentCache, capacity: int = 0) -> LatentCache:
-        """a's rows then b's rows in one cache (new buffers, at least ``capacity`` columns): the
+        """a's rows then b's rows in one cache (a new buffer, at least ``capacity`` columns): the
         shorter one is right-aligned, its rows get the difference as extra left padding."""
         n = max(a.length, b.length)
         cap = max(capacity, n, 1)
-        pads, bufs = [], [np.zeros((a.batch + b.batch, cap, x.shape[2]), x.dtype) for x in a.buffers]
+        L, W = a.store.shape[0], a.store.shape[3]
+        store = np.zeros((L, a.batch + b.batch, cap, W), a.store.dtype)
+        pads = []
         for c, lo, hi in ((a, 0, a.batch), (b, a.batch, a.batch + b.batch)):
             shift = n - c.length
-            for dst, src in zip(bufs, c.buffers):
-                dst[lo:hi, shift:n] = src[:, :c.length]
+            store[:, lo:hi, shift:n] = c.store[:, :, :c.length]
             pads.append((c.pad if c.pad is not None else np.zeros(c.batch, np.int64)) + shift)
-        out = LatentCache(bufs, n, a.binding, np.concatenate(pads).astype(np.int64))
+        out = LatentCache(store, n, a.binding, np.concatenate(pads).astype(np.int64))
         out.trim()
         return out
 
@@ -126,6 +133,8 @@ class OrtModel:
     def __init__(self, export_dir, threads: int | None = None, spinning: bool | None = None,
                  parallel: bool = False, session_config: dict | None = None):
         d = Path(export_dir)
+        self.dir, self.threads, self.spinning, self.parallel = d, threads, spinning, parallel
+        self.session_config = dict(session_config or {})
         spec_file = d / "export.json"
         if not spec_file.exists():
             raise EdgekitError(f"{d} has no export.json; pass a directory written by `edgekit export`")
@@ -162,6 +171,14 @@ class OrtModel:
         types = {i.type for i in self.session.get_inputs() if i.name in self._past}
         self.cache_dtype = np.dtype(np.float16 if types == {"tensor(float16)"} else np.float32)
 
+    def replicas(self, n: int) -> list[OrtModel]:
+        """``n`` sessions of the same graph that share this one's threads (at least one each): rows
+        do not depend on each other, so a server can split its batch across them and run the parts
+        at once, each session on its own threads. Each holds its own copy of the weights."""
+        per = max(1, (self.threads or os.cpu_count() or 1) // n)
+        return [OrtModel(self.dir, threads=per, spinning=self.spinning, parallel=self.parallel,
+                         session_config=self.session_config) for _ in range(n)]
+
     # -- full-sequence logits ------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:
         """ids [B, T] -> logits [B, T, V] (fp32), no cache kept."""
@@ -174,7 +191,7 @@ class OrtModel:
     # -- incremental generation -----------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int = 256) -> LatentCache:
         capacity = max(1, min(capacity, self.max_positions))
-        return LatentCache([np.zeros((batch, capacity, self.width), self.cache_dtype) for _ in range(self.num_layers)],
+        return LatentCache(np.zeros((self.num_layers, batch, capacity, self.width), self.cache_dtype),
                            binding=self.session.io_binding())
 
     def prefill(self, ids: np.ndarray, capacity: int | None = None) -> tuple[np.ndarray, LatentCache]:
@@ -241,10 +258,9 @@ class OrtModel:
 
     def _grow(self, cache: LatentCache, need: int) -> None:
         cap = min(self.max_positions, max(need, 2 * cache.capacity))
-        for i, b in enumerate(cache.buffers):
-            nb = np.zeros((b.shape[0], cap, b.shape[2]), b.dtype)
-            nb[:, :cache.length] = b[:, :cache.length]
-            cache.buffers[i] = nb
+        store = np.zeros(cache.store.shape[:2] + (cap, cache.store.shape[3]), cache.store.dtype)
+        store[:, :, :cache.length] = cache.store[:, :, :cache.length]
+        cache.store = store
 
     def _step(self, ids: np.ndarray, cache: LatentCache) -> np.ndarray:
         """Run ids [B, T] after the cache's rows; writes T new rows; returns logits [B, 1, V] of the
@@ -258,17 +274,15 @@ class OrtModel:
         bind, f32, cd = cache.binding, np.float32, self.cache_dtype
         bind.bind_input("input_ids", "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
         keep = [ids]                         # arrays whose memory the binding points at
-        copies = []
-        for name, buf in zip(self._past, cache.buffers):
-            past = np.ascontiguousarray(buf[:, :P])          # a view (no copy) when B == 1
-            keep.append(past)
-            bind.bind_input(name, "cpu", 0, cd, past.shape, past.ctypes.data)
-        for name, buf in zip(self._new, cache.buffers):
-            dst = buf[:, P:P + T]
-            tgt = dst if dst.flags.c_contiguous else np.empty(dst.shape, cd)
-            if tgt is not dst:
-                copies.append((dst, tgt))
-            bind.bind_output(name, "cpu", 0, cd, tgt.shape, tgt.ctypes.data)
+        if B == 1:      # the graph reads and writes the cache buffer itself: row slices are contiguous
+            past, new = cache.store[:, :, :P], cache.store[:, :, P:P + T]
+        else:           # one copy of every layer's filled columns, one copy back of the new rows
+            past, new = np.ascontiguousarray(cache.store[:, :, :P]), np.empty((len(self._new), B, T, self.width), cd)
+        keep += [past, new]
+        for name, x in zip(self._past, past):
+            bind.bind_input(name, "cpu", 0, cd, x.shape, x.ctypes.data)
+        for name, x in zip(self._new, new):
+            bind.bind_output(name, "cpu", 0, cd, x.shape, x.ctypes.data)
         if self._keep is not None:
             bind.bind_input("logits_keep", "cpu", 0, np.int64, (), self._keep.ctypes.data)
         if self.pads_rows:       # always bound: the binding outlives this call (reused per cache)
@@ -278,8 +292,8 @@ class OrtModel:
         logits = np.empty((B, T if self._keep is None else 1, self.vocab_size), f32)
         bind.bind_output("logits", "cpu", 0, f32, logits.shape, logits.ctypes.data)
         self.session.run_with_iobinding(bind)
-        for dst, tgt in copies:
-            dst[...] = tgt
+        if B > 1:
+            cache.store[:, :, P:P + T] = new
         cache.length = P + T
         del keep
         return logits

@@ -1,26 +1,43 @@
 """Continuous batching for the HTTP sample app: requests join the running batch at every step.
 
-What: ``Batcher(engine, max_batch, batch_wait_ms, queue_size)`` owns the engine on one worker
-thread. ``submit(job)`` puts a ``Job`` on a bounded queue (``queue.Full`` when it is full: the
-server answers 503 with ``retry_after_s()``). Every step the worker
+What: ``Batcher(engine, max_batch, batch_wait_ms, queue_size, workers=1)`` runs ``workers`` worker
+threads, each a ``Lane``: its own onnxruntime session (``OrtModel.replicas``: the engine's threads
+split between them, at least one each) and its share of ``max_batch`` rows. ``submit(job)`` puts a
+``Job`` on one bounded queue all lanes take from (``queue.Full`` when it is full: the server
+answers 503 with ``retry_after_s()``). Every step a lane
 1. drops rows whose client went away (``Job.cancelled``) and rows that finished;
-2. admits queued jobs while fewer than ``max_batch`` rows are active (when idle it first waits up
-   to ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
+2. admits queued jobs while it has fewer rows than its share (when idle it first waits up to
+   ``batch_wait_ms`` for more to arrive) and prefills them, left-padded
    (``OrtModel.prefill_rows``), sampling each one's first token. Jobs are grouped by prompt length
    (``prefill_groups``): one call per group, the grouping that minimises padded token-rows plus
    ``prefill_call_tokens`` per call (a call's fixed cost, in token-rows), so a 10-token prompt is
    not padded to the length of a 500-token one that arrived with it;
-3. joins their cache rows to the running batch (``LatentCache.join``: rows of any cache length)
-   and runs one decode call for every active row.
+3. joins their cache rows to its running batch (``LatentCache.join``: rows of any cache length)
+   and runs one decode call for every row it holds.
 Jobs report text pieces and a final summary through their own ``out`` queue; ``Job.results``
 is what an HTTP handler iterates (it notices a closed client and cancels the job).
 ``max_batch=1`` runs one request at a time: the no-batching baseline of benchmarks/load_test.py.
 
+Why several one-thread sessions instead of one session on every thread: onnxruntime runs a
+v3-nano decode step as ~1,000-2,000 small nodes; with one thread per session nothing waits on a
+thread pool, the lanes' calls run at once (onnxruntime releases the GIL), and, on the loaded
+2-core dev VM, server CPU per generated token fell from 3.4 to 2.0 ms with two lanes of one
+thread vs one lane of two (48 requests, 16 concurrent). Each lane holds its own copy of the
+weights (9 MB for v3-nano).
+
 Why a row's answer does not depend on its neighbours: the graph computes a padded row's attention
 on the row's own columns and everything else per token (edgekit/export/graph.py), and int8 graphs
-quantize activations per token; so on int8 bundles with grouped experts a row's logits equal the
-request served alone bit for bit, and greedy answers are identical (tests/test_sample_apps.py
-sends prompts of different lengths together and compares). fp32 bundles match to ~1e-6.
+quantize activations per token; so on int8 bundles with grouped experts and one-thread sessions
+a row's logits equal the request served alone (on a session like the lane's) bit for bit, and
+greedy answers are identical (tests/test_sample_apps.py sends prompts of different lengths
+together and compares; benchmarks/load_test.py checks every answer of its run). Two things break
+it, and ``inexact_batching`` names them (``/health`` "exact_batching"): onnxruntime's QMoE expert
+kernel, and sessions of more than one thread (onnxruntime splits one row's long MatMul over the
+key axis across threads, but not a batch of rows, so the rounding of a row alone differs).
+
+Time split (``seconds`` in ``/health``, ``edgekit_worker_seconds_total{part}``): seconds in
+prefill graph calls, in decode graph calls, and the rest of a step (scheduling, sampling, text),
+summed over lanes.
 
 Metrics (``metrics.text()``, Prometheus format): queue depth, active rows, rows per decode and
 prefill call (histograms), requests by finish reason (and rejected), prompt and generated
@@ -107,6 +124,23 @@ def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def inexact_batching(model, rows: int) -> str:
+    """Why a row's answer could depend on the rows batched with it on ``model`` ('' = it cannot):
+    onnxruntime's QMoE expert kernel does not compute rows independently, and a session with more
+    than one thread splits a single row's long MatMuls (the attention's key axis) across threads,
+    which it does not do for several rows, so one row's rounding differs from the same row in a
+    batch."""
+    if rows <= 1:
+        return ""
+    qmoe = sorted({v for v in ((model.spec.get("quantization") or {}).get("moe") or {}).values() if v != "grouped"})
+    why = [f"the routed experts run on onnxruntime's QMoE kernel ({', '.join(qmoe)}); build the bundle with "
+           "grouped experts (--target cpu4-serve)"] if qmoe else []
+    if (model.threads or 0) != 1:
+        why.append(f"sessions run {model.threads or 'all'} threads; one thread per worker (--workers = --threads) "
+                   "keeps rows independent")
+    return "; ".join(why)
+
+
 def client_gone(sock) -> bool:
     """True when the peer closed the connection (readable with no data) or the socket is dead."""
     try:
@@ -116,21 +150,39 @@ def client_gone(sock) -> bool:
         return True
 
 
+class Lane:
+    """One worker's share of the batch: its own onnxruntime session and running batch (``rows`` in
+    cache row order, ``cache``)."""
+
+    def __init__(self, model, max_rows: int):
+        self.model, self.max_rows = model, max_rows
+        self.rows: list[Job] = []
+        self.cache: LatentCache | None = None
+        self.decode_calls = self.rows_decoded = 0
+
+
 class Batcher:
     def __init__(self, engine, max_batch: int = 16, batch_wait_ms: float = 5.0, queue_size: int = 64,
-                 prefill_call_tokens: int = 64):
+                 prefill_call_tokens: int = 64, workers: int = 1):
+        if not 1 <= workers <= max_batch:
+            raise ValueError(f"workers={workers}: pass 1..max_batch ({max_batch})")
         self.engine, self.max_batch, self.wait_s = engine, max_batch, batch_wait_ms / 1e3
         self.prefill_call_tokens = prefill_call_tokens
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
-        self.rows: list[Job] = []                       # active rows, in cache row order
-        self.cache: LatentCache | None = None
-        self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0}
+        models = [engine.model] if workers == 1 else engine.model.replicas(workers)
+        self.lanes = [Lane(m, max_batch // workers + (i < max_batch % workers)) for i, m in enumerate(models)]
+        self.stats = {"prefill_calls": 0, "decode_calls": 0, "rows_decoded": 0, "jobs": 0, "workers": workers,
+                      "threads_per_worker": models[0].threads}
+        self.inexact = inexact_batching(models[0], max(lane.max_rows for lane in self.lanes))
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "other": 0.0}   # worker time: graph calls vs the rest
+        self._lock = threading.Lock()
         self._job_s = 1.0                               # running mean of a job's duration (Retry-After)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(lane,), name=f"batcher-{i}", daemon=True)
+                         for i, lane in enumerate(self.lanes)]
         r = self.metrics = Registry()
         r.add(Gauge("edgekit_queue_depth", "Requests waiting for a batch slot.", self.queue.qsize))
-        r.add(Gauge("edgekit_active_rows", "Requests being generated (rows of the running batch).",
+        r.add(Gauge("edgekit_active_rows", "Requests being generated (rows of the running batches).",
                     lambda: len(self.rows)))
         self.m_decode_rows = r.add(Histogram("edgekit_decode_batch_rows", "Rows per decode call.", BATCH_BUCKETS))
         self.m_prefill_rows = r.add(Histogram("edgekit_prefill_batch_rows", "Rows per prefill call.", BATCH_BUCKETS))
@@ -141,14 +193,23 @@ class Batcher:
         self.m_rate = r.add(Rate("edgekit_tokens_per_second", "Generated tokens per second over the last 10 s."))
         self.m_ttft = r.add(Histogram("edgekit_time_to_first_token_seconds",
                                       "From submit to the first generated token.", TTFT_BUCKETS))
+        self.m_seconds = r.add(Counter("edgekit_worker_seconds_total", "Worker time by part: prefill and "
+                                       "decode graph calls, other (scheduling, sampling, text).", "part"))
+
+    @property
+    def rows(self) -> list[Job]:
+        """Active rows of every lane."""
+        return [j for lane in self.lanes for j in lane.rows]
 
     def start(self) -> Batcher:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
 
     def submit(self, job: Job) -> Job:
         job.text = TextStream(self.engine.tokenizer, job.cfg.stop)
@@ -166,30 +227,49 @@ class Batcher:
         return int(min(60, max(1, round((self.queue.qsize() + 1) / self.max_batch * self._job_s))))
 
     def health(self) -> dict:
-        return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
-                "max_batch": self.max_batch, **self.stats}
+        with self._lock:
+            return {"status": "ok", "queued": self.queue.qsize(), "active": len(self.rows),
+                    "max_batch": self.max_batch, **self.stats, "exact_batching": not self.inexact,
+                    **({"inexact_because": self.inexact} if self.inexact else {}),
+                    **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()}}
+
+    def _count(self, **n) -> None:
+        with self._lock:
+            for k, v in n.items():
+                self.stats[k] += v
 
     # -- worker ----------------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, lane: Lane) -> None:
         while not self._stop.is_set():
-            self.step(wait=True)
+            self.step(wait=True, lane=lane)
 
-    def step(self, wait: bool = False) -> None:
-        """One round: drop cancelled rows, admit + prefill queued jobs, decode every active row.
-        ``wait``: when no row is active, block briefly for a job (the worker thread's loop)."""
+    def step(self, wait: bool = False, lane: Lane | None = None) -> None:
+        """One round of one lane (default: the first): drop cancelled rows, admit + prefill queued
+        jobs, decode every active row. ``wait``: when no row is active, block briefly for a job
+        (the worker thread's loop)."""
+        lane = lane or self.lanes[0]
         new: list[Job] = []
         try:
-            self._drop([j for j in self.rows if j.cancelled], "cancelled")
-            new = self._admit(self.max_batch - len(self.rows), wait=wait and not self.rows)
+            self._drop(lane, [j for j in lane.rows if j.cancelled], "cancelled")
+            new = self._admit(lane.max_rows - len(lane.rows), wait=wait and not lane.rows)
+            t0 = time.perf_counter()
+            graph = 0.0
             if new:
-                self._prefill(new)
-            if self.rows:
-                self._decode()
+                graph += self._prefill(lane, new)
+            if lane.rows:
+                graph += self._decode(lane)
+            if new or lane.rows:
+                self._spent("other", time.perf_counter() - t0 - graph)
         except Exception as e:   # a failed call ends its jobs, never the worker
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-            for j in self.rows + new:
+            for j in lane.rows + new:
                 self._finish(j, "error", msg)
-            self.rows, self.cache = [], None
+            lane.rows, lane.cache = [], None
+
+    def _spent(self, part: str, s: float) -> None:
+        with self._lock:
+            self.seconds[part] += s
+        self.m_seconds.inc(s, label=part)
 
     def _admit(self, room: int, wait: bool) -> list[Job]:
         jobs: list[Job] = []
@@ -208,65 +288,78 @@ class Batcher:
                 break
         return jobs
 
-    def _prefill(self, jobs: list[Job]) -> None:
+    def _prefill(self, lane: Lane, jobs: list[Job]) -> float:
+        """Prefill ``jobs`` into ``lane``; returns the seconds spent in graph calls."""
         for j in jobs:
             if j.cancelled:
                 self._finish(j, "cancelled")
         jobs = [j for j in jobs if not j.cancelled]
-        for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens):
-            self._prefill_group([jobs[i] for i in group])
+        return sum(self._prefill_group(lane, [jobs[i] for i in group])
+                   for group in prefill_groups([len(j.ids) for j in jobs], self.prefill_call_tokens))
 
-    def _prefill_group(self, jobs: list[Job]) -> None:
+    def _prefill_group(self, lane: Lane, jobs: list[Job]) -> float:
         need = max(len(j.ids) + j.cfg.max_new_tokens for j in jobs)
-        logits, cache = self.engine.model.prefill_rows([j.ids for j in jobs], capacity=need)
-        self.stats["prefill_calls"] += 1
-        self.stats["jobs"] += len(jobs)
+        t0 = time.perf_counter()
+        logits, cache = lane.model.prefill_rows([j.ids for j in jobs], capacity=need)
+        took = time.perf_counter() - t0
+        self._spent("prefill", took)
+        self._count(prefill_calls=1, jobs=len(jobs))
         self.m_prefill_rows.observe(len(jobs))
         self.m_prompt.inc(sum(len(j.ids) for j in jobs))
         keep = self._advance(jobs, logits)
         if not keep:
-            return
+            return took
         cache.take(keep)
         jobs = [jobs[r] for r in keep]
-        if self.cache is None:
-            self.rows, self.cache = jobs, cache
+        if lane.cache is None:
+            lane.rows, lane.cache = jobs, cache
         else:
-            left = max(j.cfg.max_new_tokens - j.n for j in self.rows + jobs)
-            self.cache = LatentCache.join(self.cache, cache, max(self.cache.length, cache.length) + left)
-            self.rows = self.rows + jobs
+            left = max(j.cfg.max_new_tokens - j.n for j in lane.rows + jobs)
+            lane.cache = LatentCache.join(lane.cache, cache, max(lane.cache.length, cache.length) + left)
+            lane.rows = lane.rows + jobs
+        return took
 
-    def _decode(self) -> None:
-        tokens = np.fromiter((j.last for j in self.rows), np.int64, len(self.rows))
-        logits = self.engine.model.decode(tokens, self.cache)                        # [B, V]
-        self.stats["decode_calls"] += 1
-        self.stats["rows_decoded"] += len(self.rows)
-        self.m_decode_rows.observe(len(self.rows))
-        keep = self._advance(self.rows, logits)
-        if len(keep) < len(self.rows):
-            self._keep(keep)
+    def _decode(self, lane: Lane) -> float:
+        """One decode call for every row of ``lane``; returns the seconds spent in it."""
+        tokens = np.fromiter((j.last for j in lane.rows), np.int64, len(lane.rows))
+        t0 = time.perf_counter()
+        logits = lane.model.decode(tokens, lane.cache)                               # [B, V]
+        took = time.perf_counter() - t0
+        self._spent("decode", took)
+        self._count(decode_calls=1, rows_decoded=len(lane.rows))
+        lane.decode_calls += 1
+        lane.rows_decoded += len(lane.rows)
+        self.m_decode_rows.observe(len(lane.rows))
+        keep = self._advance(lane.rows, logits)
+        if len(keep) < len(lane.rows):
+            self._keep(lane, keep)
+        return took
 
-    def _drop(self, jobs: list[Job], reason: str) -> None:
+    def _drop(self, lane: Lane, jobs: list[Job], reason: str) -> None:
         if not jobs:
             return
         for j in jobs:
             self._finish(j, reason)
-        self._keep([r for r, j in enumerate(self.rows) if not j.done])
+        self._keep(lane, [r for r, j in enumerate(lane.rows) if not j.done])
 
-    def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[r] for r in keep]
-        if self.rows:
-            self.cache.take(keep)
+    def _keep(self, lane: Lane, keep: list[int]) -> None:
+        lane.rows = [lane.rows[r] for r in keep]
+        if lane.rows:
+            lane.cache.take(keep)
         else:
-            self.cache = None
+            lane.cache = None
 
     def _advance(self, jobs: list[Job], logits: np.ndarray) -> list[int]:
         """Sample one token per row, report text, finish rows that are done; returns the rows kept."""
         keep, eos, now, made = [], self.engine.eos_token_id, time.monotonic(), 0
+        # greedy rows: one argmax call for the batch (numpy releases the GIL in each call, and taking it
+        # back can wait for an HTTP thread's switch interval: per-row calls made that a cost per row)
+        best = logits.argmax(-1).tolist() if any(j.cfg.temperature == 0 for j in jobs) else None
         for r, j in enumerate(jobs):
             if j.cancelled:
                 self._finish(j, "cancelled")
                 continue
-            tok = sample(logits[r], j.cfg, j.rng)
+            tok = best[r] if j.cfg.temperature == 0 else sample(logits[r], j.cfg, j.rng)
             if j.n == 0:
                 self.m_ttft.observe(now - j.submitted)
             reason = None
@@ -296,7 +389,8 @@ class Batcher:
             return
         j.done = True
         self.m_requests.inc(label=reason)
-        self._job_s += 0.1 * (time.monotonic() - j.submitted - self._job_s)
+        with self._lock:
+            self._job_s += 0.1 * (time.monotonic() - j.submitted - self._job_s)
         if reason in ("stop", "length"):
             tail = j.text.flush()
             if tail:
