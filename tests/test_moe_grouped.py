@@ -98,6 +98,10 @@ def test_batched_layout_equals_per_expert_branches():
         f = inputs(n, D, E, K, seed=10 + n)
         a, b = _run(batched, f), _run(branch, f)
         assert np.array_equal(a, b), f"{n} tokens: max diff {np.abs(a - b).max():.2e}"
+    one = moe_graph(D, I, 1, 1)                  # a single routed expert (every token, k = 1)
+    f = inputs(5, D, 1, 1, seed=3)
+    a, b = _run(_grouped(one, wmax=63.0), f), _run(_grouped(one, wmax=63.0, layout="branch"), f)
+    assert np.array_equal(a, b), f"one expert: max diff {np.abs(a - b).max():.2e}"
 
 
 def test_static_activation_scales_match_the_reference_and_keep_rows_independent():

@@ -266,9 +266,7 @@ def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int,
     per-token quantization of h. Per row the same operations on the same values as the per-expert
     branches ("branch" layout), so the same results, bit for bit; ~14 fewer nodes per expert, and no
     If (measured on the 1.6B shape: small per-expert elementwise nodes cost as much as the GEMMs)."""
-    E, two_i, D = fc1.shape
-    if E == 1:
-        xs_e = [xs_e]
+    E, two_i, D = fc1.shape                    # xs_e: one name per expert (the caller lists a single one)
     gu = []
     s2s = []
     for e in range(E):
