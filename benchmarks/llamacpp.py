@@ -40,7 +40,6 @@ Failure modes: a wrong sha256, a failed download, configure, build, conversion o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -50,6 +49,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from edgekit.bundle import sha256  # one streamed file hash for the project
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / "benchmarks" / ".llama"
@@ -93,14 +94,6 @@ def _run(cmd: list[str], log: Path, **kw) -> None:
         rc = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, **kw)
     if rc:
         raise LlamaCppError(f"{' '.join(map(str, cmd[:4]))}... failed (rc {rc}); log {log}:\n{log.read_text()[-2000:]}")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

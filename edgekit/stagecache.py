@@ -30,6 +30,7 @@ from pathlib import Path
 
 from . import __version__
 from .atomic import atomic_dir
+from .bundle import sha256
 from .errors import EdgekitError
 
 ENTRY_FILE = ".edgekit-cache.json"
@@ -53,14 +54,6 @@ def digest(*parts) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
-
-
-def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dir_digest(d: Path) -> str:
@@ -89,7 +82,7 @@ def seal(d: Path, stage: str) -> dict:
     for p in _content(d):
         if p.is_symlink() or not p.is_file():
             raise EdgekitError(f"stage {stage} wrote {p.name}, which is not a regular file")
-        files[str(p.relative_to(d))] = {"sha256": _file_sha256(p), "bytes": p.stat().st_size}
+        files[str(p.relative_to(d))] = {"sha256": sha256(p), "bytes": p.stat().st_size}
     record = {"stage": stage, "edgekit_version": __version__, "created": time.time(), "files": files,
               "sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()}
     (d / ENTRY_FILE).write_text(json.dumps(record, indent=1) + "\n")
@@ -119,7 +112,7 @@ def verify_entry(d: Path) -> str | None:
         if p.stat().st_size != meta.get("bytes"):
             return f"{name} has {p.stat().st_size} bytes, {meta.get('bytes')} when built"
     for name, meta in files.items():
-        if _file_sha256(d / name) != meta.get("sha256"):
+        if sha256(d / name) != meta.get("sha256"):
             return f"{name} does not match its hash"
     return None
 

@@ -23,7 +23,6 @@ with a note: the per-file sha256 check decides whether its files are still the p
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -34,14 +33,6 @@ from pathlib import Path
 
 class DebianError(RuntimeError):
     """A package cannot be fetched or read; the message says how to fix it."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cached(package: str, version: str, cache: Path) -> Path | None:

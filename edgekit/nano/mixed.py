@@ -48,10 +48,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bundle import sha256 as sha256_file
 from ..data import shipped_file
 from . import corpus
 from .corpus import SEPARATOR, SPECIAL_TOKENS, CorpusError, Document, sha256_hex
-from .debian import DebianError, extract, fetch, read_files, sha256_file
+from .debian import DebianError, extract, fetch, read_files
 
 MANIFEST_PATH = corpus.PACKAGE_DIR / "mixed_manifest.json"
 DOMAINS_DIR = corpus.PACKAGE_DIR.parent / "data" / "domains"
