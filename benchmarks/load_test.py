@@ -89,6 +89,14 @@ def _get(port: int, path: str, timeout: float = 10) -> tuple[int, str]:
         c.close()
 
 
+class ServerExited(SystemExit):
+    """The server process ended before it answered /health; ``log`` is its output's tail."""
+
+    def __init__(self, msg: str, log: str):
+        super().__init__(msg)
+        self.log = log
+
+
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     """Start a server and wait (bounded) until GET /health answers 200."""
     f = open(log, "w")
@@ -97,7 +105,8 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
     deadline = time.monotonic() + READY_S
     while time.monotonic() < deadline:
         if p.poll() is not None:
-            raise SystemExit(f"server exited ({p.returncode}): {' '.join(cmd)}\n{log.read_text()[-2000:]}")
+            tail = log.read_text()[-2000:]
+            raise ServerExited(f"server exited ({p.returncode}): {' '.join(cmd)}\n{tail}", tail)
         try:
             if _get(port, "/health", timeout=2)[0] == 200:
                 return p
@@ -286,7 +295,16 @@ def main(argv=None):
                    "--workers", "1" if name == "edgekit-1" else str(a.workers)]
         if a.cpus:
             cmd = ["taskset", "-c", a.cpus, *cmd]
-        r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
+        try:
+            r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
+        except ServerExited as e:
+            from benchmarks.llamacpp import REPACK_ABORT
+            if name != "llama-server" or REPACK_ABORT not in e.log:
+                raise
+            # same abort as llama-bench's (benchmarks/llamacpp.py): serve without weight repacking
+            r = run_mode(name, [*cmd, "--no-repack"], port, prompts, a, logs / f"{name}.log")
+            r["note"] = ("llama-server's default weight repacking aborts on this model "
+                         "(GGML_ASSERT(*cur_backend_id != -1)); served with --no-repack")
         if r["errors"]:
             r["server_log_tail"] = (logs / f"{name}.log").read_text()[-1500:]
         print(f"{name}: {r['completed']}/{r['sent']} ok, {r['errors']} errors, {r['tokens_per_s']} tok/s, "
@@ -356,7 +374,8 @@ def main(argv=None):
              + (f"; {exact['one_at_a_time_server']['equal']} of {exact['one_at_a_time_server']['compared']} equal "
                 f"edgekit-1's ({a.threads} threads)" if "one_at_a_time_server" in exact else "")
              + ".\n\n" if exact else "")
-          + "".join(f"- {k}: {v}\n" for k, v in ratios.items()))
+          + "".join(f"- {k}: {v}\n" for k, v in ratios.items())
+          + "".join(f"\nNote ({r['mode']}): {r['note']}\n" for r in runs if r.get("note")))
     out.with_suffix(".md").write_text(md)
     print(md)
     same = exact.get("alone_same_session")
