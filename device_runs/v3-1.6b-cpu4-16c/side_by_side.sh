@@ -7,7 +7,8 @@
 # lacks (onnxsim, tomli-w). Writes compress_stream.log here, benchmarks/results/run_16c_t$T_v3-1.6b.*
 # (the table) and profile_v3-1.6b_16c_t$T.* (onnxruntime's profiler on the bundle, benchmarks/scale_speed.py).
 # Usage: bash device_runs/v3-1.6b-cpu4-16c/side_by_side.sh   (WORK=/path, THREADS=4 by default;
-# SHAPE=v3-nano RESULT=/tmp/x PROFILE_OUT=/tmp/y tries it on a small shape)
+# SHAPE=v3-nano RESULT=/tmp/x PROFILE_OUT=/tmp/y tries it on a small shape; VARIANTS=llama-q8_0,edgekit-cpu4
+# and PROFILE=0 make it shorter)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -40,10 +41,11 @@ pruned=$(ls -d "$work"/cache/prune/*/ | head -1)
 ln -sfn "$pruned" "$work/v3-1.6b-pruned"
 step "side by side, $threads threads (pruned checkpoint: $pruned)"
 python3 benchmarks/run.py --checkpoint "$work/v3-1.6b-pruned" --bundle "$work/bundle" \
-    --variants ort-dynamic-int8,llama-q8_0,edgekit-cpu4 --threads "$threads" --work "$work/bench" \
+    --variants "${VARIANTS:-ort-dynamic-int8,llama-q8_0,edgekit-cpu4}" --threads "$threads" --work "$work/bench" \
     --machine "16-core Xeon host (H200 beside it)" \
     --note "v3-1.6b compressed for cpu4 (half the routed experts removed); every row runs that pruned 875.7M-parameter checkpoint" \
     --out "${RESULT:-benchmarks/results/run_16c_t${threads}_v3-1.6b}"
+[ "${PROFILE:-1}" = 0 ] && { step done; exit 0; }
 step "profile of the bundle (and onnxruntime's dynamic block sizing beside the default)"
 python3 benchmarks/scale_speed.py --dir "$work/bundle" --threads "$threads" --runs 10 --decode-tokens 16 --profile \
     --session-config "session.dynamic_block_base=4" --work "$work/scale" \
