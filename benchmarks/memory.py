@@ -216,7 +216,9 @@ def stage(name: str, a) -> dict:
         from edgekit.validate import validate_bundle
         rep = validate_bundle(work / "bundle")
         info.update(status=rep["status"], accuracy=rep["compressed"]["accuracy"],
-                    bundle_bytes=rep["compressed"]["size_bytes"])
+                    bundle_bytes=rep["compressed"]["size_bytes"],
+                    gates={k: (g["status"], g.get("value")) for k, g in rep.get("gates", {}).items()
+                           if g.get("status") not in ("pass", None)})
     elif name in ("compress", "compress-memory"):
         from edgekit.pipeline import compress
         simplify = name == "compress" or _has("onnxsim")
