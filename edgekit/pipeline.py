@@ -68,7 +68,7 @@ from .evaluate import evaluate
 from .export import ExportConfig
 from .info import param_count
 from .mobile import prepare_bundle
-from .prune import PruneConfig
+from .prune import PruneConfig, removed_nothing
 from .quantize import QuantConfig
 from .recipes import Recipe, load_recipe, recipe_to_toml, with_overrides
 from .report import write_report
@@ -109,7 +109,11 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(smoothed), tmp, recipe.export, tokenizer_from=smoothed)))
-    pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, score_tokens, recipe, cache))
+    if removed_nothing(pruned):
+        pruned_acc = fp32_accuracy
+        st.skip("score pruned fp32", "nothing pruned or distilled: the fp32 accuracy is this model's")
+    else:
+        pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, score_tokens, recipe, cache))
     budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)
     st.log(f"pruning cost {100 * (fp32_accuracy - pruned_acc):.2f} points; int8 budget {100 * budget:.2f} points")
     key.append([dataclasses.asdict(recipe.quantize), budget])
@@ -367,8 +371,12 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         recipe, built, auto_info = search(
             recipe, lambda r: build(src, r, texts, texts.dev, dev_fp32, cache, st), measure, st.log)
         auto_info.update(dev={"source": texts.dev_name, "tokens": int(len(texts.dev)), "fp32_accuracy": dev_fp32})
-        pruned_eval = st.run("score pruned fp32 on eval",
-                             lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
+        if removed_nothing(built.pruned):
+            pruned_eval = baseline["accuracy"]
+            st.skip("score pruned fp32 on eval", "nothing pruned or distilled: the fp32 accuracy is this model's")
+        else:
+            pruned_eval = st.run("score pruned fp32 on eval",
+                                 lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
     else:
         built = (streamed.build if stream else build)(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
         auto_info, pruned_eval = None, built.pruned_accuracy

@@ -56,6 +56,13 @@ class Stages:
         if self.console:
             self.console.print(f"      {msg}")
 
+    def skip(self, name: str, why: str) -> None:
+        """A stage not run because an earlier one already gives its result: numbered and reported as such."""
+        self.i += 1
+        if self.console:
+            self.console.print(f"[bold cyan][{self.i}/{self.total}][/] {name}: skipped, {why}")
+        self.rows.append({"name": name, "skipped": why, "seconds": 0.0})
+
     def run(self, name: str, fn, **row):
         self.i += 1
         if self.console:

@@ -1,5 +1,7 @@
 """Structured pruning: importance criteria on constructed cases, surgery exactness, save/load round trip."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import edgekit.prune.importance as imp
 from edgekit.checkpoint import load, save
 from edgekit.errors import EdgekitError
 from edgekit.info import param_count
-from edgekit.prune import PruneConfig, prune_, prune_checkpoint
+from edgekit.prune import PruneConfig, prune_, prune_checkpoint, removed_nothing
 from edgekit.prune.importance import channel_scores, expert_scores, top_indices
 from edgekit.prune.stats import collect_stats
 from edgekit.prune.surgery import regroup
@@ -213,6 +215,19 @@ def test_prune_checkpoint_writes_a_smaller_reloadable_checkpoint(tmp_path):
     small, big = load(out), load(None)
     assert param_count(small) < 0.75 * param_count(big), (param_count(small), param_count(big))
     assert (out / "tokenizer.json").exists() and (out / "prune.json").exists()
+    assert not removed_nothing(out)
+
+
+def test_removed_nothing_reads_the_prune_record(tmp_path):
+    # the pipeline skips scoring the "pruned" model only when its record shows it unchanged
+    out = prune_checkpoint(None, tmp_path / "same", PruneConfig(experts=0.0, calib_max_tokens=256), progress=False)
+    assert removed_nothing(out)
+    same = dict(load(out).state_dict())
+    assert all(torch.equal(v, same[k]) for k, v in load(None).state_dict().items())
+    rec = json.loads((out / "prune.json").read_text())
+    rec["config"]["recover_steps"] = 5           # distilled weights differ even with nothing removed
+    (out / "prune.json").write_text(json.dumps(rec))
+    assert not removed_nothing(out)
 
 
 def test_pruned_model_exports_to_onnx_matching_torch(tmp_path, moe="contrib"):

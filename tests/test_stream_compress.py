@@ -96,7 +96,7 @@ def test_streamed_compress_builds_the_same_bundle(ckpt, tmp_path):
     assert a["quantization"]["fp32_units"] == b["quantization"]["fp32_units"]
     assert {g: r["alpha"] for g, r in a["smoothing"]["groups"].items()} == \
         {g: r["alpha"] for g, r in b["smoothing"]["groups"].items()}
-    assert all(r.get("peak_rss_mb", 0) > 0 for r in b["timings"])
+    assert all(r.get("peak_rss_mb", 0) > 0 for r in b["timings"] if "skipped" not in r)
     assert _int8_weights(mem.bundle) == _int8_weights(st.bundle)
     ids = np.random.default_rng(0).integers(0, 4096, (2, 30))
     diff = np.abs(OrtModel(mem.bundle).logits(ids) - OrtModel(st.bundle).logits(ids)).max()

@@ -193,6 +193,14 @@ def prune_(model, config: PruneConfig, calib_tokens: np.ndarray, recover_tokens:
     return model.eval()
 
 
+def removed_nothing(pruned_dir: str | os.PathLike) -> bool:
+    """True when the prune stage's record (``prune.json`` of ``pruned_dir``) shows the model unchanged:
+    no parameter removed and no distillation step configured. Its fp32 accuracy is then the unpruned
+    model's (smoothing, the next stage, preserves the function), so the pipeline does not score it again."""
+    rec = json.loads((Path(pruned_dir) / "prune.json").read_text())
+    return rec["params_after"] == rec["params_before"] and not rec["config"].get("recover_steps")
+
+
 def prune_checkpoint(src: str | os.PathLike | None, out: str | os.PathLike, config: PruneConfig,
                      calib: str | os.PathLike = "calib", recover: str | os.PathLike | None = None,
                      progress: bool = True, calib_tokens: np.ndarray | None = None,
