@@ -125,23 +125,48 @@ class _Epilogue(nn.Module):
         return self.model.lm_head(self.model.model.norm(x).index_select(1, rows))
 
 
-def _trace(module, args: tuple, names_in, names_out, axes, opset: int, path: Path, custom: tuple = ()) -> None:
-    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears), to
-    the file ``path`` (``_read_piece``); ``custom``: the custom op domains it uses. Written to a
-    file, not to memory, so the caller can drop the module's weights before the piece is parsed."""
+# torch dtype -> ONNX element type of the weights a piece can carry (others: traced with its weights)
+_ONNX_TYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.float16: onnx.TensorProto.FLOAT16,
+               torch.bfloat16: onnx.TensorProto.BFLOAT16, torch.float64: onnx.TensorProto.DOUBLE,
+               torch.int64: onnx.TensorProto.INT64, torch.int32: onnx.TensorProto.INT32,
+               torch.int8: onnx.TensorProto.INT8, torch.uint8: onnx.TensorProto.UINT8,
+               torch.bool: onnx.TensorProto.BOOL}
+
+
+def _trace(module, args: tuple, names_in, names_out, axes, opset: int, path: Path,
+           custom: tuple = ()) -> tuple[onnx.ModelProto, list[tuple[str, torch.Tensor]]]:
+    """One piece, traced as ``export._trace`` traces the whole decoder (name-keyed linears), without
+    its weights: ``export_params=False`` makes each weight a graph input named as the single trace
+    names its initializer, so torch's exporter never copies a weight into a protobuf (with them it
+    holds the module's tensors, its protobuf, the serialized bytes and a second parsed copy: ~4x the
+    layer). Returns the weight-free piece (``path``: a scratch file, removed) and ``(name, tensor)``
+    of those inputs in the exporter's order, the module's own tensors (views, no copy), for
+    ``_Sink.add`` to write as initializers. Safety net: where an input is not a tensor of the module's
+    state (a value torch's constant folding computed) or has a dtype ``_ONNX_TYPES`` lacks, the piece
+    is traced again with its weights in the protobuf (more memory, same graph) and the list is empty.
+    ``custom``: the custom op domains the piece uses."""
+    def run(params: bool) -> onnx.ModelProto:
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset, input_names=names_in,
+                          output_names=names_out, dynamic_axes=axes, export_params=params,
+                          custom_opsets=dict.fromkeys(custom, 1))
+        proto = onnx.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        path.unlink()
+        return proto
+
     with torch.no_grad(), warnings.catch_warnings(), name_keyed_weights(module):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset, input_names=names_in,
-                          output_names=names_out, dynamic_axes=axes,
-                          custom_opsets=dict.fromkeys(custom, 1))
-
-
-def _read_piece(path: Path) -> onnx.ModelProto:
-    """The piece ``_trace`` wrote to ``path``; the file is removed."""
-    proto = onnx.ModelProto()
-    proto.ParseFromString(path.read_bytes())
-    path.unlink()
-    return proto
+        state = module.state_dict(keep_vars=True)
+        proto = run(False)
+        g = proto.graph
+        extra = [v.name for v in g.input if v.name not in set(names_in)]
+        if any(n not in state or state[n].dtype not in _ONNX_TYPES for n in extra):
+            return run(True), []
+        weights = [(n, state[n].detach()) for n in extra]
+    kept = [v for v in g.input if v.name in set(names_in)]
+    del g.input[:]
+    g.input.extend(kept)
+    return proto, weights
 
 
 def _rename(g: onnx.GraphProto, nm) -> None:
@@ -178,13 +203,15 @@ class _Sink:
         self.data_path, self.offset = data_path, 0
         self.f = open(data_path, "wb") if data_path else None
 
-    def add(self, proto: onnx.ModelProto, wires: dict[str, str], prefix: str) -> None:
-        """Append one traced piece: its inputs/outputs are wired by ``wires`` (names not in it stay),
-        module weights (initializers not named ``onnx::*``/``/*`` by the exporter) keep their names,
-        every other value and node goes under ``prefix``."""
+    def add(self, proto: onnx.ModelProto, wires: dict[str, str], prefix: str,
+            weights: list[tuple[str, torch.Tensor]] = ()) -> None:
+        """Append one traced piece and its ``weights`` (``_trace``: written here, one tensor at a
+        time, as initializers after the piece's own): its inputs/outputs are wired by ``wires``
+        (names not in it stay), module weights (``weights``, initializers not named ``onnx::*``/``/*``
+        by the exporter) keep their names, every other value and node goes under ``prefix``."""
         g = proto.graph
         keep = {i.name for i in g.input} | {o.name for o in g.output}
-        fixed = {t.name for t in g.initializer if not t.name.startswith(("onnx::", "/"))}
+        fixed = {t.name for t in g.initializer if not t.name.startswith(("onnx::", "/"))} | {n for n, _ in weights}
 
         def nm(x: str) -> str:
             if not x or x in fixed or (x in keep and x not in wires):
@@ -204,6 +231,10 @@ class _Sink:
             self.names.add(t.name)
             self._store(t)
             part.initializer.append(t)
+        for name, w in weights:
+            if name not in self.names:
+                self.names.add(name)
+                part.initializer.append(self._tensor(name, w))
         self.parts.append(part)
         for op in proto.opset_import:
             self.opsets[op.domain] = max(self.opsets.get(op.domain, 0), op.version)
@@ -211,15 +242,33 @@ class _Sink:
     def _store(self, t: onnx.TensorProto) -> None:
         if self.f is None or not t.HasField("raw_data") or len(t.raw_data) < 1024:
             return
+        self._external(t, t.raw_data)
+        t.ClearField("raw_data")
+
+    def _external(self, t: onnx.TensorProto, raw) -> None:
+        """Append ``raw`` (bytes or a byte buffer) to the data file; ``t`` points at it."""
         pad = (-self.offset) % ALIGN
         self.f.write(b"\0" * pad)
         self.offset += pad
-        raw = t.raw_data
+        n = memoryview(raw).nbytes
         self.f.write(raw)
-        onnx.external_data_helper.set_external_data(t, self.data_path.name, offset=self.offset, length=len(raw))
+        del t.external_data[:]                 # as onnx.external_data_helper.set_external_data writes it
+        for k, v in (("location", self.data_path.name), ("offset", str(self.offset)), ("length", str(n))):
+            t.external_data.add(key=k, value=v)
         t.data_location = onnx.TensorProto.EXTERNAL
-        t.ClearField("raw_data")
-        self.offset += len(raw)
+        self.offset += n
+
+    def _tensor(self, name: str, w: torch.Tensor) -> onnx.TensorProto:
+        """The initializer the exporter would write for ``w`` (raw little-endian bytes), external as
+        ``_store`` makes it; the bytes go from ``w`` to the file (one contiguous copy of ``w`` at most,
+        for a transposed ``weight_t`` view)."""
+        t = onnx.TensorProto(name=name, data_type=_ONNX_TYPES[w.dtype], dims=list(w.shape))
+        raw = w.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self.f is None or raw.nbytes < 1024:
+            t.raw_data = raw.tobytes()
+        else:
+            self._external(t, raw)
+        return t
 
     def close(self):
         if self.f:
@@ -271,7 +320,7 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
-        piece = tmp / ".piece.onnx"           # one traced piece at a time (_trace, _read_piece)
+        piece = tmp / ".piece.onnx"           # one traced piece at a time (_trace's scratch file)
         names = ["cos3", "sin3", "cos4", "sin4", "mask"]
         wired = {n: f"/shared/{n}" for n in names}
         rope_axes = {0: "pad_batch", 1: "seq"}
@@ -281,35 +330,38 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
             pro = _Prologue(src.embedding(), inv_freq, scale)
             with torch.no_grad():           # no autograd graph: it would keep every layer's weights alive
                 x, *sh = pro(ids, past, pad)
-            _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
-                   {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
-                    "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes}, cfg.opset, piece)
+            traced = _trace(pro, (ids, past, pad), ["input_ids", "past_latent.0", "left_pad"], ["x", *names],
+                            {"input_ids": axes["input_ids"], "past_latent.0": axes["past_latent.0"],
+                             "left_pad": axes["left_pad"], "x": {0: "batch", 1: "seq"}, **shared_axes},
+                            cfg.opset, piece)
             del pro
-            sink.add(_read_piece(piece), {"x": "/layers.0/x_in", **wired}, "/embed/")
+            sink.add(traced[0], {"x": "/layers.0/x_in", **wired}, "/embed/", traced[1])
+            del traced
             release()
             for i in range(L):
                 custom = ("edgekit", "com.microsoft") if contrib and a.for_layer(i).is_moe else ("edgekit",)
                 step = _LayerStep(src.layer(i, device), a, i, cfg.moe, own_block=not hasattr(src, "model")).cpu()
                 with torch.no_grad():
                     x_out, _ = step(x, past, *sh, pad)
-                _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
-                       {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
-                        "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"}, "new": {0: "batch", 1: "seq"}},
-                       cfg.opset, piece, custom)
-                del step                    # the layer's weights go before its traced copy is parsed
-                release()
-                sink.add(_read_piece(piece), {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired,
-                                              "pad": "left_pad", "x_out": f"/layers.{i + 1}/x_in",
-                                              "new": f"new_latent.{i}"}, f"/layers.{i}/")
+                traced = _trace(step, (x, past, *sh, pad), ["x", "past", *names, "pad"], ["x_out", "new"],
+                                {"x": {0: "batch", 1: "seq"}, "past": {0: "batch", 1: "past_seq"}, **shared_axes,
+                                 "pad": axes["left_pad"], "x_out": {0: "batch", 1: "seq"},
+                                 "new": {0: "batch", 1: "seq"}}, cfg.opset, piece, custom)
+                del step                    # its weights live on only in traced[1], until written
+                sink.add(traced[0], {"x": f"/layers.{i}/x_in", "past": f"past_latent.{i}", **wired,
+                                     "pad": "left_pad", "x_out": f"/layers.{i + 1}/x_in",
+                                     "new": f"new_latent.{i}"}, f"/layers.{i}/", traced[1])
+                del traced
                 x = x_out
                 release()                   # this layer's freed buffers back to the OS (edgekit.heap)
                 if log:
                     log(f"export: layer {i + 1}/{L}")
             epi = _Epilogue(*src.head())
-            _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
-                   {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, piece)
+            traced = _trace(epi, (x, keep), ["x", "logits_keep"], ["logits"],
+                            {"x": {0: "batch", 1: "seq"}, "logits": axes["logits"]}, cfg.opset, piece)
             del epi
-            sink.add(_read_piece(piece), {"x": f"/layers.{L}/x_in"}, "/head/")
+            sink.add(traced[0], {"x": f"/layers.{L}/x_in"}, "/head/", traced[1])
+            del traced
             release()
         finally:
             sink.close()
