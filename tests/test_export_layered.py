@@ -82,3 +82,21 @@ def test_layered_export_streams_every_weight_and_leaves_a_model_whole(tiny, tmp_
         ref = tiny(torch.from_numpy(ids)).numpy()
     assert np.abs(OrtModel(d).logits(ids) - ref).max() <= 1e-4
     assert isinstance(release(), bool)
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40])
+def test_weightless_trace_writes_the_weights_the_exporter_would(tiny_ckpt, tmp_path, monkeypatch, threshold):
+    """Each piece is traced without its weights and they are written from the module's tensors; the
+    safety net (every piece traced with its weights in the protobuf, as torch writes them) must give
+    the same files byte for byte, external data or inline."""
+    import edgekit.export.layered as lay
+
+    cfg = ExportConfig(simplify=False, external_data_threshold=threshold)
+    a = export_layered(tiny_ckpt, tmp_path / "weightless", cfg)
+    monkeypatch.setattr(lay, "_ONNX_TYPES", {})                  # no dtype carried: every piece falls back
+    b = export_layered(tiny_ckpt, tmp_path / "traced", cfg)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir()) and ("model.onnx.data" in files) == (threshold == 0)
+    differ = [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()]
+    print("files that differ:", differ)
+    assert not differ
