@@ -76,7 +76,9 @@ class _LayerStep(nn.Module):
     """Decoder layer ``i`` of ``LatentDecoder``: (x, past, *shared, pad) -> (x, new). The
     model is registered first, as in ``LatentDecoder``, so shared tensors (the router) take its names.
     ``own_block``: the block was read for this step alone, so its routed experts, stacked into the
-    op module's weights and never traced, are dropped (one copy of them in memory, not two)."""
+    op module's weights and never traced, are dropped (one copy of them in memory, not two), and its
+    other tensors are copied out of the checkpoint reader's memory map (safetensors hands out views of
+    the mapped file; the map, and every page of it read, stays resident while any view lives)."""
 
     def __init__(self, block, args, i: int, moe: str, own_block: bool = False):
         super().__init__()
@@ -97,6 +99,14 @@ class _LayerStep(nn.Module):
             mlp = (ContribMoE if moe == "contrib" else PortableMoE)(mlp, args, args.for_layer(i))
             if own_block:
                 del block.mlp.experts
+        if own_block:                       # the rest of the block off the checkpoint's memory map (a few MB):
+            for mod in block.modules():     # the map, and the experts' resident pages in it, then go
+                for k, t in mod._parameters.items():   # new tensors, not ``.data =``: a view keeps its base
+                    if t is not None:
+                        mod._parameters[k] = nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad)
+                for k, t in mod._buffers.items():
+                    if t is not None:
+                        mod._buffers[k] = t.detach().clone()
         self.ffn = nn.ModuleDict({str(i): mlp})
         self.i = str(i)
         self._attention = LatentDecoder.attention

@@ -85,10 +85,15 @@ class ContribMoE(nn.Module):
         self.gate, self.shared_experts, self.k = moe.gate, moe.shared_experts, la.num_experts_per_tok
         self.routing = contrib_routing(args, la)
         ex = moe.experts
-        gate_up = torch.stack([torch.stack([e.gate_proj.weight, e.up_proj.weight], dim=1) for e in ex])  # [E, I, 2, D]
-        self.register_buffer("fc1", gate_up.flatten(1, 2).detach().clone())                              # [E, 2I, D]
-        down = torch.stack([e.down_proj.weight for e in ex]) * args.routed_scaling_factor                 # [E, D, I]
-        self.register_buffer("fc2", down.detach().clone())
+        w = ex[0].gate_proj.weight                   # filled expert by expert: no stacked temporaries (memory)
+        gate_up = w.new_empty(len(ex), w.shape[0], 2, w.shape[1])                                        # [E, I, 2, D]
+        down = w.new_empty(len(ex), w.shape[1], w.shape[0])                                              # [E, D, I]
+        with torch.no_grad():
+            for j, e in enumerate(ex):
+                gate_up[j, :, 0], gate_up[j, :, 1] = e.gate_proj.weight, e.up_proj.weight
+                torch.mul(e.down_proj.weight, args.routed_scaling_factor, out=down[j])
+        self.register_buffer("fc1", gate_up.flatten(1, 2))                                               # [E, 2I, D]
+        self.register_buffer("fc2", down)
 
     def forward(self, x):
         """x [B, T, D] -> [B, T, D]."""
