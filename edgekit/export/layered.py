@@ -12,18 +12,24 @@ What: ``export_layered(source, out_dir, config)`` where ``source`` is a layer so
 each under ``graph.name_keyed_weights`` and with module paths equal to ``LatentDecoder``'s, so every
 weight gets the initializer name the single trace gives it (``model.model.layers.{i}...weight_t``,
 ``absorbed.{i}.w_uk``, ``ffn.{i}.fc1``). Other values and nodes of piece ``i`` go under
-``/layers.{i}/``; each piece's initializers are appended to ``model.onnx.data`` before the next
-layer is read. The stitched graph then goes through the single trace's own post-processing and
-writer (``export.write_export``: row attention and sparse experts expanded, MoE nodes named, the
-``units`` map, ``export.json``), so later passes (``quantize.apply.quantize_export``) read it as
-any export. ``model_hash`` is the single trace's, computed reading one tensor at a time.
+``/layers.{i}/``. Each piece is traced without its weights (``export_params=False``: they become
+graph inputs of the initializer names) and the weights are then written from the module's own
+tensors as initializers appended to ``model.onnx.data``, before the next layer is read. The
+stitched graph then goes through the single trace's own post-processing and writer
+(``export.write_export``: row attention and sparse experts expanded, MoE nodes named, the ``units``
+map, ``export.json``), so later passes (``quantize.apply.quantize_export``) read it as any export.
+``model_hash`` is the single trace's, computed reading one tensor at a time.
 
 Why: tracing the whole ``LatentDecoder`` needs every weight in memory (and torch's exporter holds
 a second copy while it builds the protobuf): for a 6.4 GB checkpoint that alone is > 13 GB. Here
-the peak is one layer (weights, their traced copy, the stacked expert tensors) + the embedding.
+the peak is about two copies of one layer: its weights as read plus the MoE op's stacked expert
+tensors while they are built (the experts are then dropped). Traced with its weights, one piece
+cost ~4 copies of the layer (module, torch's protobuf, its serialized bytes, the re-parse in
+``_add_onnxscript_fn``; measured: ``benchmarks/results/memory_v3-400m_2c.md``).
 
-Invariants: same inputs, outputs, dynamic axes, initializer names and units as ``export``; logits
-equal the single-trace export's (fp32, ~1e-6; tests/test_export_layered.py); the output directory
+Invariants: same inputs, outputs, dynamic axes, initializer names and units as ``export``; the
+files are byte for byte those of tracing each piece with its weights; logits equal the
+single-trace export's (fp32, ~1e-6; both in tests/test_export_layered.py); the output directory
 appears only when complete; weights are external once they exceed
 ``config.external_data_threshold`` (else inline, as ``export``). onnxsim is never run (the graph is
 built for models whose weights do not fit one protobuf).
