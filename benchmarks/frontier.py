@@ -210,10 +210,7 @@ def main(argv=None) -> int:
         steps = over["prune"].get("recover_steps", 0)
         if a.time_budget and steps:     # points without recovery are built already (size pass): scores only
             left = a.time_budget - (time.perf_counter() - t0)
-            rest = todo[i:]
-            train = sum(step_s.get(k, 0.0) for k in rest)
-            n_fixed = sum(1.0 if k in step_s else 0.5 for k in rest)     # a scored-only point: ~half a build
-            fit = int((left - fixed_est * n_fixed) / train) if train else steps
+            fit = _fit_steps(left, fixed_est, todo[i:], step_s, steps)
             if fit < steps:
                 if fit < a.min_steps:
                     print(f"{name:44s} skipped: {left:.0f} s left fit {max(fit, 0)} steps < --min-steps "
@@ -273,6 +270,17 @@ def _measure(name, over, src, recipe, texts, fp32_dev, fp32_eval, base_bytes, oo
         row.setdefault("out_of_domain", {})[d] = {"accuracy": o, "fp32_accuracy": f32, "drop_points": 100 * (f32 - o),
                                                   "drop_relative_pct": 100 * (f32 - o) / f32}
     return row
+
+
+def _fit_steps(left: float, fixed_est: float, rest: list[str], step_s: dict[str, float], steps: int) -> int:
+    """Distillation steps per point that fit ``left`` seconds: every remaining point costs
+    ``fixed_est`` besides its training (a point without recovery, built already, half of it: scoring
+    only), the distilling ones share what is left equally; at most ``steps``, possibly <= 0."""
+    train = sum(step_s.get(k, 0.0) for k in rest)
+    if not train:
+        return steps
+    n_fixed = sum(1.0 if k in step_s else 0.5 for k in rest)
+    return min(steps, int((left - fixed_est * n_fixed) / train))
 
 
 def _with_recovery(over: dict, steps: int, batch: int) -> dict:
