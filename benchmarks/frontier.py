@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     for name, over in points.items():
         t = time.perf_counter()
         try:
-            b0 = build(src, with_overrides(recipe, **_without_recovery(over)), texts, texts.dev, fp32_dev, cache, st)
+            probe = _without_recovery(over, list(points.values()))
+            b0 = build(src, with_overrides(recipe, **probe), texts, texts.dev, fp32_dev, cache, st)
         except Exception as e:                               # noqa: BLE001 - recorded, the next point runs
             failed += 1
             rows.append(_failed(name, over, e, "size (built without recovery)"))
@@ -292,12 +293,14 @@ def _with_recovery(over: dict, steps: int, batch: int) -> dict:
     return {**over, "prune": prune}
 
 
-def _without_recovery(over: dict) -> dict:
-    """The point's tables without distillation and with the recipe's smoothing: the same shapes and
-    precision, hence the same size (smoothing only rescales), and the same cached build as the grid's
-    point of that pruning without recovery."""
-    return {k: v for k, v in over.items() if k != "smooth"} | {
-        "prune": {**over["prune"], "recover_steps": 0, "recover_fake_quant": ""}}
+def _without_recovery(over: dict, selected: list[dict] = ()) -> dict:
+    """The point's tables without distillation: the same shapes and precision, hence the same size.
+    When one of the ``selected`` points is that build up to smoothing (which only rescales), that
+    point's tables, so both share one cached build; otherwise the point's own smoothing setting (a
+    QAT point's probe then skips the smoothing stage as the point does)."""
+    bare = {**over, "prune": {**over["prune"], "recover_steps": 0, "recover_fake_quant": ""}}
+    shared = {k: v for k, v in bare.items() if k != "smooth"}
+    return shared if shared in selected else bare
 
 
 def _relabel(name: str, steps: int) -> str:

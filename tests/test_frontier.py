@@ -8,12 +8,17 @@ def test_size_probe_is_the_grids_point_without_recovery():
     """A distilled point's size is measured on the build without recovery, which for KD and QAT
     points alike is the grid's no-recovery point of the same pruning (one cached build)."""
     nano = POINTS["nano"]
+    sel = list(nano.values())
     for name in ("experts 50% + KD 200 + int4 all", "experts 50% + QAT 200 + int4 all"):
-        assert _without_recovery(nano[name]) == nano["experts 50% + int4 all"], name
-    assert _without_recovery(nano["experts 25% + QAT 200 + int4 all"]) == nano["experts 25% + int4 all"]
+        assert _without_recovery(nano[name], sel) == nano["experts 50% + int4 all"], name
+    assert _without_recovery(nano["experts 25% + QAT 200 + int4 all"], sel) == nano["experts 25% + int4 all"]
     mini = POINTS["mini"]
-    assert _without_recovery(mini["experts 50% + QAT 200 + int4"]) == mini["experts 50% + int4"]
-    assert "smooth" in mini["experts 50% + QAT 200 + int4"]        # QAT points train without SmoothQuant
+    qat = mini["experts 50% + QAT 200 + int4"]
+    assert _without_recovery(qat, list(mini.values())) == mini["experts 50% + int4"]
+    # the QAT point alone: its probe keeps the point's smoothing (off), same shapes and precision
+    alone = _without_recovery(qat, [qat])
+    assert alone["smooth"] == {"enabled": False} and alone["prune"]["recover_steps"] == 0
+    assert alone["prune"]["recover_fake_quant"] == "" and alone["quantize"] == qat["quantize"]
 
 
 def test_recovery_overrides_touch_only_distilling_points():
