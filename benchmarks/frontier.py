@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     #    for fixed-precision points), so the point built without recovery measures it
     _say(console, f"fp32 {100 * fp32_eval:.2f}% on {len(texts.eval) - 1:,} eval tokens; sizes before training:")
     for name, over in points.items():
-        t = time.perf_counter()
+        t, n0 = time.perf_counter(), len(st.rows)
         try:
             probe = _without_recovery(over, list(points.values()))
             b0 = build(src, with_overrides(recipe, **probe), texts, texts.dev, fp32_dev, cache, st)
@@ -186,7 +186,8 @@ def main(argv=None) -> int:
             continue
         size = graph_bytes(b0.quantized)
         sizes[name] = {"size_bytes": size, "size_ratio": size / base_bytes, "pruned": b0.pruned,
-                       "build_seconds": round(time.perf_counter() - t, 1)}
+                       "build_seconds": round(time.perf_counter() - t, 1),
+                       "score_dev_seconds": sum(r["seconds"] for r in st.rows[n0:] if r["name"].startswith("score"))}
         _write(out, _result(*ctx, rows))
         print(f"{name:44s} size {size / base_bytes:.4f} ({size / 1e6:.2f} MB) before training", flush=True)
     todo = [k for k in points if k in sizes and (not a.max_size_ratio or sizes[k]["size_ratio"] <= a.max_size_ratio)]
@@ -204,8 +205,16 @@ def main(argv=None) -> int:
                 step_s[k] = _step_seconds(src, with_overrides(recipe, **points[k]), sizes[k]["pruned"], texts, a.device)
                 print(f"{k:44s} distillation {step_s[k]:.3f} s/step on {a.device}", flush=True)
 
-    # 3. the points, slowest-to-fail last: each row is written as soon as it is measured
-    fixed_est = max((2 * s["build_seconds"] for s in sizes.values()), default=0.0)
+    # 3. the points in grid order, each row written as soon as it is measured
+    # a distilling point's cost besides training, until one is measured: its build again (the probe's
+    # time) plus scoring eval, dev and other domains at the probe's dev-scoring rate (x1.5: the
+    # quantized graph), or twice the build when the probe's scoring was cached
+    n_tok = len(texts.eval) + 2 * len(texts.dev) + sum(len(v[0]) for v in ood.values())
+    fixed_est = max((s["build_seconds"] + (1.5 * s["score_dev_seconds"] * n_tok / len(texts.dev)
+                                           if s["score_dev_seconds"] > 0.5 else s["build_seconds"])
+                     for k, s in sizes.items() if k in todo), default=0.0)
+    if a.time_budget:
+        print(f"estimated {fixed_est:.0f} s per distilling point besides its training", flush=True)
     for i, name in enumerate(todo):
         over = points[name]
         steps = over["prune"].get("recover_steps", 0)
