@@ -431,10 +431,14 @@ def _plot(r: dict, path: Path) -> None:
     ax.axhline(0.8, ls="--", c="gray", label="0.8 (points and % gates)")
     ax.axvline(0.125, ls=":", c="tab:red", label="size goal 0.125")
     ax.axvline(0.25, ls=":", c="gray", label="size gate 0.25")
+    ax.set_yscale("symlog", linthresh=2.0, linscale=2.0)    # linear around the gates, log beyond
+    top = max([2.0] + [max(p["drop_points"], p["drop_relative_pct"]) for p in done])
+    ticks = [t for t in (-0.4, 0, 0.4, 0.8, 1.2, 2, 5, 10, 20, 50, 100) if t <= 2 * top]
+    ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("bundle size / fp32 ONNX size")
-    ax.set_ylabel("accuracy drop")
+    ax.set_ylabel("accuracy drop (symlog)")
     ax.set_title(f"{r['model']} ({r['domain']}): size vs accuracy drop")
-    ax.legend()
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
