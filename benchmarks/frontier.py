@@ -425,9 +425,11 @@ def _plot(r: dict, path: Path) -> None:
     xs = [p["size_ratio"] for p in done]
     ax.scatter(xs, [p["drop_points"] for p in done], label="drop (points)")
     ax.scatter(xs, [p["drop_relative_pct"] for p in done], marker="x", label="drop (% of fp32)")
-    for p in done:
-        ax.annotate(p["name"], (p["size_ratio"], p["drop_points"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    at = {}
+    for p in done:                                   # one label per spot: points that coincide share it
+        at.setdefault((round(p["size_ratio"], 4), round(p["drop_points"], 2)), []).append(p["name"])
+    for (x, y), names in at.items():
+        ax.annotate("\n".join(names), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.8, ls="--", c="gray", label="0.8 (points and % gates)")
     ax.axvline(0.125, ls=":", c="tab:red", label="size goal 0.125")
     ax.axvline(0.25, ls=":", c="gray", label="size gate 0.25")
@@ -435,6 +437,7 @@ def _plot(r: dict, path: Path) -> None:
     top = max([2.0] + [max(p["drop_points"], p["drop_relative_pct"]) for p in done])
     ticks = [t for t in (-0.4, 0, 0.4, 0.8, 1.2, 2, 5, 10, 20, 50, 100) if t <= 2 * top]
     ax.set_yticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_ylim(bottom=min([-0.6] + [p["drop_points"] - 0.2 for p in done]))
     ax.set_xlabel("bundle size / fp32 ONNX size")
     ax.set_ylabel("accuracy drop (symlog)")
     ax.set_title(f"{r['model']} ({r['domain']}): size vs accuracy drop")
