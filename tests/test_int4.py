@@ -92,6 +92,10 @@ def test_int4_search_respects_budget_and_order():
     plan_int4(m, rows, plan2, cands, 1.0, ref.reference, log=lambda *_: None)
     order = [s["int4"] for s in plan2.steps]
     assert plan2.int4 == set(cands) and order == sorted(cands, key=lambda n: plan2.sensitivity_int4[n]), order
+    # no search (int4_search = false): every candidate, none measured
+    plan3 = Plan(int8=set(names), int4_block=16, accuracy_fp32=ref.accuracy)
+    plan_int4(m, rows, plan3, cands, float("inf"), ref.reference, log=lambda *_: None)
+    assert plan3.int4 == set(cands) and not plan3.sensitivity_int4 and plan3.steps[0]["searched"] is False
     with pytest.raises(ValueError, match="int4"):
         Plan(int8={"a"}, int4={"b"})
 

@@ -24,6 +24,8 @@ the whole plan stays within ``max_drop`` (the first one that breaks it goes back
 search stops). The bytes 4-bit saves are what lets a bundle meet its size gate with less pruning;
 the accuracy budget it spends is the same one int8 spends. If onnxruntime then measures more than
 the budget, 4-bit units go back to 8-bit (most sensitive first) before any unit reverts to fp32.
+``max_drop = inf`` (``int4_search = false``) takes every candidate without measuring any (one
+emulated forward of the whole plan afterwards, as always, instead of two per candidate).
 
 Why greedy by single-unit KL: one forward per unit to rank and one per revert, which is what a
 CPU-only tool can afford; reverting the highest-KL units first is what NNCF's accuracy control and
@@ -127,6 +129,11 @@ def plan_int4(model, rows: np.ndarray, plan: Plan, candidates: list[str], max_dr
     the whole plan on ``rows`` stays within ``max_drop`` (see module doc). ``kw``: ``emulated``'s
     int8 options. Updates and returns ``plan``."""
     if not candidates:
+        return plan
+    if max_drop == float("inf"):          # no search (int4_search = false): every candidate, nothing to rank
+        plan.int4 |= set(candidates)
+        plan.steps.append({"int4": sorted(candidates), "kept": True, "searched": False})
+        log(f"quantize: {len(candidates)} 4-bit candidates taken without a search (int4_search = false)")
         return plan
     for n in candidates:
         with emulated(model, {n}, int4={n}, int4_block=plan.int4_block, **kw):
