@@ -66,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
 from .moe_portable import PortableMoE
-from .row_attention import RowAttention
+from .row_attention import MIN, RowAttention
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -137,7 +137,7 @@ class _Shared(NamedTuple):
     sin3: torch.Tensor
     cos4: torch.Tensor      # [b, T, 1, rope] (per-head queries)
     sin4: torch.Tensor
-    mask: torch.Tensor      # [T, P + T] bool, True where query t must not attend (column > P + t)
+    mask: torch.Tensor      # [T, P + T] additive: MIN where query t must not attend (column > P + t), else 0
     pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
@@ -152,7 +152,8 @@ def shared(inv_freq: torch.Tensor, rope_scale: float, input_ids: torch.Tensor, p
     freqs = pos.float()[..., None] * inv_freq                                   # [b, T, rope/2]
     cos, sin = freqs.cos() * rope_scale, freqs.sin() * rope_scale
     cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [b, T, rope]
-    mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+    hidden = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+    mask = torch.where(hidden, torch.tensor(MIN), torch.tensor(0.0))             # added to the scores
     return _Shared(B, T, P, cos, sin, cos2, sin2, cos2.unsqueeze(2), sin2.unsqueeze(2), mask, pad)
 
 
