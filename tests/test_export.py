@@ -308,7 +308,7 @@ def test_rope_as_constant_matmuls_is_bit_identical_to_the_model(interleave):
     g = torch.Generator().manual_seed(0)
     x, ang = torch.randn(2, 5, 3, 32, generator=g), torch.randn(2, 5, 16, generator=g) * 50
     cos, sin = ang.cos(), ang.sin()
-    pick, swap = rope_matrices(32, interleave)
-    got = _rope(x, pick, swap, torch.cat([cos, cos], -1)[:, :, None], torch.cat([sin, sin], -1)[:, :, None])
+    rot, fold = rope_matrices(32, interleave)
+    got = _rope(x, rot, fold, torch.cat([cos, cos, sin, sin], -1)[:, :, None])
     ref = apply_rope(x, cos, sin, interleave)
     assert torch.equal(got, ref), f"max diff {(got - ref).abs().max().item():.3g}"
