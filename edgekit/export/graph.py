@@ -35,7 +35,10 @@ price: padded columns are carried in the cache; the runtime trims padding every 
 Per-token cost at small sizes is largely onnxruntime's per-node overhead, so values every layer
 needs (B, T, P, RoPE rows, causal mask, per-row slice starts) are computed once per call
 (``_Shared``, and row_attention's shared nodes): 833 -> 735 nodes on v3-nano, decode ~7-12%
-faster (median of 7 interleaved rounds, noisy machine).
+faster (median of 7 interleaved rounds, noisy machine). RoPE runs as three nodes per q/k
+(``_rope``), the routing in few nodes (``moe_contrib.router_probs``) and the mask is additive:
+737 -> 611 nodes run per call on the int8 v3-nano graph, decode CPU time at ctx 128 -12%
+(benchmarks/results/graph_speed_2c.md).
 
 Names: while the graph is traced (``name_keyed_weights``), every ``F.linear`` on a model weight runs
 as ``x @ W_t`` with ``W_t`` a transposed view registered on that module as ``weight_t``, so each

@@ -23,7 +23,8 @@ The routing is written for few graph nodes (onnxruntime's per-node cost is most 
 at small sizes): the chosen groups and experts are the entries at or above the k-th largest value
 (``TopK`` values, a compare, a ``Where``) rather than ``Gate``'s scatter of the top-k indices into
 a mask, and the op's own softmax does the normalisation and ``routed_scaling_factor`` sits in
-``fc2``, so neither is computed here: ~17 nodes per layer instead of ~45 (v3-1.6b, 16 experts).
+``fc2``, so neither is computed here: ~17 nodes per layer, 24 fewer than ``Gate`` + scatter (nodes
+run per call, v3-1.6b shape with 16 experts; benchmarks/results/graph_speed_2c.md).
 The same experts as ``Gate`` except on exact ties at the k-th value (then every tied entry
 passes the threshold; scores are continuous, so a tie means identical experts).
 
