@@ -4,7 +4,8 @@
         --moe row,grouped --profile --out benchmarks/results/scale_v3-1.6b
 
 For a named shape (``edgekit/data/shapes.toml``; ``--experts N`` keeps N routed experts per MoE
-layer, as structured expert pruning would), random init (std 0.02, ``edgekit.synth.init_tensor``):
+layer, as structured expert pruning would; ``--layers N`` keeps the first N decoder layers, for
+profiling a big shape's per-layer graph on a small machine), random init (std 0.02, ``edgekit.synth.init_tensor``):
 exports the fp32 graph once, rewrites it to int8 with each ``--moe`` path (``edgekit.quantize.
 quantize_export``: every linear, the embedding and the routed experts int8, routers fp32), then per
 path and thread count measures prefill (``--prefill`` tokens) and decode ms/token in a clean
@@ -150,7 +151,8 @@ def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
             "experts": {n: [x, list(h)] for n, (x, h) in expert_absmax(model, rows).items()}}
 
 
-def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> dict[str, Path]:
+def build(shape: str, experts: int | None, work: Path, moe_paths: list[str],
+          layers: int | None = None) -> dict[str, Path]:
     import torch
 
     from edgekit.checkpoint import args_from_config
@@ -165,6 +167,8 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str]) -> 
     cfg = shape_config(shape)
     if experts:
         cfg["n_routed_experts"] = experts
+    if layers:
+        cfg["num_hidden_layers"] = layers
     args = args_from_config(cfg)
     fp32 = work / "fp32"
     out = {}
@@ -203,6 +207,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="v3-1.6b")
     ap.add_argument("--experts", type=int, default=None, help="routed experts kept per MoE layer")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers kept (the first N)")
     ap.add_argument("--threads", default="4")
     ap.add_argument("--moe", default="row,grouped",
                     help="int8 expert paths: row (QMoE), block (QMoE), grouped; '+fold': column scales in the kernel")
@@ -222,13 +227,14 @@ def main(argv=None) -> dict:
     from edgekit.host import host_facts
     from edgekit.latency import measure
 
-    work = a.work / (a.dir.name if a.dir else f"{a.shape}-e{a.experts or 'all'}")
+    name = f"{a.shape}-e{a.experts or 'all'}" + (f"-l{a.layers}" if a.layers else "")
+    work = a.work / (a.dir.name if a.dir else name)
     work.mkdir(parents=True, exist_ok=True)
     if a.dir:   # one given graph: its rows are keyed "int8-<dir name>"
         paths, dirs = [a.dir.name], {f"int8-{a.dir.name}": a.dir}
     else:
         paths = [p for p in a.moe.split(",") if p]
-        dirs = build(a.shape, a.experts, work, paths)
+        dirs = build(a.shape, a.experts, work, paths, a.layers)
     res = {"shape": str(a.dir) if a.dir else a.shape, "experts": a.experts, "host": host_facts(),
            "python": platform.python_version(),
            "command": "python benchmarks/scale_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -240,6 +240,30 @@ def test_contrib_v2_softmax_routing(tmp_path):
     assert r["passed"], r
 
 
+@pytest.mark.parametrize("over", [{}, {"n_group": 1, "topk_group": 1},
+                                  {"scoring_func": "softmax", "topk_method": "group_limited_greedy"},
+                                  {"scoring_func": "softmax", "topk_method": "greedy", "num_experts_per_tok": 3}])
+def test_contrib_router_probs_pick_the_gates_experts_and_weights(over):
+    """The export's few-node routing (threshold at the k-th value, log scores) selects exactly the
+    experts ``Gate`` selects, and the MoE op's softmax over them gives ``Gate``'s weights / scale."""
+    from edgekit.export.moe_contrib import MASKED_LOGIT, router_probs
+    m = tiny_model(**over)
+    a = m.args
+    x = torch.randn(257, a.hidden_size, generator=torch.Generator().manual_seed(3))
+    for i, layer in enumerate(m.model.layers):
+        la = a.for_layer(i)
+        if not la.is_moe:
+            continue
+        with torch.no_grad():
+            w, idx = layer.mlp.gate(x)
+            probs = router_probs(layer.mlp.gate, a, la, x)
+        chosen = probs > MASKED_LOGIT
+        want = torch.zeros_like(chosen).scatter_(1, idx, True)
+        assert torch.equal(chosen, want), f"layer {i}: {(chosen != want).any(1).sum()} tokens route differently"
+        got = torch.softmax(probs.gather(1, idx), dim=-1) * a.routed_scaling_factor
+        assert torch.allclose(got, w, rtol=1e-5, atol=1e-6), f"layer {i}: max diff {(got - w).abs().max():.2e}"
+
+
 def test_contrib_rejects_unnormalised_routing(tmp_path):
     m = tiny_model(norm_topk_prob=False)
     with pytest.raises(EdgekitError, match="moe='portable'"):
@@ -308,7 +332,7 @@ def test_rope_as_constant_matmuls_is_bit_identical_to_the_model(interleave):
     g = torch.Generator().manual_seed(0)
     x, ang = torch.randn(2, 5, 3, 32, generator=g), torch.randn(2, 5, 16, generator=g) * 50
     cos, sin = ang.cos(), ang.sin()
-    pick, swap = rope_matrices(32, interleave)
-    got = _rope(x, pick, swap, torch.cat([cos, cos], -1)[:, :, None], torch.cat([sin, sin], -1)[:, :, None])
+    rot, fold = rope_matrices(32, interleave)
+    got = _rope(x, rot, fold, torch.cat([cos, cos, sin, sin], -1)[:, :, None])
     ref = apply_rope(x, cos, sin, interleave)
     assert torch.equal(got, ref), f"max diff {(got - ref).abs().max().item():.3g}"

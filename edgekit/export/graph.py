@@ -35,7 +35,10 @@ price: padded columns are carried in the cache; the runtime trims padding every 
 Per-token cost at small sizes is largely onnxruntime's per-node overhead, so values every layer
 needs (B, T, P, RoPE rows, causal mask, per-row slice starts) are computed once per call
 (``_Shared``, and row_attention's shared nodes): 833 -> 735 nodes on v3-nano, decode ~7-12%
-faster (median of 7 interleaved rounds, noisy machine).
+faster (median of 7 interleaved rounds, noisy machine). RoPE runs as three nodes per q/k
+(``_rope``), the routing in few nodes (``moe_contrib.router_probs``) and the mask is additive:
+737 -> 611 nodes run per call on the int8 v3-nano graph, decode CPU time at ctx 128 -12%
+(benchmarks/results/graph_speed_2c.md).
 
 Names: while the graph is traced (``name_keyed_weights``), every ``F.linear`` on a model weight runs
 as ``x @ W_t`` with ``W_t`` a transposed view registered on that module as ``weight_t``, so each
@@ -66,7 +69,7 @@ from torch.overrides import TorchFunctionMode
 from ..model import MoE, Transformer, rope_frequencies
 from .moe_contrib import ContribMoE
 from .moe_portable import PortableMoE
-from .row_attention import RowAttention
+from .row_attention import MIN, RowAttention
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:
@@ -133,11 +136,9 @@ class _Shared(NamedTuple):
     P: int
     cos: torch.Tensor       # [b, T, rope/2], b = B or 1 (per-row positions)
     sin: torch.Tensor
-    cos3: torch.Tensor      # [b, T, rope]: cos repeated for both output halves (the shared key)
-    sin3: torch.Tensor
-    cos4: torch.Tensor      # [b, T, 1, rope] (per-head queries)
-    sin4: torch.Tensor
-    mask: torch.Tensor      # [T, P + T] bool, True where query t must not attend (column > P + t)
+    cs3: torch.Tensor       # [b, T, 2 rope]: [cos | cos | sin | sin], the factors of ``_rope`` (shared key)
+    cs4: torch.Tensor       # [b, T, 1, 2 rope] (per-head queries)
+    mask: torch.Tensor      # [T, P + T] additive: MIN where query t must not attend (column > P + t), else 0
     pad: torch.Tensor       # [b] left padding of [past | new] per row
 
 
@@ -151,23 +152,25 @@ def shared(inv_freq: torch.Tensor, rope_scale: float, input_ids: torch.Tensor, p
     pos = q_col[None, :] - pad[:, None]                                         # [b, T] positions
     freqs = pos.float()[..., None] * inv_freq                                   # [b, T, rope/2]
     cos, sin = freqs.cos() * rope_scale, freqs.sin() * rope_scale
-    cos2, sin2 = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # [b, T, rope]
-    mask = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
-    return _Shared(B, T, P, cos, sin, cos2, sin2, cos2.unsqueeze(2), sin2.unsqueeze(2), mask, pad)
+    cs = torch.cat([cos, cos, sin, sin], dim=-1)                                # [b, T, 2 rope]
+    hidden = torch.arange(P + T, device=input_ids.device)[None, :] > q_col[:, None]  # [T, P + T]
+    mask = torch.where(hidden, torch.tensor(MIN), torch.tensor(0.0))             # added to the scores
+    return _Shared(B, T, P, cos, sin, cs, cs.unsqueeze(2), mask, pad)
 
 
-def _rope(x: torch.Tensor, pick: torch.Tensor, swap: torch.Tensor, cos: torch.Tensor,
-          sin: torch.Tensor) -> torch.Tensor:
-    """``model.apply_rope`` as two small constant MatMuls: ``x @ pick`` = [x1 | x2] (the halves
-    ``apply_rope`` rotates, de-interleaved or not) and ``x @ swap`` = [-x2 | x1], then
-    ``* cos + * sin`` with cos/sin [b, T, 1, rope] shared by all layers. Each MatMul output is one
-    input times +-1 plus zeros, so the values are bit-identical to the slicing form, without its
-    strided slices and concatenation (onnxruntime's per-node cost, once per q and k per layer)."""
-    return torch.matmul(x, pick) * cos + torch.matmul(x, swap) * sin
+def _rope(x: torch.Tensor, rot: torch.Tensor, fold: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """``model.apply_rope`` as three nodes: ``x @ rot`` = [x1 | x2 | -x2 | x1] (``x @ pick`` =
+    the halves ``apply_rope`` rotates, de-interleaved or not, then ``x @ swap``), times ``cs`` =
+    [cos | cos | sin | sin] ([b, T, 1, 2 rope], shared by all layers), then ``@ fold`` adds the two
+    halves: [x1 cos - x2 sin | x2 cos + x1 sin]. Each MatMul output is one input times +-1 plus
+    exact zeros (the second: one rounded sum of the same two products), so the values are
+    bit-identical to the slicing form, without its strided slices and concatenation, and two nodes
+    fewer than ``* cos + * sin`` (onnxruntime's per-node cost, once per q and k per layer)."""
+    return torch.matmul(torch.matmul(x, rot) * cs, fold)
 
 
 def rope_matrices(rope: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """pick, swap [rope, rope] for ``_rope``."""
+    """rot [rope, 2 rope] = [pick | swap] and fold [2 rope, rope] = [I ; I] for ``_rope``."""
     half = rope // 2
     src1 = torch.arange(0, rope, 2) if interleave else torch.arange(half)        # where x1 sits in x
     src2 = src1 + 1 if interleave else torch.arange(half, rope)
@@ -175,7 +178,7 @@ def rope_matrices(rope: int, interleave: bool) -> tuple[torch.Tensor, torch.Tens
     out1, out2 = torch.arange(half), torch.arange(half, rope)
     pick[src1, out1], pick[src2, out2] = 1.0, 1.0
     swap[src2, out1], swap[src1, out2] = -1.0, 1.0
-    return pick, swap
+    return torch.cat([pick, swap], dim=1), torch.cat([torch.eye(rope), torch.eye(rope)], dim=0)
 
 
 class _Absorbed(nn.Module):
@@ -197,9 +200,9 @@ class LatentDecoder(nn.Module):
         # [max_positions, rope/2] cos/sin tables: the same values, and no tables in the graph
         inv_freq, self.rope_scale = rope_frequencies(a)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        pick, swap = rope_matrices(a.qk_rope_head_dim, a.rope_interleave)
-        self.register_buffer("rope_pick", pick, persistent=False)
-        self.register_buffer("rope_swap", swap, persistent=False)
+        rot, fold = rope_matrices(a.qk_rope_head_dim, a.rope_interleave)
+        self.register_buffer("rope_rot", rot, persistent=False)
+        self.register_buffer("rope_fold", fold, persistent=False)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             H, nope, v, kvl = attn.n_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
@@ -216,13 +219,13 @@ class LatentDecoder(nn.Module):
         layer shares (B, T, P, RoPE rows, attention mask), computed once so that the graph's shape
         plumbing is not repeated per layer (onnxruntime's per-node cost matters per token)."""
         a = self.model.args
-        B, T, cos, sin = ctx.B, ctx.T, ctx.cos4, ctx.sin4
+        B, T = ctx.B, ctx.T
         H = attn.n_heads
         q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))) if a.q_lora_rank else attn.q_proj(x)
         q_nope, q_pe = q.view(B, T, H, a.qk_head_dim).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = attn.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        q_pe = _rope(q_pe, self.rope_pick, self.rope_swap, cos, sin)            # [B, T, H, rope]
-        k_pe = _rope(k_pe, self.rope_pick, self.rope_swap, ctx.cos3, ctx.sin3)  # [B, T, rope]
+        q_pe = _rope(q_pe, self.rope_rot, self.rope_fold, ctx.cs4)              # [B, T, H, rope]
+        k_pe = _rope(k_pe, self.rope_rot, self.rope_fold, ctx.cs3)              # [B, T, rope]
         new = torch.cat([attn.kv_a_layernorm(c_kv), k_pe], dim=-1)              # [B, T, W]
         q_lat = torch.matmul(q_nope.transpose(1, 2), ab.w_uk)                   # [B, H, T, kvl]
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1) * a.softmax_scale  # [B, H, T, W]

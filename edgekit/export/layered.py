@@ -65,7 +65,7 @@ def _paths(**mods) -> nn.Module:
 
 
 class _Prologue(nn.Module):
-    """(input_ids, past_latent.0, left_pad) -> (x, cos3, sin3, cos4, sin4, mask): ``graph.shared``."""
+    """(input_ids, past_latent.0, left_pad) -> (x, cs3, cs4, mask): ``graph.shared``."""
 
     def __init__(self, embed: nn.Embedding, inv_freq: torch.Tensor, scale: float):
         super().__init__()
@@ -75,7 +75,7 @@ class _Prologue(nn.Module):
 
     def forward(self, input_ids, past0, pad):
         c = shared(self.inv_freq, self.rope_scale, input_ids, past0, pad)
-        return self.model.model.embed_tokens(input_ids), c.cos3, c.sin3, c.cos4, c.sin4, c.mask
+        return self.model.model.embed_tokens(input_ids), c.cs3, c.cs4, c.mask
 
 
 class _LayerStep(nn.Module):
@@ -116,12 +116,12 @@ class _LayerStep(nn.Module):
         self.ffn = nn.ModuleDict({str(i): mlp})
         self.i = str(i)
         self._attention = LatentDecoder.attention
-        pick, swap = rope_matrices(args.qk_rope_head_dim, args.rope_interleave)   # as LatentDecoder's
-        self.register_buffer("rope_pick", pick, persistent=False)
-        self.register_buffer("rope_swap", swap, persistent=False)
+        rot, fold = rope_matrices(args.qk_rope_head_dim, args.rope_interleave)    # as LatentDecoder's
+        self.register_buffer("rope_rot", rot, persistent=False)
+        self.register_buffer("rope_fold", fold, persistent=False)
 
-    def forward(self, x, past, cos3, sin3, cos4, sin4, mask, pad):
-        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cos3, sin3, cos4, sin4, mask, pad)
+    def forward(self, x, past, cs3, cs4, mask, pad):
+        ctx = _Shared(x.shape[0], x.shape[1], past.shape[1], None, None, cs3, cs4, mask, pad)
         blk = self.model.model.layers[self.i]
         h, new = self._attention(self, blk.self_attn, self.absorbed[self.i], blk.input_layernorm(x), ctx, past)
         x = x + h
@@ -337,10 +337,10 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     with atomic_dir(out) as tmp:
         sink = _Sink(tmp / (GRAPH_FILE + ".data") if large else None)
         piece = tmp / ".piece.onnx"           # one traced piece at a time (_trace's scratch file)
-        names = ["cos3", "sin3", "cos4", "sin4", "mask"]
+        names = ["cs3", "cs4", "mask"]
         wired = {n: f"/shared/{n}" for n in names}
         rope_axes = {0: "pad_batch", 1: "seq"}
-        shared_axes = {**dict.fromkeys(names[:4], rope_axes), "mask": {0: "seq", 1: "total_seq"}}
+        shared_axes = {**dict.fromkeys(names[:2], rope_axes), "mask": {0: "seq", 1: "total_seq"}}
         try:
             inv_freq, scale = rope_frequencies(a)
             pro = _Prologue(src.embedding(), inv_freq, scale)

@@ -105,10 +105,12 @@ class _Emit:
 
 
 def token_quant(em: _Emit, x: str, c: dict) -> tuple[str, str]:
-    """Symmetric int8 per row of ``x`` [n, K] -> (uint8 [n, K] offset by 128, scale [n, 1])."""
+    """Symmetric int8 per row of ``x`` [n, K] -> (uint8 [n, K] offset by 128, the row's max |x| [n, 1]
+    floored at qmax * eps): ``x / max|x|`` quantized with scale 1/qmax; the dequantization's 1/qmax
+    is in the experts' column scales (as ``rewrite._act_quant``: one node fewer than max|x| / qmax)."""
     amax = em.op("ReduceMax", [em.op("Abs", [x])], "amax", axes=[-1], keepdims=1)
-    s = em.op("Max", [em.op("Mul", [amax, c["inv_qmax"]]), c["eps"]], "sx")
-    xq = em.op("QuantizeLinear", [em.op("Div", [x, s]), c["one"], c["zp"]], "xq")
+    s = em.op("Max", [amax, c["eps"]], "sx")
+    xq = em.op("QuantizeLinear", [em.op("Div", [x, s]), c["inv_qmax"], c["zp"]], "xq")
     return xq, s
 
 
@@ -173,7 +175,7 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     if cfg.nbits is None:                       # the MatMulIntegerToFloat path's quantization constants
         c.update(one=em.const(np.array(1.0, np.float32), "one"), zp=em.const(np.array(128, np.uint8), "zp"),
                  inv_qmax=em.const(np.array(1.0 / qmax, np.float32), "inv_qmax"),
-                 eps=em.const(np.array(eps, np.float32), "eps"))
+                 eps=em.const(np.array(eps * qmax, np.float32), "eps"))
     k_t = em.const(np.array([k], np.int64), "k")
     vals, idx = em.op("TopK", [probs, k_t], "topk", n_out=2, axis=-1, largest=1, sorted=1)   # [N, k]
     if normalize:
@@ -220,7 +222,7 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
         ss_e = ss_e if nb is not None or static else [ss_e]
     batched = nb is None and not static and cfg.fold and cfg.layout == "batched"
     if batched:
-        _batched_experts(em, fc1, fc2, xs_e, ss, ws, inverse, counts, k, c, cfg, out)
+        _batched_experts(em, fc1, fc2, xs_e, ss, ws, inverse, counts, k, c, cfg, out, qmax)
         return em.nodes, em.inits
     dyn_h = nb is None and not static             # the branch returns its per-token h scale too
     has = em.op("Greater", [counts, em.const(np.array(0, np.int64), "zero")], "has")
@@ -233,6 +235,8 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
         else:
             q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                      # per column
             q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                # [I, D]
+            if not static:                     # per-token scales are max |x|: the 1/qmax goes here
+                s1, s2 = (s1 / np.float32(qmax)).astype(np.float32), (s2 / np.float32(qmax)).astype(np.float32)
             W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
             W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
             then = _expert_branch(em, e, xs_e[e], ss_e[e], W1, S1, W2, S2, c, cfg.fold, static_x=static,
@@ -258,7 +262,7 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
 
 
 def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int, c: dict,
-                     cfg: GroupedMoEConfig, out: str) -> None:
+                     cfg: GroupedMoEConfig, out: str, qmax: float = QMAX) -> None:
     """The dynamic integer path (column scales folded into the kernel) with its elementwise work
     batched: per expert only the two GEMMs
     (``MatMulIntegerToFloat`` over that expert's rows, none for an expert without tokens: the kernel
@@ -273,6 +277,7 @@ def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int,
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
         q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
         q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
+        s1, s2 = (s1 / np.float32(qmax)).astype(np.float32), (s2 / np.float32(qmax)).astype(np.float32)  # token_quant
         W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
         s2s.append((em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")))
         gu.append(em.op("MatMulIntegerToFloat", [xs_e[e], W1, c["one"], S1, c["zp"]], f"e{e}.gu", domain=MS))

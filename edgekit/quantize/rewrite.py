@@ -136,6 +136,9 @@ def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list,
 
     Dynamic: one scale per token (row of the last axis, ``max|x| / 127``) so a row's result never
     depends on the other rows of the call: prefill equals decode, a batched row equals the row alone.
+    The returned per-row "scale" is then the row's max |x| (floored at 127 * EPS): x / max|x| is
+    quantized with the constant scale 1/127, and the 1/127 of the dequantization goes into the
+    column scales (``_int8_matmul``), one node per activation fewer than computing max|x| / 127.
     Static: the calibrated constant (one scalar)."""
     zp = G.add_init(np.array(128, np.uint8), "zp")
     if static_scale is not None:
@@ -143,27 +146,28 @@ def _act_quant(G: _Graph, x: str, static_scale: float | None, nodes: list,
         xq = G.fresh("xq")
         nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [xq], name=G.node_name(hint, "quant")))
         return xq, s, zp, False
-    a, m, s0, s, xs = G.fresh("abs"), G.fresh("amax"), G.fresh("s0"), G.fresh("ascale"), G.fresh("xs")
+    a, m, s, xs = G.fresh("abs"), G.fresh("amax"), G.fresh("ascale"), G.fresh("xs")
     inv = G.add_init(np.array(1.0 / QMAX, np.float32), "inv127")
-    eps = G.add_init(np.array(EPS, np.float32), "eps")
-    one = G.add_init(np.array(1.0, np.float32), "one")
+    floor = G.add_init(np.array(EPS * QMAX, np.float32), "eps")
     xq = G.fresh("xq")
     nm = lambda op: G.node_name(hint, f"quant.{op}")                      # noqa: E731
     nodes += [helper.make_node("Abs", [x], [a], name=nm("abs")),
               helper.make_node("ReduceMax", [a], [m], axes=[-1], keepdims=1, name=nm("amax")),  # [..., 1] per token
-              helper.make_node("Mul", [m, inv], [s0], name=nm("scale")),
-              helper.make_node("Max", [s0, eps], [s], name=nm("floor")),
-              helper.make_node("Div", [x, s], [xs], name=nm("div")),
-              helper.make_node("QuantizeLinear", [xs, one, zp], [xq], name=nm("q"))]
+              helper.make_node("Max", [m, floor], [s], name=nm("floor")),
+              helper.make_node("Div", [x, s], [xs], name=nm("div")),                  # in [-1, 1]
+              helper.make_node("QuantizeLinear", [xs, inv, zp], [xq], name=nm("q"))]  # round(127 x / max|x|)
     return xq, s, zp, True
 
 
 def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarray, out: str, hint: str,
                  nodes: list, wmax: float = QMAX, fold: bool = False):
     """out = (xq - 128) @ Wq * s * col_scale, W [K, N] quantized per output column; ``s`` is a scalar
-    (passed to the kernel) or per row [..., 1] (applied after it). ``fold``: the column scales go to
-    the kernel as its per-column ``b_scale`` instead of a ``Mul`` after it."""
+    (passed to the kernel) or per row [..., 1] (the row's max |x|, applied after it; the column
+    scales then carry the activation's 1/127, see ``_act_quant``). ``fold``: the column scales go
+    to the kernel as its per-column ``b_scale`` instead of a ``Mul`` after it."""
     q, cs = quantize_sym(w, axis=0, qmax=wmax)              # q [K, N], cs [N]
+    if per_row:
+        cs = (cs / np.float32(QMAX)).astype(np.float32)
     one = G.add_init(np.array(1.0, np.float32), "one")
     wq = G.add_init(q, hint + ".w")
     csn = G.add_init(cs, hint + ".s")
