@@ -19,7 +19,10 @@ Modes, one after another, each server a subprocess on a free loopback port (127.
   converter): llama.cpp built from its pinned source (benchmarks/llamacpp.py, once; ``--llama-server``
   names another binary), ``benchmarks.llamacpp.server_command``: loopback only, ``-t T -tb T
   --parallel <concurrency> -cb``, a context of ``--ctx-per-slot`` tokens per slot, no web UI; it is
-  sent the same requests on its OpenAI-compatible streaming ``/v1/completions``.
+  sent the same requests on its OpenAI-compatible streaming ``/v1/completions``. When it exits at
+  start with the weight-repacking abort llama-bench also hits on some models
+  (``benchmarks.llamacpp.REPACK_ABORT``), it is started again with ``--no-repack`` and the result's
+  ``note`` (and the table) say so.
 Every mode gets the same request mix: ``--requests`` streaming greedy completions (temperature 0,
 ``max_tokens`` fixed), sent by ``--concurrency`` client threads in the same order; prompt i is a
 slice of v3-nano's held-out eval text starting at a line, of 48/160/320/640 characters in turn
