@@ -219,6 +219,12 @@ def test_inexact_batching_names_its_causes(bundle):
     assert app.Batcher(Engine.from_bundle(bundle, threads=2), max_batch=1).inexact == ""   # one row: nothing to mix
     qmoe = SimpleNamespace(spec={"quantization": {"moe": {"model.layers.1.mlp.experts": "row"}}}, threads=1)
     assert "QMoE" in sys.modules["batcher"].inexact_batching(qmoe, 4)
+    nbits = SimpleNamespace(spec={"quantization": {"moe": {"model.layers.1.mlp.experts": "grouped"},
+                                                   "int4": {"block": 32, "linears": ["lm_head"], "moe": []}}},
+                            threads=1)
+    assert "4-bit" in sys.modules["batcher"].inexact_batching(nbits, 4)
+    grouped8 = SimpleNamespace(spec={"quantization": {"moe": {"model.layers.1.mlp.experts": "grouped"}}}, threads=1)
+    assert sys.modules["batcher"].inexact_batching(grouped8, 4) == ""
 
 
 def test_prefill_groups_minimise_padding_plus_calls():

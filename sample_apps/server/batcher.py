@@ -32,8 +32,10 @@ a row's logits equal the request served alone (on a session like the lane's) bit
 greedy answers are identical (tests/test_sample_apps.py sends prompts of different lengths
 together and compares; benchmarks/load_test.py checks every answer of its run). Two things break
 it, and ``inexact_batching`` names them (``/health`` "exact_batching"): onnxruntime's QMoE expert
-kernel, and sessions of more than one thread (onnxruntime splits one row's long MatMul over the
-key axis across threads, but not a batch of rows, so the rounding of a row alone differs).
+kernel, 4-bit units (its MatMulNBits: 91 of 100 batched answers equal alone with 4-bit grouped
+experts, benchmarks/load_test.py), and sessions of more than one thread (onnxruntime splits one
+row's long MatMul over the key axis across threads, but not a batch of rows, so the rounding of a
+row alone differs).
 
 Time split (``seconds`` in ``/health``, ``edgekit_worker_seconds_total{part}``): seconds in
 prefill graph calls, in decode graph calls, and the rest of a step (scheduling, sampling, text),
@@ -126,8 +128,8 @@ def prefill_groups(lengths: list[int], call_tokens: int) -> list[list[int]]:
 
 def inexact_batching(model, rows: int) -> str:
     """Why a row's answer could depend on the rows batched with it on ``model`` ('' = it cannot):
-    onnxruntime's QMoE expert kernel does not compute rows independently, and a session with more
-    than one thread splits a single row's long MatMuls (the attention's key axis) across threads,
+    onnxruntime's QMoE expert kernel and its 4-bit MatMulNBits do not compute rows independently, and
+    a session with more than one thread splits a single row's long MatMuls (the attention's key axis) across threads,
     which it does not do for several rows, so one row's rounding differs from the same row in a
     batch."""
     if rows <= 1:
@@ -135,6 +137,11 @@ def inexact_batching(model, rows: int) -> str:
     qmoe = sorted({v for v in ((model.spec.get("quantization") or {}).get("moe") or {}).values() if v != "grouped"})
     why = [f"the routed experts run on onnxruntime's QMoE kernel ({', '.join(qmoe)}); build the bundle with "
            "grouped experts (--target cpu4-serve)"] if qmoe else []
+    int4 = (model.spec.get("quantization") or {}).get("int4") or {}
+    n4 = len(int4.get("linears") or []) + len(int4.get("moe") or [])
+    if n4:
+        why.append(f"{n4} unit(s) are 4-bit (onnxruntime's MatMulNBits does not compute a row in a batch as it "
+                   "does alone); build the bundle without 4-bit units (--target cpu4-serve)")
     if (model.threads or 0) != 1:
         why.append(f"sessions run {model.threads or 'all'} threads; one thread per worker (--workers = --threads) "
                    "keeps rows independent")
