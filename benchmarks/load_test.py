@@ -60,7 +60,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.llamacpp import stop_server  # noqa: E402
+from benchmarks.llamacpp import REPACK_ABORT, stop_server  # noqa: E402
 from edgekit.data import load_text  # noqa: E402
 
 PROMPT_CHARS = (48, 160, 320, 640)
@@ -98,6 +98,14 @@ class ServerExited(SystemExit):
     def __init__(self, msg: str, log: str):
         super().__init__(msg)
         self.log = log
+
+
+def no_repack_retry(name: str, cmd: list[str], log: str) -> list[str] | None:
+    """The command that starts llama-server again without weight repacking when its log shows the
+    repacking abort llama-bench also hits (``REPACK_ABORT``); None for any other exit or mode."""
+    if name != "llama-server" or REPACK_ABORT not in log or "--no-repack" in cmd:
+        return None
+    return [*cmd, "--no-repack"]
 
 
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
@@ -301,11 +309,10 @@ def main(argv=None):
         try:
             r = run_mode(name, cmd, port, prompts, a, logs / f"{name}.log")
         except ServerExited as e:
-            from benchmarks.llamacpp import REPACK_ABORT
-            if name != "llama-server" or REPACK_ABORT not in e.log:
+            again = no_repack_retry(name, cmd, e.log)
+            if again is None:
                 raise
-            # same abort as llama-bench's (benchmarks/llamacpp.py): serve without weight repacking
-            r = run_mode(name, [*cmd, "--no-repack"], port, prompts, a, logs / f"{name}.log")
+            r = run_mode(name, again, port, prompts, a, logs / f"{name}.log")
             r["note"] = ("llama-server's default weight repacking aborts on this model "
                          "(GGML_ASSERT(*cur_backend_id != -1)); served with --no-repack")
         if r["errors"]:

@@ -87,3 +87,20 @@ def test_markdown_table_shape_and_marks():
     assert all(line.count("|") == table[0].count("|") for line in table), md
     assert "10.0 (0.25×)" in md and "1.00 (0.25×)" in md, md
     assert "failed: build failed: boom" in md and "note line" in md and "30.0 GB/s" in md
+
+
+def test_llama_server_repacking_abort_is_retried_without_repacking(tmp_path):
+    """A server that dies at start with llama.cpp's repacking abort: start() says so with its log, and
+    only llama-server (not yet --no-repack) is started again with --no-repack."""
+    import sys
+
+    from benchmarks.load_test import ServerExited, free_port, no_repack_retry, start
+
+    die = [sys.executable, "-c", "print('ggml-backend.cpp:1294: GGML_ASSERT(*cur_backend_id != -1) failed'); "
+                                 "raise SystemExit(134)"]
+    with pytest.raises(ServerExited) as e:
+        start(die, free_port(), tmp_path / "server.log")
+    assert no_repack_retry("llama-server", die, e.value.log) == [*die, "--no-repack"]
+    assert no_repack_retry("llama-server", [*die, "--no-repack"], e.value.log) is None
+    assert no_repack_retry("edgekit", die, e.value.log) is None
+    assert no_repack_retry("llama-server", die, "bind: address already in use") is None
