@@ -61,6 +61,13 @@ def quantize_sym(x: np.ndarray, axis: int, qmax: float = QMAX) -> tuple[np.ndarr
     return _round_clip(x / s, qmax).astype(np.int8), np.squeeze(s, axis=axis)
 
 
+def per_token_columns(s: np.ndarray, qmax: float = QMAX) -> np.ndarray:
+    """Column scales of a GEMM whose activations carry the row's max |x| as their scale (the graph's
+    per-token quantization divides by max |x| and quantizes with scale 1 / qmax): the dequantization's
+    1 / qmax goes into the column scales instead of one more node per activation."""
+    return (s / np.float32(qmax)).astype(np.float32)
+
+
 def quantize_blocks(w: np.ndarray, block: int, qmax: float = QMAX) -> tuple[np.ndarray, np.ndarray]:
     """w [..., N, K] -> q int8 [..., N, K], scales [..., N, K // block] (symmetric per block of K)."""
     *lead, n, k = w.shape

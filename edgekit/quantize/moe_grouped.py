@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..int8 import EPS, QMAX, quantize_sym
+from ..int8 import EPS, QMAX, per_token_columns, quantize_sym
 from .nbits import NBitsConfig, matmul_nbits
 from .rewrite import used_names
 
@@ -236,7 +236,7 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
             q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                      # per column
             q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                # [I, D]
             if not static:                     # per-token scales are max |x|: the 1/qmax goes here
-                s1, s2 = (s1 / np.float32(qmax)).astype(np.float32), (s2 / np.float32(qmax)).astype(np.float32)
+                s1, s2 = per_token_columns(s1, qmax), per_token_columns(s2, qmax)
             W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
             W2, S2 = em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")
             then = _expert_branch(em, e, xs_e[e], ss_e[e], W1, S1, W2, S2, c, cfg.fold, static_x=static,
@@ -277,7 +277,7 @@ def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int,
         w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
         q1, s1 = quantize_sym(w1, axis=0, qmax=cfg.wmax)                                          # per column
         q2, s2 = quantize_sym(fc2[e].T, axis=0, qmax=cfg.wmax)                                    # [I, D]
-        s1, s2 = (s1 / np.float32(qmax)).astype(np.float32), (s2 / np.float32(qmax)).astype(np.float32)  # token_quant
+        s1, s2 = per_token_columns(s1, qmax), per_token_columns(s2, qmax)                    # token_quant
         W1, S1 = em.const(q1, f"e{e}.w1"), em.const(s1, f"e{e}.s1")
         s2s.append((em.const(q2, f"e{e}.w2"), em.const(s2, f"e{e}.s2")))
         gu.append(em.op("MatMulIntegerToFloat", [xs_e[e], W1, c["one"], S1, c["zp"]], f"e{e}.gu", domain=MS))

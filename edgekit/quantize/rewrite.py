@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..int8 import EPS, QMAX, quantize_blocks, quantize_sym
+from ..int8 import EPS, QMAX, per_token_columns, quantize_blocks, quantize_sym
 from .nbits import NBitsConfig, matmul_nbits
 
 MS = "com.microsoft"
@@ -167,7 +167,7 @@ def _int8_matmul(G: _Graph, xq: str, s: str, zp: str, per_row: bool, w: np.ndarr
     to the kernel as its per-column ``b_scale`` instead of a ``Mul`` after it."""
     q, cs = quantize_sym(w, axis=0, qmax=wmax)              # q [K, N], cs [N]
     if per_row:
-        cs = (cs / np.float32(QMAX)).astype(np.float32)
+        cs = per_token_columns(cs)
     one = G.add_init(np.array(1.0, np.float32), "one")
     wq = G.add_init(q, hint + ".w")
     csn = G.add_init(cs, hint + ".s")
