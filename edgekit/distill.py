@@ -19,6 +19,11 @@ Invariants: the teacher is never modified (no grad, eval mode); the student ends
 the device it started on; runs on CUDA when present (``device="auto"``), CPU otherwise; the same
 seed gives the same windows. Learning rate: linear warm-up, then cosine to 10%.
 
+MoE dispatch: on CUDA (``moe_dispatch="auto"``) student and teacher run their routed experts in
+``model.MoE``'s dense form (three wide GEMMs, no host sync per expert; the same sums and gradients
+up to fp rounding), which is what makes thousands of GPU steps affordable on fine-grained MoE; on
+the CPU the sparse form, whose FLOPs are k/E of the dense one.
+
 Data-parallel under torchrun (``edgekit.dist``): every rank draws the same global batch of
 ``batch_size`` windows and runs its contiguous share on FSDP2-sharded copies of student and teacher
 (``dist.fsdp_copy``). Each rank's loss is weighted by its share of the batch, so FSDP's gradient
@@ -60,6 +65,7 @@ class DistillConfig:
     device: str = "auto"             # "auto" (CUDA when present), "cpu", "cuda"
     fake_quant: str = ""             # "": plain fp32 student; "int8"/"int4-experts": quantization-aware (qat.py)
     fake_quant_block: int = 32       # "int4-experts": 4-bit expert weights per block of K
+    moe_dispatch: str = "auto"       # "dense": every expert on every token (model.MoE); "sparse"; "auto": dense on CUDA
     progress: bool = True
 
     def __post_init__(self):
@@ -73,6 +79,8 @@ class DistillConfig:
             raise ValueError(f"hidden_weight={self.hidden_weight}: use >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if self.moe_dispatch not in ("auto", "dense", "sparse"):
+            raise ValueError(f"moe_dispatch={self.moe_dispatch!r}: use 'auto', 'dense' or 'sparse'")
         if self.fake_quant:
             from .qat import QATConfig
 
@@ -141,6 +149,7 @@ def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfi
     ``student``/``teacher`` are FSDP2 copies and this rank runs its share of each global batch."""
     from contextlib import nullcontext
 
+    from .model import dense_dispatch
     from .qat import QATConfig, fake_quantized
 
     student.train()
@@ -158,8 +167,9 @@ def _train(student, teacher, tokens: np.ndarray, seq_len: int, cfg: DistillConfi
     if cfg.progress and dist.world().is_main:
         from tqdm import tqdm
         it = tqdm(it, desc="recover (KD)", unit="step", leave=False)
+    dense = cfg.moe_dispatch == "dense" or (cfg.moe_dispatch == "auto" and dev.type == "cuda")
     with fake_quantized(student, QATConfig(cfg.fake_quant, experts_block=cfg.fake_quant_block)) \
-            if cfg.fake_quant else nullcontext():
+            if cfg.fake_quant else nullcontext(), dense_dispatch(student, dense), dense_dispatch(teacher, dense):
         for step in it:
             starts = rng.integers(0, len(tokens) - seq_len + 1, cfg.batch_size)[mine]  # same draw on every rank
             ids = torch.from_numpy(np.stack([tokens[s: s + seq_len] for s in starts])).to(dev)  # [B_rank, T]

@@ -27,6 +27,7 @@ Failure modes: invalid configs raise ``ValueError`` naming the field to fix (``_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -325,6 +326,15 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
+    """Routed experts (sparse dispatch by default) plus the shared experts.
+
+    ``dense = True`` (set by ``dense_dispatch``, for training on a GPU) runs every expert on every
+    token as three GEMMs over the experts' stacked weights, weighted by a dense [N, E] routing
+    matrix that is zero where an expert was not chosen: the same sums as the sparse path up to fp
+    rounding, with the same gradients (zero for unchosen pairs), and no per-expert gather whose
+    size the host must wait for. It costs E/k times the expert FLOPs, which a GPU absorbs and a
+    CPU does not; export and inference keep the sparse form."""
+
     def __init__(self, args: ModelArgs, la: LayerArgs):
         super().__init__()
         self.gate = Gate(args, la)
@@ -332,6 +342,11 @@ class MoE(nn.Module):
                                      for _ in range(la.n_routed_experts))
         self.shared_experts = (MLP(args.hidden_size, la.moe_intermediate_size * args.n_shared_experts)
                                if args.n_shared_experts else None)
+        self.dense = False
+
+    def expert_weight(self, lin: nn.Linear) -> torch.Tensor:
+        """The weight an expert's Linear computes with in the dense path (QAT rounds it here)."""
+        return lin.weight
 
     def forward(self, x):
         """x [B, T, D]. Sparse dispatch with no value-dependent Python branching: each expert
@@ -339,13 +354,27 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                    # [N, D]
         weights, indices = self.gate(x)                                 # [N, k]
-        y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.where(indices == e)                     # [n_e]
-            y = y.index_add(0, token, expert(x[token]) * weights[token, slot].unsqueeze(-1))
+        if self.dense:
+            y = self._dense(x, weights, indices)
+        else:
+            y = torch.zeros_like(x)
+            for e, expert in enumerate(self.experts):
+                token, slot = torch.where(indices == e)                 # [n_e]
+                y = y.index_add(0, token, expert(x[token]) * weights[token, slot].unsqueeze(-1))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    def _dense(self, x, weights, indices):
+        """x [N, D], weights/indices [N, k] -> [N, D]: all experts as one wide SwiGLU of E*I channels."""
+        N, E = x.shape[0], len(self.experts)
+        w = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights)   # [N, E]
+        gate = torch.cat([self.expert_weight(e.gate_proj) for e in self.experts])           # [E*I, D]
+        up = torch.cat([self.expert_weight(e.up_proj) for e in self.experts])               # [E*I, D]
+        down = torch.cat([self.expert_weight(e.down_proj) for e in self.experts], dim=1)    # [D, E*I]
+        h = F.silu(F.linear(x, gate)) * F.linear(x, up)                                     # [N, E*I]
+        h = (h.view(N, E, -1) * w.unsqueeze(-1)).view(N, -1)
+        return F.linear(h, down)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +445,25 @@ class Transformer(nn.Module):
         return (logits, kvs, pes, hiddens) if return_hidden else (logits, kvs, pes)
 
 
+@contextlib.contextmanager
+def dense_dispatch(model: nn.Module, on: bool = True):
+    """Within the block every ``MoE`` of ``model`` runs its dense path (see ``MoE``) when ``on``;
+    afterwards each is as it was."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    before = [m.dense for m in moes]
+    try:
+        for m in moes:
+            m.dense = on
+        yield model
+    finally:
+        for m, b in zip(moes, before):
+            m.dense = b
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     args = ModelArgs()
     model = Transformer(args)
     ids = torch.randint(0, args.vocab_size, (2, 16))
     print(model(ids).shape, sum(p.numel() for p in model.parameters()) / 1e6, "M params")
+

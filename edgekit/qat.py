@@ -5,9 +5,9 @@ computes (``edgekit/quantize/rewrite.py``, emulated without gradients in ``quant
 while staying differentiable: every quantizable ``Linear`` outside the routed experts sees its
 input rounded to symmetric int8 with one scale per token (``max|x| / 127``, the dynamic mode) and its
 weight rounded per output channel (7-bit by default, ``weight_qmax`` 63: quantize's reduce_range);
-routed expert weights are rounded per row (QMoE ``moe = "row"``, weights only); the embedding per
-row. Rounding uses the straight-through estimator
-``x + (q(x) - x).detach()``: the forward sees ``q(x)``, the gradient flows as if ``q`` were the
+routed expert weights are rounded per row (QMoE ``moe = "row"``, weights only; ``MoE``'s dense
+training path reads them through ``MoE.expert_weight``, patched here too); the embedding per row.
+Rounding uses the straight-through estimator ``x + (q(x) - x).detach()``: the forward sees ``q(x)``, the gradient flows as if ``q`` were the
 identity, so the fp32 latent weights learn to sit where their rounding costs least.
 ``distill_`` runs under this when ``DistillConfig.fake_quant == "int8"`` (recipe:
 ``[prune] recover_fake_quant = "int8"``): recovery after pruning then also recovers the int8 error.
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .int8 import QMAX, QMAX_7BIT, fake_quant, fake_quant_blocks
+from .model import MoE
 
 MODES = ("int8", "int4-experts")
 QMAX_4BIT = 7.0
@@ -70,10 +71,15 @@ def ste_round_blocks(w: torch.Tensor, block: int, qmax: float) -> torch.Tensor:
     return w + (fake_quant_blocks(w.detach(), block, qmax=qmax) - w).detach()
 
 
-def _linear_forward(lin: nn.Linear, act: bool, wmax: float, block: int = 0):
+def _rounded_weight(lin: nn.Linear, wmax: float, block: int = 0):
+    def weight():
+        return ste_round_blocks(lin.weight, block, wmax) if block else ste_round(lin.weight, dim=1, qmax=wmax)
+    return weight
+
+
+def _linear_forward(lin: nn.Linear, act: bool, weight):
     def forward(x):
-        w = ste_round_blocks(lin.weight, block, wmax) if block else ste_round(lin.weight, dim=1, qmax=wmax)
-        return F.linear(ste_round(x, dim=-1) if act else x, w, lin.bias)
+        return F.linear(ste_round(x, dim=-1) if act else x, weight(), lin.bias)
     return forward
 
 
@@ -87,7 +93,7 @@ def _embedding_forward(emb: nn.Embedding):
 def fake_quantized(model, config: QATConfig | None = None):
     """Run (and train) ``model`` under int8 fake quantization; see the module docstring."""
     cfg = config or QATConfig()
-    patched = []
+    patched, rounded = [], {}
     try:
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):      # routers are Gate modules, not Linear: they stay fp32
@@ -97,13 +103,18 @@ def fake_quantized(model, config: QATConfig | None = None):
                 # QMoE row-wise expert weights are 8-bit; 7-bit (reduce_range) applies to the int8 matmuls
                 four = routed and cfg.mode == "int4-experts" and mod.in_features % cfg.experts_block == 0
                 wmax = QMAX_4BIT if four else QMAX if routed else cfg.weight_qmax
-                mod.forward = _linear_forward(mod, cfg.activations and not routed, wmax,
-                                              cfg.experts_block if four else 0)
+                rounded[mod] = _rounded_weight(mod, wmax, cfg.experts_block if four else 0)
+                mod.forward = _linear_forward(mod, cfg.activations and not routed, rounded[mod])
                 patched.append(mod)
             elif isinstance(mod, nn.Embedding) and cfg.embedding:
                 mod.forward = _embedding_forward(mod)
+                patched.append(mod)
+        for mod in model.modules():             # MoE's dense path reads expert weights, not forwards
+            if isinstance(mod, MoE) and cfg.experts:
+                mod.expert_weight = lambda lin, r=rounded: r[lin]()
                 patched.append(mod)
         yield model
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
+            mod.__dict__.pop("expert_weight", None)
