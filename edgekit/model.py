@@ -344,9 +344,11 @@ class MoE(nn.Module):
                                if args.n_shared_experts else None)
         self.dense = False
 
-    def expert_weight(self, lin: nn.Linear) -> torch.Tensor:
-        """The weight an expert's Linear computes with in the dense path (QAT rounds it here)."""
-        return lin.weight
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routed experts' stacked weights the dense path computes with: gate and up [E, I, D],
+        down [E, D, I] (QAT rounds them here, every expert's rows at once)."""
+        return tuple(torch.stack([getattr(e, n).weight for e in self.experts])
+                     for n in ("gate_proj", "up_proj", "down_proj"))
 
     def forward(self, x):
         """x [B, T, D]. Sparse dispatch with no value-dependent Python branching: each expert
@@ -367,12 +369,11 @@ class MoE(nn.Module):
 
     def _dense(self, x, weights, indices):
         """x [N, D], weights/indices [N, k] -> [N, D]: all experts as one wide SwiGLU of E*I channels."""
-        N, E = x.shape[0], len(self.experts)
+        (N, D), E = x.shape, len(self.experts)
         w = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, indices, weights)   # [N, E]
-        gate = torch.cat([self.expert_weight(e.gate_proj) for e in self.experts])           # [E*I, D]
-        up = torch.cat([self.expert_weight(e.up_proj) for e in self.experts])               # [E*I, D]
-        down = torch.cat([self.expert_weight(e.down_proj) for e in self.experts], dim=1)    # [D, E*I]
-        h = F.silu(F.linear(x, gate)) * F.linear(x, up)                                     # [N, E*I]
+        gate, up, down = self.expert_weights()                                              # [E, I, D] x2, [E, D, I]
+        down = down.permute(1, 0, 2).reshape(D, -1)                                         # [D, E*I]
+        h = F.silu(F.linear(x, gate.reshape(-1, D))) * F.linear(x, up.reshape(-1, D))       # [N, E*I]
         h = (h.view(N, E, -1) * w.unsqueeze(-1)).view(N, -1)
         return F.linear(h, down)
 

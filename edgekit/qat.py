@@ -6,9 +6,10 @@ while staying differentiable: every quantizable ``Linear`` outside the routed ex
 input rounded to symmetric int8 with one scale per token (``max|x| / 127``, the dynamic mode) and its
 weight rounded per output channel (7-bit by default, ``weight_qmax`` 63: quantize's reduce_range);
 routed expert weights are rounded per row (QMoE ``moe = "row"``, weights only; ``MoE``'s dense
-training path reads them through ``MoE.expert_weight``, patched here too); the embedding per row.
-Rounding uses the straight-through estimator ``x + (q(x) - x).detach()``: the forward sees ``q(x)``, the gradient flows as if ``q`` were the
-identity, so the fp32 latent weights learn to sit where their rounding costs least.
+training path reads them through ``MoE.expert_weights``, patched here too); the embedding per row.
+Rounding uses the straight-through estimator ``x + (q(x) - x).detach()``: the forward sees
+``q(x)``, the gradient flows as if ``q`` were the identity, so the fp32 latent weights learn to
+sit where their rounding costs least.
 ``distill_`` runs under this when ``DistillConfig.fake_quant == "int8"`` (recipe:
 ``[prune] recover_fake_quant = "int8"``): recovery after pruning then also recovers the int8 error.
 
@@ -89,11 +90,24 @@ def _embedding_forward(emb: nn.Embedding):
     return forward
 
 
+def _stacked_weights(moe: MoE, cfg: QATConfig):
+    """``moe.expert_weights`` rounded as the routed experts' Linears are above (per row, or 4-bit per
+    block of K): one rounding per stacked [E, out, in] tensor instead of one per expert."""
+    first = moe.experts[0]
+    four = [cfg.mode == "int4-experts" and getattr(first, n).in_features % cfg.experts_block == 0
+            for n in ("gate_proj", "up_proj", "down_proj")]
+
+    def weights():
+        return tuple(ste_round_blocks(w, cfg.experts_block, QMAX_4BIT) if f else ste_round(w, dim=-1, qmax=QMAX)
+                     for w, f in zip(MoE.expert_weights(moe), four))
+    return weights
+
+
 @contextlib.contextmanager
 def fake_quantized(model, config: QATConfig | None = None):
     """Run (and train) ``model`` under int8 fake quantization; see the module docstring."""
     cfg = config or QATConfig()
-    patched, rounded = [], {}
+    patched = []
     try:
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):      # routers are Gate modules, not Linear: they stay fp32
@@ -103,18 +117,18 @@ def fake_quantized(model, config: QATConfig | None = None):
                 # QMoE row-wise expert weights are 8-bit; 7-bit (reduce_range) applies to the int8 matmuls
                 four = routed and cfg.mode == "int4-experts" and mod.in_features % cfg.experts_block == 0
                 wmax = QMAX_4BIT if four else QMAX if routed else cfg.weight_qmax
-                rounded[mod] = _rounded_weight(mod, wmax, cfg.experts_block if four else 0)
-                mod.forward = _linear_forward(mod, cfg.activations and not routed, rounded[mod])
+                mod.forward = _linear_forward(mod, cfg.activations and not routed,
+                                              _rounded_weight(mod, wmax, cfg.experts_block if four else 0))
                 patched.append(mod)
             elif isinstance(mod, nn.Embedding) and cfg.embedding:
                 mod.forward = _embedding_forward(mod)
                 patched.append(mod)
-        for mod in model.modules():             # MoE's dense path reads expert weights, not forwards
-            if isinstance(mod, MoE) and cfg.experts:
-                mod.expert_weight = lambda lin, r=rounded: r[lin]()
+        for mod in model.modules():             # MoE's dense path reads stacked expert weights, not forwards
+            if isinstance(mod, MoE) and cfg.experts and len(mod.experts):
+                mod.expert_weights = _stacked_weights(mod, cfg)
                 patched.append(mod)
         yield model
     finally:
         for mod in patched:
             mod.__dict__.pop("forward", None)
-            mod.__dict__.pop("expert_weight", None)
+            mod.__dict__.pop("expert_weights", None)
