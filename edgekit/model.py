@@ -467,4 +467,3 @@ if __name__ == "__main__":
     model = Transformer(args)
     ids = torch.randint(0, args.vocab_size, (2, 16))
     print(model(ids).shape, sum(p.numel() for p in model.parameters()) / 1e6, "M params")
-
