@@ -41,7 +41,9 @@ from tests.conftest import tiny_model  # noqa: E402
 
 VOCAB = 4096  # the shipped tokenizer's, so the shipped calib split tokenizes into this model
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 3000)
-DISTILL = DistillConfig(steps=3, lr=1e-3, batch_size=4, seq_len=32, hidden_weight=0.1, progress=False)
+# dense MoE dispatch under FSDP here; the one-process reference in test_dist.py runs the sparse form
+DISTILL = DistillConfig(steps=3, lr=1e-3, batch_size=4, seq_len=32, hidden_weight=0.1, progress=False,
+                        moe_dispatch="dense")
 PRUNE = dict(experts=0.5, heads=0.25, ffn=0.25, recover_steps=3, calib_seq_len=32, calib_max_tokens=1024,
              recover_seq_len=32, recover_batch_size=4)
 RECIPE = tomli_w.dumps({"target": {"name": "dist-test"}, "prune": PRUNE})

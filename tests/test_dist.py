@@ -3,6 +3,7 @@ leaves no output. Each test launches ``python -m torch.distributed.run --nproc-p
 127.0.0.1 and compares with the same computation in this process; numbers are printed when they
 differ. The helpers in edgekit.dist are also checked as no-ops in one process."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -85,7 +86,8 @@ def test_two_ranks_match_one_process(work):
     t = W.teacher()
     s = W.student(t)
     losses = []
-    distill_(s, t, W.TOKENS, W.DISTILL, on_step=lambda i, v: losses.append(v))
+    sparse = dataclasses.replace(W.DISTILL, moe_dispatch="sparse")
+    distill_(s, t, W.TOKENS, sparse, on_step=lambda i, v: losses.append(v))
     res = json.loads((work / "result.json").read_text())
     assert res["world_size"] == 2
     _close("distillation loss per step", res["losses"], losses)
