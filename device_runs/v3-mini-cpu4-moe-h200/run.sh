@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # v3-mini compressed for cpu4-moe (export_recipes/cpu4-moe.toml: 7/16 routed experts pruned, 4-bit QAT
 # distillation, 4-bit experts + lm_head) on the H200 host: torch stages on the GPU, onnxruntime on its CPU.
-# Writes, in this folder: compress.log, bundle_report.json (the build-time report: gates on the whole
+# Writes, in this folder: compress.log, report.json (the build-time report: gates on the whole
 # python/eval split, out-of-domain drops, stage timings) and recipe.toml (the recipe as run).
 #
 # Knobs (environment):
@@ -64,5 +64,5 @@ python3 -m edgekit.cli compress v3-mini --target "$recipe" --device "${DEVICE:-c
 rc=${PIPESTATUS[0]}
 step "compress exit $rc in $(( $(date +%s) - t0 )) s"
 tail -14 "$out/compress.log"
-[ -f "$work/bundle/report.json" ] && cp "$work/bundle/report.json" "$out/bundle_report.json"
+[ -f "$work/bundle/report.json" ] && cp "$work/bundle/report.json" "$out/report.json"
 exit "$rc"
