@@ -21,19 +21,21 @@ from .conftest import tiny_model
 CANDIDATES = ["re:.*mlp\\.experts", "re:.*self_attn\\.o_proj", "lm_head", "model.embed_tokens"]
 
 
-def _quantize(tmp_path, moe, int4, max_drop=0.5, name="q"):
+def _quantize(tmp_path, moe, int4, max_drop=0.5, name="q", moe_rows=False):
     m = tiny_model()
     calib = np.random.default_rng(0).integers(0, 128, 600)
     cfg = QuantConfig(moe=moe, seq_len=64, max_drop=max_drop, calib_max_tokens=512, verify_ort=False,
-                      int4=int4, int4_block=16)
+                      int4=int4, int4_block=16, int4_moe_rows=moe_rows)
     rep = quantize_(m, tmp_path / name, cfg, calib_tokens=calib, log=lambda *_: None,
                     smooth=SmoothConfig(enabled=False))
     return m, rep
 
 
-@pytest.mark.parametrize("moe", ["row", "grouped"])
+@pytest.mark.parametrize("moe", ["row", "row+rows", "grouped"])
 def test_int4_units_in_graph_and_emulation(tmp_path, moe):
-    m, rep = _quantize(tmp_path, moe, CANDIDATES)
+    """``row+rows``: 4-bit QMoE experts with one scale per row (``int4_moe_rows``)."""
+    moe, rows = moe.split("+")[0], moe.endswith("+rows")
+    m, rep = _quantize(tmp_path, moe, CANDIDATES, moe_rows=rows)
     chosen = set(rep["int4"]["units"])
     experts = {n for n in units(m) if n.endswith("mlp.experts")}
     assert experts <= chosen and "lm_head" in chosen, rep["int4"]
@@ -48,6 +50,8 @@ def test_int4_units_in_graph_and_emulation(tmp_path, moe):
     if moe == "row":
         qmoe = [attrs(n) for n in g.node if n.op_type == "QMoE"]
         assert len(qmoe) == len(experts) and all(a["expert_weight_bits"] == 4 for a in qmoe), qmoe
+        assert all(a.get("block_size", 0) == (0 if rows else 16) for a in qmoe), qmoe
+        assert set(rep["graph"]["moe"].values()) == {"row4" if rows else "block16x4"}, rep["graph"]["moe"]
     else:            # grouped experts' MatMulNBits live inside the If branches
         sub = [n for n in g.node if n.op_type == "If" and any(
             s.op_type == "MatMulNBits" for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for s in a.g.node)]
@@ -56,13 +60,21 @@ def test_int4_units_in_graph_and_emulation(tmp_path, moe):
     ids = np.random.default_rng(1).integers(0, 128, (2, 24))
     got = OrtModel(tmp_path / "q").logits(ids)
     int8 = {n for n, p in rep["precision"].items() if p in ("int8", "int4")}
-    with emulated(m, int8, int4=chosen, int4_block=16, experts_as_linears=moe == "grouped",
-                  wmax=rep["graph"]["weight_max"]), torch.no_grad():
-        emu = m(torch.from_numpy(ids)).numpy()
+
+    def emulate(moe_rows):
+        with emulated(m, int8, int4=chosen, int4_block=16, experts_as_linears=moe == "grouped",
+                      wmax=rep["graph"]["weight_max"], int4_moe_rows=moe_rows), torch.no_grad():
+            return m(torch.from_numpy(ids)).numpy()
+    emu = emulate(rows)
     d = np.abs(emu - got)
     agree = (emu.argmax(-1) == got.argmax(-1)).mean()
-    print(f"{moe}: emulation vs onnxruntime max {d.max():.2e} median {np.median(d):.2e} top-1 agree {agree:.3f}")
+    print(f"{moe}{'+rows' if rows else ''}: emulation vs onnxruntime max {d.max():.2e} median {np.median(d):.2e} "
+          f"top-1 agree {agree:.3f}")
     assert np.median(d) < 1e-3 * np.abs(got).max() and agree >= 0.95, (d.max(), np.median(d), agree)
+    if moe == "row":     # the other QMoE 4-bit layout's emulation is measurably further from this graph
+        other = np.abs(emulate(not rows) - got)
+        print(f"  emulated with {'blocks' if rows else 'rows'} instead: median {np.median(other):.2e}")
+        assert np.median(other) > 3 * np.median(d), (np.median(other), np.median(d))
     # 4-bit weights make the graph smaller than the 8-bit one of the same plan
     _, rep8 = _quantize(tmp_path, moe, [], name="q8")
     assert rep["size_bytes"] < rep8["size_bytes"], (rep["size_bytes"], rep8["size_bytes"])

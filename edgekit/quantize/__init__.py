@@ -82,6 +82,7 @@ class QuantConfig:
     float_weights: str = "fp32"       # units kept in float: "fp32", or "fp16" storage + Cast (half the bytes; fp16.py)
     int4: list = field(default_factory=list)   # unit names / "re:" patterns that may go 4-bit, least sensitive first
     int4_block: int = 32              # 4-bit weights per scale along K (MatMulNBits / QMoE block_size)
+    int4_moe_rows: bool = False       # 4-bit QMoE experts: one scale per row instead of blocks of int4_block
     int4_search: bool = True          # False: every int4 candidate goes 4-bit, whatever it costs (frontier points)
     cache: str = "fp32"               # latent cache I/O: "fp32", or "fp16" (half the cache memory; cache_fp16.py)
 

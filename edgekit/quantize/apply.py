@@ -104,7 +104,7 @@ def quantize_export(src_dir: str | os.PathLike, out_dir: str | os.PathLike, plan
             return rewrite_moe_grouped(proto, units[u]["node"], dataclasses.replace(gcfg_of(u), nbits=nb4)
                                        if u in plan.int4 else gcfg_of(u), base)
         if u in plan.int4:
-            return rewrite_moe(proto, units[u]["node"], plan.int4_block, base, bits=4)
+            return rewrite_moe(proto, units[u]["node"], 0 if plan.int4_moe_rows else plan.int4_block, base, bits=4)
         return rewrite_moe(proto, units[u]["node"], plan.moe_block, base)
 
     out = Path(out_dir)

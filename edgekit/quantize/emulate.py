@@ -14,7 +14,8 @@ computes what the rewritten ONNX graph computes (see rewrite.py):
 - units in ``int4`` (4-bit weights in blocks of ``int4_block`` along K, ``edgekit/quantize/nbits.py``):
   a ``Linear`` as ``MatMulNBits`` at accuracy level 4 (input int8 per row and block, weights 4-bit
   per block); routed experts on the QMoE path as 4-bit ``QMoE`` (weights only: the kernel
-  dequantizes and computes in fp32), as linears (grouped) like a ``Linear``.
+  dequantizes and computes in fp32; per block, or per row with ``int4_moe_rows``), as linears
+  (grouped) like a ``Linear``.
 ``routing(model, ids)`` returns each MoE layer's chosen expert indices; ``agreement`` compares two.
 
 Why emulate: one forward pass per trial on the calibration tokens instead of an export + session;
@@ -69,9 +70,11 @@ def units(model) -> dict[str, nn.Module]:
 @contextlib.contextmanager
 def emulated(model, int8: set[str], static_scales: dict[str, float] | None = None, moe_block: int = 0,
              experts_as_linears: bool = False, wmax: float = QMAX, expert_act_int8: bool = True,
-             expert_scales: dict | None = None, int4: set[str] | frozenset = frozenset(), int4_block: int = 32):
+             expert_scales: dict | None = None, int4: set[str] | frozenset = frozenset(), int4_block: int = 32,
+             int4_moe_rows: bool = False):
     """Run ``model`` as the int8 graph would (see module doc) for the units in ``int8``; those also
-    in ``int4`` with 4-bit block weights (``int4_block``; see ``int4_fits`` for which can be).
+    in ``int4`` with 4-bit block weights (``int4_block``; see ``int4_fits`` for which can be);
+    ``int4_moe_rows``: 4-bit QMoE experts (not ``experts_as_linears``) with one scale per row instead.
     ``experts_as_linears``: grouped or portable experts, where each expert Linear is an int8 matmul;
     ``expert_act_int8=False`` (portable.py): expert activations stay fp32. ``expert_scales``: MoE
     unit -> (x amax, per-expert h amax), static activation scales of grouped experts
@@ -96,8 +99,10 @@ def emulated(model, int8: set[str], static_scales: dict[str, float] | None = Non
                 if name in int4:
                     lins = [m for m in mod.modules() if isinstance(m, nn.Linear)] if name.endswith("mlp.experts") \
                         else [mod]
+                    rows = int4_moe_rows and name.endswith("mlp.experts") and not experts_as_linears
                     for lin in lins:
-                        swap(lin.weight, fake_quant_blocks(lin.weight.data, int4_block, qmax=QMAX_4BIT))
+                        swap(lin.weight, fake_quant(lin.weight.data, 1, qmax=QMAX_4BIT) if rows
+                             else fake_quant_blocks(lin.weight.data, int4_block, qmax=QMAX_4BIT))
                         if experts_as_linears or not name.endswith("mlp.experts"):   # MatMulNBits: int8 input blocks
                             hooks.append(lin.register_forward_pre_hook(
                                 lambda _m, a, b=int4_block: (fq_blocks(a[0], b),) + tuple(a[1:])))

@@ -118,9 +118,12 @@ def plan_precision(model, rows: np.ndarray, overrides: dict[str, str], max_drop:
 
 def int4_candidates(model, plan: Plan, patterns: list[str]) -> list[str]:
     """The plan's int8 units that a ``[quantize] int4`` entry (name or ``re:`` pattern) names and
-    that 4-bit blocks of ``plan.int4_block`` fit (``emulate.int4_fits``)."""
+    that 4-bit blocks of ``plan.int4_block`` fit (``emulate.int4_fits``; QMoE experts with
+    ``plan.int4_moe_rows`` have one scale per row, which fits any width)."""
     mods = units(model)
-    return sorted(n for n in plan.int8 if any(match(n, p) for p in patterns) and int4_fits(mods[n], plan.int4_block))
+    rows = plan.int4_moe_rows and plan.moe_path in ("row", "block")
+    return sorted(n for n in plan.int8 if any(match(n, p) for p in patterns)
+                  and int4_fits(mods[n], 1 if rows and n.endswith("mlp.experts") else plan.int4_block))
 
 
 def plan_int4(model, rows: np.ndarray, plan: Plan, candidates: list[str], max_drop: float, ref: Reference,
@@ -136,11 +139,12 @@ def plan_int4(model, rows: np.ndarray, plan: Plan, candidates: list[str], max_dr
         log(f"quantize: {len(candidates)} 4-bit candidates taken without a search (int4_search = false)")
         return plan
     for n in candidates:
-        with emulated(model, {n}, int4={n}, int4_block=plan.int4_block, **kw):
+        with emulated(model, {n}, int4={n}, int4_block=plan.int4_block, int4_moe_rows=plan.int4_moe_rows, **kw):
             plan.sensitivity_int4[n] = score_rows(model, rows, ref=ref).kl
     order = sorted(candidates, key=lambda n: plan.sensitivity_int4[n])
     for i, n in enumerate(order):
-        with emulated(model, plan.int8, int4=plan.int4 | {n}, int4_block=plan.int4_block, **kw):
+        with emulated(model, plan.int8, int4=plan.int4 | {n}, int4_block=plan.int4_block,
+                      int4_moe_rows=plan.int4_moe_rows, **kw):
             acc = score_rows(model, rows).accuracy
         ok = plan.accuracy_fp32 - acc <= max_drop
         plan.steps.append({"int4": n, "kept": ok, "accuracy": acc})
@@ -256,11 +260,11 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
                           ref=ref.reference, in_graph=quantizable_units(spec), log=log, **kw)
     plan.merge, plan.moe_path = config.merge, "portable" if portable else path   # [quantize] moe: contrib only
     plan.float_weights, plan.cache = config.float_weights, config.cache
-    plan.int4_block = config.int4_block
+    plan.int4_block, plan.int4_moe_rows = config.int4_block, config.int4_moe_rows
     if config.int4 and not portable:      # the portable experts' If/Loop branches have no 4-bit form
         plan_int4(model, rows, plan, int4_candidates(model, plan, config.int4),
                   budget if config.int4_search else float("inf"), ref.reference, log=log, **kw)
-    kw4 = dict(kw, int4=plan.int4, int4_block=plan.int4_block)
+    kw4 = dict(kw, int4=plan.int4, int4_block=plan.int4_block, int4_moe_rows=plan.int4_moe_rows)
     with emulated(model, plan.int8, **kw4):
         routes_q = routing(model, rows)
         acc_emul = score_rows(model, rows).accuracy
@@ -303,7 +307,7 @@ def plan_(model, export_dir, config, calib_tokens: np.ndarray, max_drop: float |
                      "int8_emulated": acc_emul, "emulated_drop": ref.accuracy - acc_emul, "ort": rounds},
         "routing_agreement": {str(k): v for k, v in agreement(ref_routes, routes_q).items()},
         "precision": {n: plan.precision(n) for n in sorted(units(model))},
-        **({"int4": {"block": plan.int4_block, "units": sorted(plan.int4),
+        **({"int4": {"block": plan.int4_block, "moe_rows": plan.int4_moe_rows, "units": sorted(plan.int4),
                      "sensitivity": dict(sorted(plan.sensitivity_int4.items(), key=lambda kv: kv[1]))}}
            if config.int4 else {}),
     }

@@ -65,6 +65,7 @@ class Plan:
     report: dict = field(default_factory=dict)                   # what planning measured (quantize.json)
     int4: set[str] = field(default_factory=set)                  # of the int8 units: weights stored 4-bit
     int4_block: int = 32                                         # 4-bit weights per scale along K
+    int4_moe_rows: bool = False                                  # 4-bit QMoE experts: one scale per row
     sensitivity_int4: dict[str, float] = field(default_factory=dict)  # candidate -> KL when alone 4-bit
 
     def __post_init__(self):
