@@ -1,5 +1,6 @@
-"""Routed experts alone, three ways, on onnxruntime CPU: fp32 ``MoE``, int8 ``QMoE`` (per-row weights,
-what the cpu4 recipe shipped) and edgekit's grouped int8 GEMMs (``edgekit/quantize/moe_grouped.py``).
+"""Routed experts alone, three ways, on onnxruntime CPU: fp32 ``MoE``, ``QMoE`` (8-bit per row, what
+the cpu4 recipe shipped before 4-bit experts; ``--qmoe``: 8/4-bit per row or per block of K) and
+edgekit's grouped int8 GEMMs (``edgekit/quantize/moe_grouped.py``).
 
 One graph = one MoE layer (router probabilities in, expert output out) at a model's expert shape;
 prints median/p95 ms for a prefill-sized call (``--tokens``) and a decode call (1 token), and the
@@ -7,6 +8,10 @@ max abs difference of each int8 path from fp32. Random weights (std 0.02) and in
 DeepSeek-style (k of E by router score).
 
     python benchmarks/moe_kernels.py --hidden 1536 --inter 512 --experts 16 --k 4 --threads 4
+    python benchmarks/moe_kernels.py --hidden 256 --inter 160 --experts 8 --k 2 --threads 1 \
+        --qmoe 4/0,4/32 --nbits '' --clock cpu        # v3-nano's experts: QMoE 4-bit rows vs blocks
+
+``--clock cpu`` times the process's CPU time (stable on a shared machine with ``--threads 1``).
 """
 
 from __future__ import annotations
@@ -63,14 +68,15 @@ def session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def timed(s: ort.InferenceSession, feed: dict, runs: int, warmup: int = 3) -> tuple[float, float]:
+def timed(s: ort.InferenceSession, feed: dict, runs: int, warmup: int = 3,
+          clock=time.perf_counter) -> tuple[float, float]:
     for _ in range(warmup):
         s.run(None, feed)
     t = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         s.run(None, feed)
-        t.append((time.perf_counter() - t0) * 1e3)
+        t.append((clock() - t0) * 1e3)
     t.sort()
     return statistics.median(t), t[min(len(t) - 1, int(0.95 * len(t)))]
 
@@ -86,14 +92,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--nbits", default="8/32,8/128,4/32",
                     help="grouped experts on MatMulNBits: comma-separated BITS/BLOCK variants ('' for none)")
+    ap.add_argument("--qmoe", default="",
+                    help="more QMoE variants: comma-separated BITS/BLOCK (BLOCK 0: one scale per row), e.g. 4/0,4/32")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time, or the process's CPU time (stable on a loaded machine; use --threads 1)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     base = moe_graph(a.hidden, a.inter, a.experts, a.k)
     variants = {"fp32 MoE": base}
     q = onnx.ModelProto()
     q.CopyFrom(base)
     rewrite_moe(q, "moe.0", 0)
     variants["QMoE int8 per-row"] = q
+    for spec in [x for x in a.qmoe.split(",") if x]:
+        bits, block = (int(v) for v in spec.split("/"))
+        q = onnx.ModelProto()
+        q.CopyFrom(base)
+        kind = rewrite_moe(q, "moe.0", block, bits=bits)
+        variants[f"QMoE {bits}-bit {'per-row' if kind.startswith('row') else f'block {block}'}"] = q
     for fold in (False, True):
         gm = onnx.ModelProto()
         gm.CopyFrom(base)
@@ -126,14 +143,14 @@ def main(argv=None) -> dict:
         s = session(proto, a.threads)
         row = {"variant": name}
         for n, f in feeds.items():
-            med, p95 = timed(s, f, a.runs)
+            med, p95 = timed(s, f, a.runs, clock=clock)
             y = s.run(None, f)[0]
             row[f"tokens_{n}"] = {"p50_ms": round(med, 3), "p95_ms": round(p95, 3),
                                   "max_abs_diff": float(np.abs(y - ref[n]).max()),
                                   "rel_err": float(np.linalg.norm(y - ref[n]) / np.linalg.norm(ref[n]))}
         rows.append(row)
         t, d = row[f"tokens_{a.tokens}"], row["tokens_1"]
-        print(f"{name:28s} {a.tokens} tok p50 {t['p50_ms']:8.2f} ms p95 {t['p95_ms']:8.2f} | 1 tok p50 "
+        print(f"{name:38s} {a.tokens} tok p50 {t['p50_ms']:8.2f} ms p95 {t['p95_ms']:8.2f} | 1 tok p50 "
               f"{d['p50_ms']:7.3f} ms | rel err vs fp32 {t['rel_err']:.2e}", flush=True)
     out = {"shape": vars(a) | {"json": None}, "onnxruntime": ort.__version__, "rows": rows}
     if a.json:

@@ -27,8 +27,9 @@ Choices per op kind (measured on the 2-core AVX-512-VNNI dev VM, ORT 1.32; bench
   ~70% of prefill time (benchmarks/moe_kernels.py, benchmarks/results/).
 - 4-bit (``int4``: candidates the planner moves to 4-bit by measured sensitivity within the
   accuracy budget, mixed.plan_int4): linears as ``MatMulNBits`` 4-bit, routed experts as 4-bit
-  ``QMoE`` (weights only, block ``int4_block``) or grouped ``MatMulNBits`` experts; ~0.6 bytes
-  per weight instead of 1.
+  ``QMoE`` (weights only, block ``int4_block``, or one scale per row with ``int4_moe_rows``:
+  onnxruntime 1.30's QMoE runs 4-bit blocks 11x slower than rows for one token, rewrite.py) or
+  grouped ``MatMulNBits`` experts; ~0.6 bytes per weight instead of 1.
 - Embedding: int8 rows + per-row scale (Gather, Cast, Mul). Routers, norms, RoPE tables and the
   absorbed-attention products stay fp32 (routers overridable); with ``float_weights = "fp16"`` the
   weights of units kept in float and not pinned by an override (absorbed products, reverted units) are stored fp16
