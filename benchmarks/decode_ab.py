@@ -78,7 +78,10 @@ def main(argv=None) -> int:
     nodes = {k: len(onnx.load(str(Path(d) / "model.onnx"), load_external_data=False).graph.node)
              for k, d in (("before", a.before), ("after", a.after))}
     clock = CLOCKS[a.clock]
-    res = {"threads": a.threads, "rounds": a.rounds, "steps": a.steps, "clock": a.clock, "nodes": nodes, "ctx": {}}
+    import onnxruntime
+
+    res = {"before": Path(a.before).name, "after": Path(a.after).name, "onnxruntime": onnxruntime.__version__,
+           "threads": a.threads, "rounds": a.rounds, "steps": a.steps, "clock": a.clock, "nodes": nodes, "ctx": {}}
     for ctx in a.ctx:
         for om in models.values():                       # warm-up
             decode_ms(om, ctx, 4, clock=clock)
