@@ -18,7 +18,8 @@ been distilled is exactly where the remaining budget is thinnest; training under
 will ship with spends the recovery steps on the model that is actually deployed.
 
 Mode ``"int4-experts"``: the same, but the routed experts' weights are rounded to 4 bits in blocks
-of ``experts_block`` along K, as ``[quantize] int4`` writes them (4-bit ``QMoE``, weights only):
+of ``experts_block`` along K (0: one scale per row, ``[quantize] int4_moe_rows``), as ``[quantize]
+int4`` writes them (4-bit ``QMoE``, weights only):
 recovery for a plan that puts the experts in 4-bit (recipe: ``recover_fake_quant = "int4-experts"``).
 
 Invariants: routers (``Gate``) stay fp32, as in the shipped int8 graph; on exit every module's
@@ -54,11 +55,19 @@ class QATConfig:
     experts: bool = True              # routed experts' weights per row (QMoE row-wise, weights only)
     embedding: bool = True
     weight_qmax: float = QMAX_7BIT    # 7-bit weights (quantize's default reduce_range); 127: 8-bit
-    experts_block: int = 32           # "int4-experts": 4-bit expert weights per block of K ([quantize] int4_block)
+    experts_block: int = 32           # "int4-experts": 4-bit expert weights per block of K ([quantize] int4_block);
+                                      # 0: one scale per row ([quantize] int4_moe_rows)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"fake_quant={self.mode!r}: use one of {MODES} (or '' for none)")
+        if self.experts_block < 0:
+            raise ValueError(f"experts_block={self.experts_block}: use a block size along K, "
+                             "or 0 for one scale per row")
+
+    def four_bit(self, in_features: int) -> bool:
+        """Whether a routed expert's Linear of this input width is rounded to 4 bits."""
+        return self.mode == "int4-experts" and (self.experts_block == 0 or in_features % self.experts_block == 0)
 
 
 def ste_round(x: torch.Tensor, dim: int | None = None, qmax: float = QMAX) -> torch.Tensor:
@@ -94,11 +103,12 @@ def _stacked_weights(moe: MoE, cfg: QATConfig):
     """``moe.expert_weights`` rounded as the routed experts' Linears are above (per row, or 4-bit per
     block of K): one rounding per stacked [E, out, in] tensor instead of one per expert."""
     first = moe.experts[0]
-    four = [cfg.mode == "int4-experts" and getattr(first, n).in_features % cfg.experts_block == 0
-            for n in ("gate_proj", "up_proj", "down_proj")]
+    four = [cfg.four_bit(getattr(first, n).in_features) for n in ("gate_proj", "up_proj", "down_proj")]
+    block = cfg.experts_block
 
     def weights():
-        return tuple(ste_round_blocks(w, cfg.experts_block, QMAX_4BIT) if f else ste_round(w, dim=-1, qmax=QMAX)
+        return tuple(ste_round_blocks(w, block, QMAX_4BIT) if f and block
+                     else ste_round(w, dim=-1, qmax=QMAX_4BIT if f else QMAX)
                      for w, f in zip(MoE.expert_weights(moe), four))
     return weights
 
@@ -115,7 +125,7 @@ def fake_quantized(model, config: QATConfig | None = None):
                 if routed and not cfg.experts:
                     continue
                 # QMoE row-wise expert weights are 8-bit; 7-bit (reduce_range) applies to the int8 matmuls
-                four = routed and cfg.mode == "int4-experts" and mod.in_features % cfg.experts_block == 0
+                four = routed and cfg.four_bit(mod.in_features)
                 wmax = QMAX_4BIT if four else QMAX if routed else cfg.weight_qmax
                 mod.forward = _linear_forward(mod, cfg.activations and not routed,
                                               _rounded_weight(mod, wmax, cfg.experts_block if four else 0))

@@ -64,7 +64,7 @@ class PruneConfig:
     recover_hidden_weight: float = 0.0
     recover_train_embeddings: bool = True
     recover_fake_quant: str = ""     # "int8" / "int4-experts": quantization-aware recovery (edgekit/qat.py)
-    recover_fake_quant_block: int = 32   # "int4-experts": 4-bit block along K (= [quantize] int4_block)
+    recover_fake_quant_block: int = 32   # "int4-experts": 4-bit block along K (= [quantize] int4_block; 0: rows)
     seed: int = 0
 
     def __post_init__(self):
