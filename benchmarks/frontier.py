@@ -75,6 +75,13 @@ def pruned(experts: float, steps: int = 0, qat: str = "") -> dict:
 
 ALL4 = (EXPERTS, LINEARS, "lm_head")
 
+
+def rows(over: dict) -> dict:
+    """``over`` with 4-bit experts at one scale per row (``int4_moe_rows``; QAT rounds them so too):
+    no scale per block of 32, so fewer bytes per expert, and onnxruntime 1.30's fast QMoE form."""
+    return {**over, "prune": {**over["prune"], "recover_fake_quant_block": 0},
+            "quantize": {**over["quantize"], "int4_moe_rows": True}}
+
 # name -> recipe table overrides; "nano": v3-nano (8 experts: every one busy), "mini": v3-mini
 # (64 fine-grained experts: the target domain leaves some idle). " 200" in a name is the step count
 # (--recover-steps / --time-budget replace it with the steps run).
@@ -104,6 +111,9 @@ POINTS = {
         "experts 37.5% + QAT 200 + int4 all": {**pruned(0.375, 200, "int4-experts"), **fixed(*ALL4)},
         "experts 62.5% + QAT 200 + int4": {**pruned(0.625, 200, "int4-experts"), **FIXED},
         "experts 50% + KD 200 + int4": {**pruned(0.5, 200), **FIXED},
+        "experts 43.75% + QAT 200 + int4 rows": rows({**pruned(0.4375, 200, "int4-experts"), **FIXED}),
+        "experts 37.5% + QAT 200 + int4 rows": rows({**pruned(0.375, 200, "int4-experts"), **FIXED}),
+        "experts 31.25% + QAT 200 + int4 rows": rows({**pruned(0.3125, 200, "int4-experts"), **FIXED}),
     },
 }
 

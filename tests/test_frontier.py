@@ -58,3 +58,17 @@ def test_markdown_keeps_partial_runs():
     assert "| int4 all linears | 8.80M | 6.50 | 0.1836 |" in md and "c drop" in md and "+1.00" in md, md
     assert "experts 50% + KD 40 + int4 all: build / score: RuntimeError: x" in md
     assert "experts 50% + QAT 200 + int4 all (size ratio 0.1400): not reached yet" in md
+
+
+def test_every_grid_point_applies_to_the_cpu4_recipe():
+    """Every point's tables are valid recipe overrides (a misspelled key or bad value fails here, not
+    on the GPU host); the row-scaled points carry both halves: QAT per row and the QMoE per row."""
+    from edgekit.pipeline import STAGE_CONFIGS
+    from edgekit.recipes import load_recipe, with_overrides
+
+    base = load_recipe("cpu4", STAGE_CONFIGS)
+    for grid in POINTS.values():
+        for name, over in grid.items():
+            r = with_overrides(base, **over)
+            if name.endswith(" rows"):
+                assert r.prune.recover_fake_quant_block == 0 and r.quantize.int4_moe_rows is True, name
