@@ -52,11 +52,12 @@ NO_PRUNE = {"experts": 0.0, "ffn": 0.0, "heads": 0.0, "layers": 0, "recover_step
 EXPERTS = "re:.*mlp\\.experts"
 LINEARS = "re:.*(self_attn|mlp|shared_experts).*_proj"        # every Linear but the routers; lm_head apart
 
-# fixed precision (no search, no onnxruntime re-check): routed experts + lm_head 4-bit, the rest int8,
+# fixed precision (no search, no onnxruntime re-check): routed experts (in blocks, whatever the recipe says;
+# rows() for one scale per row) + lm_head 4-bit, the rest int8,
 # routers fp32; the int8 budget is the whole accuracy budget, so no unit reverts to fp32 unless the
 # all-int8 model alone misses it. The plan then measures only that all-int8 check (and the report's
 # emulated accuracy), which 2,048 calibration tokens decide as well as 8,192 at a quarter of the time
-FIXED = {"quantize": {"int4": [EXPERTS, "lm_head"], "int4_search": False, "verify_ort": False,
+FIXED = {"quantize": {"int4": [EXPERTS, "lm_head"], "int4_moe_rows": False, "int4_search": False, "verify_ort": False,
                       "calib_max_tokens": 2048},
          "goals": {"int8_floor": 1.0}}
 
@@ -88,7 +89,8 @@ def rows(over: dict) -> dict:
 POINTS = {
     "nano": {
         "int8": {"prune": NO_PRUNE, "quantize": {"int4": []}},
-        "int4 experts (searched)": {"prune": NO_PRUNE, "quantize": {"int4": [EXPERTS, "lm_head"]}},
+        "int4 experts (searched)": {"prune": NO_PRUNE,
+                                    "quantize": {"int4": [EXPERTS, "lm_head"], "int4_moe_rows": False}},
         "int4 experts + lm_head": {"prune": NO_PRUNE, **fixed(EXPERTS, "lm_head")},
         "int4 all linears": {"prune": NO_PRUNE, **fixed(*ALL4)},
         "int8 + experts 12.5% + KD 200": {**pruned(0.125, 200), "quantize": {"int4": []}},

@@ -72,3 +72,5 @@ def test_every_grid_point_applies_to_the_cpu4_recipe():
             r = with_overrides(base, **over)
             if name.endswith(" rows"):
                 assert r.prune.recover_fake_quant_block == 0 and r.quantize.int4_moe_rows is True, name
+            elif r.quantize.int4:   # 4-bit points stay in blocks, whatever the recipe's own setting
+                assert r.quantize.int4_moe_rows is False, name
