@@ -68,13 +68,13 @@ from .evaluate import evaluate
 from .export import ExportConfig
 from .info import param_count
 from .mobile import prepare_bundle
-from .prune import PruneConfig, removed_nothing
+from .prune import PruneConfig
 from .quantize import QuantConfig
 from .recipes import Recipe, load_recipe, recipe_to_toml, with_overrides
 from .report import write_report
 from .smooth import SmoothConfig
 from .stagecache import StageCache, dir_digest, seal
-from .stages import Built, Stages, Texts, prune_key, tokens_hash
+from .stages import Built, Stages, Texts, prune_key, pruned_accuracy, tokens_hash
 from .validate import graph_bytes, score, validate
 
 # the compile stages' recipe tables and the config each is built into (registered with the recipe parser)
@@ -109,11 +109,8 @@ def build(src: Path, recipe: Recipe, texts: Texts, score_tokens: np.ndarray, fp3
     key.append(dataclasses.asdict(recipe.export))
     exported = st.run("export + simplify (fp32)", lambda: cache.get(
         "export", key, lambda tmp: export(load(smoothed), tmp, recipe.export, tokenizer_from=smoothed)))
-    if removed_nothing(pruned):
-        pruned_acc = fp32_accuracy
-        st.skip("score pruned fp32", "nothing pruned or distilled: the fp32 accuracy is this model's")
-    else:
-        pruned_acc = st.run("score pruned fp32", lambda: _cached_accuracy(exported, score_tokens, recipe, cache))
+    pruned_acc = pruned_accuracy(st, "score pruned fp32", pruned, fp32_accuracy,
+                                 lambda: _cached_accuracy(exported, score_tokens, recipe, cache))
     budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)
     st.log(f"pruning cost {100 * (fp32_accuracy - pruned_acc):.2f} points; int8 budget {100 * budget:.2f} points")
     key.append([dataclasses.asdict(recipe.quantize), budget])
@@ -371,12 +368,8 @@ def _compress(src, recipe, tok, texts: Texts, out, strict, auto, cache, console,
         recipe, built, auto_info = search(
             recipe, lambda r: build(src, r, texts, texts.dev, dev_fp32, cache, st), measure, st.log)
         auto_info.update(dev={"source": texts.dev_name, "tokens": int(len(texts.dev)), "fp32_accuracy": dev_fp32})
-        if removed_nothing(built.pruned):
-            pruned_eval = baseline["accuracy"]
-            st.skip("score pruned fp32 on eval", "nothing pruned or distilled: the fp32 accuracy is this model's")
-        else:
-            pruned_eval = st.run("score pruned fp32 on eval",
-                                 lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
+        pruned_eval = pruned_accuracy(st, "score pruned fp32 on eval", built.pruned, baseline["accuracy"],
+                                      lambda: _cached_accuracy(built.exported, texts.eval, recipe, cache))
     else:
         built = (streamed.build if stream else build)(src, recipe, texts, texts.eval, baseline["accuracy"], cache, st)
         auto_info, pruned_eval = None, built.pruned_accuracy

@@ -133,10 +133,9 @@ def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: flo
     """``pipeline.build`` streamed (see the module doc); returns ``pipeline.Built``."""
     from .export.layered import export_layered
     from .hfconfig import args_from_config, read_config
-    from .prune import removed_nothing
     from .quantize.apply import quantize_export
     from .quantize.mixed import overrides_plan
-    from .stages import Built, prune_key
+    from .stages import Built, prune_key, pruned_accuracy
     from .stream import prune_streamed, smooth_streamed
 
     dev = pick(st.device)
@@ -150,12 +149,8 @@ def build(src: Path, recipe, texts, score_tokens: np.ndarray, fp32_accuracy: flo
     key.append(dataclasses.asdict(external(recipe.export)))
     exported = st.run("export (layer by layer, fp32)", lambda: cache.get(
         "export", key, lambda tmp: export_layered(smoothed, tmp, external(recipe.export), tokenizer_from=smoothed)))
-    if removed_nothing(pruned):
-        pruned_acc = fp32_accuracy
-        st.skip("score pruned fp32 (streamed torch)", "nothing pruned or distilled: the fp32 accuracy is this model's")
-    else:
-        pruned_acc = st.run("score pruned fp32 (streamed torch)",
-                            lambda: _cached_accuracy(smoothed, score_tokens, recipe, cache, dev), device=ran)
+    pruned_acc = pruned_accuracy(st, "score pruned fp32 (streamed torch)", pruned, fp32_accuracy,
+                                 lambda: _cached_accuracy(smoothed, score_tokens, recipe, cache, dev), device=ran)
     budget = recipe.goals.int8_budget(fp32_accuracy, fp32_accuracy - pruned_acc, recipe.quantize.max_drop)
     st.log(f"pruning cost {100 * (fp32_accuracy - pruned_acc):.2f} points; int8 budget {100 * budget:.2f} points")
     key.append([dataclasses.asdict(recipe.quantize), budget, "overrides"])

@@ -86,3 +86,15 @@ def tokens_hash(tokens: np.ndarray) -> str:
 def prune_key(src: Path, recipe, texts: Texts) -> list:
     """The prune stage's cache key: the checkpoint, the texts it reads, its config."""
     return [dir_digest(src), tokens_hash(texts.calib), tokens_hash(texts.recover), dataclasses.asdict(recipe.prune)]
+
+
+def pruned_accuracy(st: Stages, name: str, pruned: Path, fp32_accuracy: float, score, **row) -> float:
+    """The pruned fp32 model's accuracy: ``score()`` run as stage ``name``, or, when the prune stage
+    removed nothing and distilled nothing (``prune.removed_nothing`` of ``pruned``), the unpruned
+    ``fp32_accuracy`` with the stage shown as skipped (the model is the same; scoring it again is waste)."""
+    from .prune import removed_nothing
+
+    if removed_nothing(pruned):
+        st.skip(name, "nothing pruned or distilled: the fp32 accuracy is this model's")
+        return fp32_accuracy
+    return st.run(name, score, **row)
