@@ -35,6 +35,8 @@ def test_cpu4_budgets_are_the_v3x_guide_numbers():
     ({"target": {"name": "x"}, "goals": {"accuracy_drop": 2}}, "accuracy_drop"),
     ({"target": {"name": "x"}, "prune": {"expert": 0.5}}, "unknown key prune.expert"),
     ({"target": {"name": "x"}, "prune": {"experts": 1.5}}, "experts"),
+    ({"target": {"name": "x"}, "prune": {"recover_fake_quant_block": -1}}, "recover_fake_quant_block"),
+    ({"target": {"name": "x"}, "prune": {"recover_fake_quant": "int3"}}, "fake_quant"),
     ({"target": {"name": "x"}, "bogus": {}}, "unknown table"),
     ({"goals": {}}, "missing \\[target\\] name"),
     ({"target": {"name": "x", "ops": "gpu"}}, "ops"),

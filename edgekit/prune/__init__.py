@@ -84,6 +84,10 @@ class PruneConfig:
                 _check_ratio(f"per_layer[{i}].{k}", v)
             plan[str(int(i))] = dict(over)
         self.per_layer = plan or None
+        if self.recover_fake_quant_block < 0:
+            raise ValueError(f"recover_fake_quant_block={self.recover_fake_quant_block}: use the 4-bit block "
+                             "along K ([quantize] int4_block) or 0 for one scale per row")
+        self.distill_config(progress=False)     # the other recover_* settings checked at load, not mid-run
 
     @property
     def removes_anything(self) -> bool:
