@@ -267,7 +267,7 @@ def main(argv=None) -> int:
               + f"  [{row['seconds']:.0f}s]", flush=True)
     result = _result(*ctx, rows)
     _write(out, result)
-    _plot(result, out.with_suffix(".png"))
+    plot(result, out.with_suffix(".png"))
     print(f"wrote {out}.json / .md ({time.perf_counter() - t0:.0f} s in all; {failed} point(s) failed)")
     return 1 if failed else 0
 
@@ -430,7 +430,9 @@ def _markdown(r: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def _plot(r: dict, path: Path) -> None:
+def plot(r: dict, path: Path) -> None:
+    """Size ratio vs both drops, with the gates; ``r``: {"model", "domain", "points": [{"name",
+    "size_ratio", "drop_points", "drop_relative_pct", "accuracy"}]}. No-op without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")

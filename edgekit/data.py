@@ -4,8 +4,9 @@ What: ``load_tokens(source, tokenizer)`` returns a 1-D int64 array of token ids 
 (``"eval"``, ``"calib"``, ``"recover"``: a sample of v3-nano's training text for distillation)
 shipped in ``edgekit/data/splits``, a domain split ``"<domain>/<split>"`` shipped in
 ``edgekit/data/domains`` (domains ``python``, ``c``, ``prose``; splits ``eval``, ``calib``, ``dev``,
-``recover``; see ``edgekit/nano/mixed.py``; shipped gzipped, ``{split}.txt.gz``), or a path to a
-UTF-8 text file (``.gz``: gzipped);
+``recover``, shipped gzipped, ``{split}.txt.gz``; and ``train``, v3-mini's whole training text of
+the domain, where the domain ships it (python), ``train.txt.xz``, for long GPU distillation; see
+``edgekit/nano/mixed.py``), or a path to a UTF-8 text file (``.gz``: gzipped, ``.xz``: xz);
 ``windows(tokens, seq_len)`` cuts it into non-overlapping ``[N, seq_len + 1]`` rows (inputs plus
 the next-token target). ``DomainData.of(domain)`` names the four splits of one domain for
 domain-targeted compression (calibration, distillation, candidate selection on ``dev``, the gate on
@@ -17,6 +18,10 @@ Invariants: the eval, calibration and dev splits are disjoint from each other an
 the reference models were trained on (by file; see ``edgekit/nano/corpus_manifest.json`` and
 ``mixed_manifest.json``); the ``python`` domain's eval/calib/recover equal ``splits/``.
 
+Large texts are tokenized document by document (split after each ``<|eos|>``, where the tokenizer
+splits anyway): the same ids as one call, in a fraction of the memory (v3-mini's python train text,
+30.6 MB: one call held ~5 GB).
+
 Failure modes: a missing file, a non-UTF-8 file, text too short for one window (``windows``) or
 for one full calibration window (``require_tokens``) raise ``EdgekitError`` naming the fix.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import os
 import zlib
 from dataclasses import dataclass
@@ -35,15 +41,18 @@ import numpy as np
 from .errors import EdgekitError
 
 SPLITS = ("eval", "calib", "recover")
-DOMAIN_SPLITS = ("eval", "calib", "dev", "recover")
+DOMAIN_SPLITS = ("eval", "calib", "dev", "recover", "train")
 DOMAINS_DIR = Path(__file__).parent / "data" / "domains"
-GZIPPED = ("eval", "calib", "dev", "recover")   # every shipped split is gzipped; read transparently
+GZIPPED = ("eval", "calib", "dev", "recover")   # shipped gzipped; read transparently
+XZ = ("train",)                                 # shipped xz (a third smaller than gzip on source text)
+SEPARATOR = "<|eos|>"                           # the corpora's document separator (a special token)
+CHUNK_CHARS = 1 << 20                           # texts longer than this are tokenized per document
 
 
 def shipped_file(folder: Path, split: str) -> Path:
-    """The file of a shipped split in ``folder``: ``{split}.txt.gz`` (``{split}.txt`` for a name
-    outside ``GZIPPED``)."""
-    return folder / (f"{split}.txt.gz" if split in GZIPPED else f"{split}.txt")
+    """The file of a shipped split in ``folder``: ``{split}.txt.gz`` (``.txt.xz`` for ``XZ``,
+    ``{split}.txt`` for any other name)."""
+    return folder / (f"{split}.txt.gz" if split in GZIPPED else f"{split}.txt.xz" if split in XZ else f"{split}.txt")
 
 
 def split_path(name: str) -> Path:
@@ -81,11 +90,20 @@ class DomainData:
     eval: str
 
     @classmethod
-    def of(cls, domain: str) -> DomainData:
+    def of(cls, domain: str, recover: str = "recover") -> DomainData:
+        """``recover``: the split distillation reads (``recover``, the shipped sample, or ``train``)."""
         if not is_domain(domain):
             raise EdgekitError(f"unknown domain {domain!r}; choose one of {', '.join(domain_names())} "
                                "or pass a text file")
-        return cls(domain, *(f"{domain}/{s}" for s in ("calib", "recover", "dev", "eval")))
+        if not shipped_file(DOMAINS_DIR / domain, recover).is_file():
+            raise EdgekitError(f"domain {domain!r} ships no {recover!r} split; use one of "
+                               f"{', '.join(recovery_splits(domain))} or pass --recover FILE")
+        return cls(domain, *(f"{domain}/{s}" for s in ("calib", recover, "dev", "eval")))
+
+
+def recovery_splits(domain: str) -> list[str]:
+    """The splits of a shipped domain that distillation can read (``recover``; ``train`` where shipped)."""
+    return [s for s in ("recover", "train") if shipped_file(DOMAINS_DIR / domain, s).is_file()]
 
 
 def model_domains(model_dir: str | os.PathLike) -> list[str]:
@@ -104,9 +122,11 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
         raise EdgekitError(f"data file {p} not found; pass a UTF-8 text file, one of {SPLITS} or DOMAIN/SPLIT "
                            f"(domains {', '.join(domain_names())}; splits {', '.join(DOMAIN_SPLITS)})")
     try:
-        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-    except (gzip.BadGzipFile, EOFError, zlib.error):
-        raise EdgekitError(f"{p} is not a complete gzip file; pass it uncompressed or re-compress it") from None
+        raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else \
+            lzma.decompress(p.read_bytes()) if p.suffix == ".xz" else p.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError):
+        raise EdgekitError(f"{p} is not a complete {p.suffix[1:]} file; pass it uncompressed or re-compress it") \
+            from None
     try:
         text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")   # as text mode reads it
     except UnicodeDecodeError:
@@ -120,7 +140,19 @@ def load_tokens(source: str | os.PathLike | None, tokenizer, max_tokens: int | N
     """Token ids of a split or text file, optionally truncated to ``max_tokens``."""
     if max_tokens is not None and max_tokens < 0:
         raise EdgekitError(f"max_tokens={max_tokens}: pass a positive number of tokens")
-    ids = np.asarray(tokenizer.encode(load_text(source or "eval")).ids, dtype=np.int64)
+    text = load_text(source or "eval")
+    if len(text) <= CHUNK_CHARS or SEPARATOR not in text:
+        ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
+        return ids[:max_tokens] if max_tokens else ids
+    docs, parts, n = text.split(SEPARATOR), [], 0
+    docs = [d + SEPARATOR for d in docs[:-1]] + ([docs[-1]] if docs[-1] else [])
+    for i in range(0, len(docs), 256):
+        for enc in tokenizer.encode_batch(docs[i:i + 256]):
+            parts.append(np.asarray(enc.ids, dtype=np.int64))
+            n += len(parts[-1])
+        if max_tokens and n >= max_tokens:
+            break
+    ids = np.concatenate(parts)
     return ids[:max_tokens] if max_tokens else ids
 
 

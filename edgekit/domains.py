@@ -4,8 +4,9 @@ What: ``plan_data(model_dir, recipe, calib, eval_data, recover)`` resolves the p
 sources. A ``--calib`` that names a shipped domain (``python``, ``c``, ``prose``; see
 ``edgekit.data``), or, without ``--calib``, the recipe's ``[data] domain``, makes that domain the
 target: importance statistics and int8 calibration read its ``calib`` split, distillation its
-``recover`` split, the accuracy gate its ``eval`` split (explicit ``--eval``/``--recover`` files still
-win) and ``dev`` is named for candidate selection. The other domains the model was trained on
+``recover`` split (or its whole ``train`` text, per the recipe's ``[data] recover``), the accuracy
+gate its ``eval`` split (explicit ``--eval``/``--recover`` files still win) and ``dev`` is named for
+candidate selection. The other domains the model was trained on
 (``training.json`` "domains") are the out-of-domain set. A ``--calib`` file keeps the plain behaviour.
 
 ``ood_report(...)`` scores the fp32 model (torch, cached per model and text) and the bundle
@@ -40,7 +41,7 @@ def plan_data(model_dir: Path, recipe, calib: str | None, eval_data: str | None,
     domain = calib if is_domain(calib) else (recipe.data.domain if calib is None else "")
     if not domain:
         return DataPlan(calib or "calib", eval_data or "eval", recover)
-    dd = DomainData.of(domain)
+    dd = DomainData.of(domain, recipe.data.recover if recover is None else "recover")   # --recover FILE wins
     ood = tuple(d for d in model_domains(model_dir) if d != domain)
     return DataPlan(dd.calib, eval_data or dd.eval, recover or dd.recover, dd.dev, domain, ood)
 

@@ -140,15 +140,23 @@ class Data:
     """Which shipped text the pipeline reads when ``--calib`` names no file: ``domain`` (a directory of
     ``edgekit/data/domains``) supplies calibration, distillation, dev and the gated eval text; the
     other domains the model was trained on are scored too (reported, not gated), on at most
-    ``ood_max_tokens`` tokens each. "" keeps the plain shipped splits."""
+    ``ood_max_tokens`` tokens each. "" keeps the plain shipped splits. ``recover``: the domain's split
+    distillation reads: "recover" (a 2.5 MB sample of the training text) or "train" (the whole training
+    text, where the domain ships it: python; for thousands of GPU steps)."""
     domain: str = ""
     ood_max_tokens: int = 32768
+    recover: str = "recover"
 
     def __post_init__(self):
-        from .data import domain_names
+        from .data import domain_names, recovery_splits
 
         if self.domain and self.domain not in domain_names():
             raise ValueError(f"domain={self.domain!r}: use one of {', '.join(domain_names())} (or \"\" for none)")
+        if self.recover not in ("recover", "train"):
+            raise ValueError(f"recover={self.recover!r}: use \"recover\" (the shipped sample) or \"train\"")
+        if self.domain and self.recover not in recovery_splits(self.domain):
+            raise ValueError(f"recover={self.recover!r}: domain {self.domain!r} ships "
+                             f"{' and '.join(recovery_splits(self.domain))} only")
         if self.ood_max_tokens < 0:
             raise ValueError(f"ood_max_tokens={self.ood_max_tokens}: use >= 0 (0: whole eval split)")
 

@@ -192,6 +192,12 @@ def test_auto_dev_split_is_the_calibration_tail_and_never_eval(ckpt):
     # a targeted domain selects on its shipped dev split instead (disjoint from its calib and eval)
     dom = load_texts(ckpt, tok, r, plan_data(ckpt, r, "c", None, None), True)
     assert np.array_equal(dom.dev, load_tokens("c/dev", tok)) and np.array_equal(dom.calib, load_tokens("c/calib", tok))
+    # [data] recover = "train": distillation reads the domain's whole training text; an explicit --recover wins
+    tr = parse_recipe({"target": {"name": "t"}, "data": {"domain": "python", "recover": "train"}}, "r.toml",
+                      STAGE_CONFIGS)
+    assert plan_data(ckpt, tr, None, None, None).recover == "python/train"
+    assert plan_data(ckpt, tr, None, None, "my.txt").recover == "my.txt"
+    assert plan_data(ckpt, tr, "c", None, "my.txt").recover == "my.txt"
 
 
 def test_target_domain_sets_the_text_and_reports_other_domains(ckpt, tmp_path, monkeypatch, cache_dir):

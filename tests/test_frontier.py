@@ -74,3 +74,29 @@ def test_every_grid_point_applies_to_the_cpu4_recipe():
                 assert r.prune.recover_fake_quant_block == 0 and r.quantize.int4_moe_rows is True, name
             elif r.quantize.int4:   # 4-bit points stay in blocks, whatever the recipe's own setting
                 assert r.quantize.int4_moe_rows is False, name
+
+
+def test_compress_runs_tabulates_build_reports_and_refuses_other_files(tmp_path, capsys):
+    """benchmarks/compress_runs.py reads the committed v3-mini cpu4-moe reports: the recipe's run is the
+    one in device_runs/, and its row carries the gate values of that report."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.compress_runs import main
+
+    runs = Path(__file__).resolve().parent.parent / "device_runs" / "v3-mini-cpu4-moe-h200"
+    rep = json.loads((runs / "report.json").read_text())
+    assert main([str(runs / "report.json"), str(runs / "runs" / "rows-5of16-recover-sample.json"),
+                 "--out", str(tmp_path / "t")]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    first = res["points"][0]
+    assert first["size_ratio"] == rep["gates"]["size_ratio"]["value"]
+    assert abs(first["drop_relative_pct"] - 100 * rep["gates"]["accuracy_drop_relative"]["value"]) < 1e-9
+    assert first["recover"] == "python/train" and res["points"][1]["recover"] == "python/recover"
+    md = (tmp_path / "t.md").read_text()
+    assert "| report | 0.5625 | python/train |" in md and "| fail |" in md
+    (tmp_path / "x.json").write_text("{}")
+    capsys.readouterr()
+    assert main([str(tmp_path / "x.json"), "--out", str(tmp_path / "u")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an edgekit build report" in err and not (tmp_path / "u.md").exists()

@@ -30,6 +30,11 @@ def test_shipped_domain_splits_match_the_manifest_and_are_disjoint():
             want = sum(1 for f in dom["files"] if (f.get("recover") if split == "recover" else f["split"] == split))
             text = load_text(f"{name}/{split}")
             assert text.count(corpus.SEPARATOR) == want, (name, split)
+        train = shipped_file(DOMAINS_DIR / name, "train")
+        assert train.is_file() == mixed.DOMAINS[name].ship_train, name
+        if train.is_file():    # the whole train split: every train document, in the manifest's order
+            want = sum(1 for f in dom["files"] if f["split"] == "train")
+            assert load_text(f"{name}/train").count(corpus.SEPARATOR) == want, name
         held = sum(len(load_text(f"{name}/{s}").encode()) for s in ("eval", "calib", "dev"))
         assert held < 1_000_000 and len(load_text(f"{name}/recover").encode()) <= 2_600_000
     for name in ("c", "prose"):
@@ -112,6 +117,9 @@ def test_domain_sources_resolve_and_unknown_names_fail_with_the_choices(tmp_path
         DomainData.of("rust")
     with pytest.raises(EdgekitError, match="DOMAIN/SPLIT"):
         load_text("c/train")
+    assert DomainData.of("python", "train").recover == "python/train"
+    with pytest.raises(EdgekitError, match="ships no 'train' split; use one of recover or pass --recover"):
+        DomainData.of("c", "train")
     (tmp_path / "training.json").write_text(json.dumps({"domains": ["python", "c", "klingon"]}))
     assert model_domains(tmp_path) == ["python", "c"] and model_domains(tmp_path / "none") == []
 
@@ -165,3 +173,32 @@ def test_prepared_tokens_round_trip_and_a_stale_file_is_refused(tmp_path):
     assert meta["spans"]["c/calib"][1] == len(want)
     with pytest.raises(SystemExit, match="another tokenizer"):
         load_train_tokens(spec, SPECS["v3-nano"].tokenizer, d)
+
+
+def test_large_text_is_tokenized_per_document_to_the_same_ids(monkeypatch):
+    """load_tokens splits a long text after each separator (the tokenizer splits there anyway):
+    the ids must equal one call over the whole text, and max_tokens still cuts exactly."""
+    import edgekit.data as data
+    from edgekit.checkpoint import load_tokenizer, resolve
+
+    tok = load_tokenizer(resolve("v3-mini"))
+    whole = data.load_tokens("python/eval", tok)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 1000)
+    chunked = data.load_tokens("python/eval", tok)
+    if not np.array_equal(whole, chunked):
+        i = int(np.argmax(whole[:len(chunked)] != chunked[:len(whole)]))
+        raise AssertionError(f"{len(whole)} vs {len(chunked)} ids; first difference at {i}: "
+                             f"{whole[i:i + 8]} vs {chunked[i:i + 8]}")
+    assert np.array_equal(data.load_tokens("python/eval", tok, 5000), whole[:5000])
+
+
+def test_xz_text_reads_and_a_truncated_one_names_the_fix(tmp_path):
+    import lzma
+
+    good = tmp_path / "t.txt.xz"
+    good.write_bytes(lzma.compress(b"def f():\n    return 1\n"))
+    assert load_text(str(good)) == "def f():\n    return 1\n"
+    bad = tmp_path / "bad.txt.xz"
+    bad.write_bytes(good.read_bytes()[:-8])
+    with pytest.raises(EdgekitError, match="not a complete xz file; pass it uncompressed or re-compress it"):
+        load_text(str(bad))

@@ -38,6 +38,8 @@ def test_cpu4_budgets_are_the_v3x_guide_numbers():
     ({"target": {"name": "x"}, "prune": {"recover_fake_quant_block": -1}}, "recover_fake_quant_block"),
     ({"target": {"name": "x"}, "prune": {"recover_fake_quant": "int3"}}, "fake_quant"),
     ({"target": {"name": "x"}, "bogus": {}}, "unknown table"),
+    ({"target": {"name": "x"}, "data": {"recover": "all"}}, "recover='all': use \"recover\""),
+    ({"target": {"name": "x"}, "data": {"domain": "c", "recover": "train"}}, "domain 'c' ships recover only"),
     ({"goals": {}}, "missing \\[target\\] name"),
     ({"target": {"name": "x", "ops": "gpu"}}, "ops"),
     ({"target": {"name": "x", "format": "flatbuffer"}}, "format"),

@@ -35,6 +35,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import lzma
 import platform
 import sys
 import sysconfig
@@ -179,9 +180,12 @@ def recover_sample(docs: list[Document], split_of: dict[str, str]) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
-    """UTF-8 text; a ``.gz`` path is gzipped reproducibly (no name or time in the header)."""
+    """UTF-8 text; a ``.gz`` path is gzipped reproducibly (no name or time in the header), a ``.xz``
+    path xz-compressed (preset 9e; the format records no name or time)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode("utf-8")
+    if path.suffix == ".xz":
+        data = lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
     path.write_bytes(gzip.compress(data, compresslevel=9, mtime=0) if path.suffix == ".gz" else data)
 
 

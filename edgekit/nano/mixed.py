@@ -24,6 +24,9 @@ ranked by ``sha256("<domain>:<package>/<path>")``; walking that ranking, files o
 ``heldout_max_file_bytes`` fill eval, then calib, then dev to their byte targets; every other file
 goes to train until the domain's ``train_bytes`` budget is reached; the rest is unused (not listed).
 ``recover`` is every ``RECOVER_EVERY``-th train document in path order up to ``recover_bytes``.
+A domain with ``ship_train`` (python) also ships its whole ``train`` text (``train.txt.xz``, 4.5 MB):
+v3-mini's own training text of the domain, the recovery text of long GPU distillation
+(``[data] recover = "train"``, recipe ``cpu4-moe``), where the 2.5 MB sample is passed over too often.
 
 Pinning: ``edgekit/nano/mixed_manifest.json`` records, per domain, the packages (name, version and
 the .deb's sha256 as downloaded), and every used file with its sha256 and split. Once it exists the
@@ -86,13 +89,14 @@ class Domain:
     train_bytes: int = 16_000_000
     heldout_max_file_bytes: int = 40_000
     max_file_bytes: int = 64_000
+    ship_train: bool = False           # the whole train text ships too (train.txt.xz)
     notes: list = field(default_factory=list, compare=False)
 
 
 _SPHINX = ("*.rst.txt", "*.txt")
 DOMAINS = {
     "python": Domain("python", "Python 3.11.7 standard library *.py (v3-nano's corpus, corpus.py)",
-                     dev_bytes=200_000, recover_bytes=corpus.RECOVER_TARGET_BYTES),
+                     dev_bytes=200_000, recover_bytes=corpus.RECOVER_TARGET_BYTES, ship_train=True),
     "c": Domain("c", "C sources (*.c, *.h; test suites excluded) of GNU binutils 2.40",
                 (Source("binutils-source", "2.40-2", "binutils-2.40", ("*.c", "*.h"), ("*/testsuite/*",),
                         tarball="usr/src/binutils/binutils-2.40.tar.xz"),),
@@ -256,7 +260,7 @@ def build(cache: Path = DEB_CACHE, rewrite_manifest: bool = False, domains: dict
             "excluded": dict(sorted(excluded.items())),
         }
     for name, t in texts.items():
-        for s in SHIPPED:
+        for s in SHIPPED + (("train",) if domains[name].ship_train else ()):
             corpus.write_text(shipped_file(out_dir / name, s), t[s])
         corpus.write_text(train_dir / f"{name}.txt", t["train"])
     if pinned is None:
