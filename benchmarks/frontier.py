@@ -9,7 +9,8 @@ Every point is the shipped cpu4 recipe (``export_recipes/cpu4.toml``, or ``--rec
 point's table overrides, built by the pipeline's own ``build`` (prune + recover -> smooth -> export
 -> score -> plan -> quantize, every stage through the stage cache, so points sharing a pruned model
 share its stage). Like ``compress --auto``, the planner's accuracy budget is taken on the target
-domain's dev split and calibration/distillation read its calib/recover splits; the eval split (its
+domain's dev split and calibration/distillation read its calib/recover splits (``--recover
+python/train``: the domain's whole training text, as cpu4-moe distills); the eval split (its
 first ``--eval-tokens`` tokens, 0 = all; windows of the recipe's seq_len; ``--dev-tokens`` likewise
 for dev) is only measured: fp32
 (torch) and each bundle (onnxruntime). Size ratio = the bundle's ONNX bytes / the unpruned fp32
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgekit.checkpoint import load_tokenizer, resolve  # noqa: E402
 from edgekit.data import load_tokens  # noqa: E402
 from edgekit.domains import plan_data  # noqa: E402
+from edgekit.errors import EdgekitError  # noqa: E402
 from edgekit.host import host_facts  # noqa: E402
 from edgekit.pipeline import STAGE_CONFIGS, baseline_for, build, fp32_accuracy, load_texts  # noqa: E402
 from edgekit.recipes import load_recipe, with_overrides  # noqa: E402
@@ -143,6 +145,9 @@ def main(argv=None) -> int:
                          "stages' measured times); points that do not fit even with --min-steps are skipped")
     ap.add_argument("--min-steps", type=int, default=50,
                     help="with --time-budget: fewest distillation steps worth running")
+    ap.add_argument("--recover", default="",
+                    help="distillation text of every distilling point: DOMAIN/SPLIT (e.g. python/train) or a "
+                         "file (default: the recipe's [data] recover split of --domain)")
     ap.add_argument("--device", default="cpu", help="where torch stages run: cpu, cuda, auto")
     ap.add_argument("--no-simplify", action="store_true",
                     help="skip onnxsim in every export, the fp32 baseline's too (hosts without onnxsim)")
@@ -161,8 +166,12 @@ def main(argv=None) -> int:
     if a.no_simplify:
         recipe = with_overrides(recipe, export={"simplify": False})
     tok = load_tokenizer(src)
-    plan = plan_data(src, recipe, a.domain, None, None)
-    texts = load_texts(src, tok, recipe, plan, auto=True)          # dev = the domain's dev split
+    try:
+        plan = plan_data(src, recipe, a.domain, None, a.recover or None)
+        texts = load_texts(src, tok, recipe, plan, auto=True)      # dev = the domain's dev split
+    except EdgekitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.eval_tokens:
         texts.eval = texts.eval[: a.eval_tokens + 1]
     if a.dev_tokens:
@@ -359,6 +368,7 @@ def _result(a, argv, src, texts, seq, fp32_eval, fp32_dev, base_bytes, t0, sizes
             "eval": {"split": f"{a.domain}/eval", "tokens": int(len(texts.eval) - 1), "seq_len": seq,
                      "subset": bool(a.eval_tokens)},
             "dev": {"split": texts.dev_name, "tokens": int(len(texts.dev))},
+            "recover": {"text": texts.recover_name, "tokens": int(len(texts.recover))},
             "fp32": {"eval_accuracy": fp32_eval, "dev_accuracy": fp32_dev, "onnx_bytes": base_bytes},
             "machine": {"cpu": facts.get("cpu_model") or platform.processor(), "cores": facts.get("cores"),
                         "onnxruntime": facts.get("onnxruntime"), "python": platform.python_version(),
@@ -395,7 +405,9 @@ def _markdown(r: dict) -> str:
              f"Eval: first {r['eval']['tokens']:,} tokens of `{r['eval']['split']}` (windows of "
              f"{r['eval']['seq_len']}); fp32 {100 * r['fp32']['eval_accuracy']:.2f}%. Planner budget and dev "
              f"column: `{r['dev']['split']}` ({r['dev']['tokens']:,} tokens, fp32 "
-             f"{100 * r['fp32']['dev_accuracy']:.2f}%). fp32 ONNX {r['fp32']['onnx_bytes'] / 1e6:.2f} MB.", "",
+             f"{100 * r['fp32']['dev_accuracy']:.2f}%). fp32 ONNX {r['fp32']['onnx_bytes'] / 1e6:.2f} MB."
+             + (f" Distillation text: `{r['recover']['text']}` ({r['recover']['tokens']:,} tokens)."
+                if r.get("recover") else ""), "",
              "| point | params | size MB | size ratio | accuracy | drop (points) | drop (relative) | dev drop | "
              + "".join(f"{d} drop | " for d in ood) + "4-bit units | seconds |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(ood) + "---|---|"]

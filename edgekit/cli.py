@@ -305,7 +305,8 @@ def targets():
 @click.option("--calib", default=None, help="Calibration text file (default: shipped calib split).")
 @click.option("--eval", "eval_data", default=None, help="Evaluation text file (default: shipped eval split).")
 @click.option("--recover", default=None,
-              help="Distillation text after pruning (default: v3-nano's shipped training sample, else --calib).")
+              help="Distillation text after pruning (default: the target domain's recover split, or its train "
+                   "text with [data] recover = \"train\"; without a domain v3-nano's shipped sample, else --calib).")
 @click.option("-o", "--out", default=None, help="Bundle directory (default: edgekit-out/<model>-<target>).")
 @click.option("--auto", is_flag=True, help="Search pruning ratios x precision for the smallest passing model.")
 @click.option("--strict", is_flag=True, help="Treat unverified gates (e.g. too few cores here) as failures.")

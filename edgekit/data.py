@@ -125,8 +125,8 @@ def load_text(source: str | os.PathLike | None = "eval") -> str:
         raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else \
             lzma.decompress(p.read_bytes()) if p.suffix == ".xz" else p.read_bytes()
     except (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError):
-        raise EdgekitError(f"{p} is not a complete {p.suffix[1:]} file; pass it uncompressed or re-compress it") \
-            from None
+        kind = "gzip" if p.suffix == ".gz" else "xz"
+        raise EdgekitError(f"{p} is not a complete {kind} file; pass it uncompressed or re-compress it") from None
     try:
         text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")   # as text mode reads it
     except UnicodeDecodeError:

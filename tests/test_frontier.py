@@ -100,3 +100,11 @@ def test_compress_runs_tabulates_build_reports_and_refuses_other_files(tmp_path,
     assert main([str(tmp_path / "x.json"), "--out", str(tmp_path / "u")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not an edgekit build report" in err and not (tmp_path / "u.md").exists()
+
+
+def test_frontier_refuses_a_recovery_split_the_domain_does_not_ship(capsys):
+    from benchmarks.frontier import main
+
+    assert main(["--model", "v3-mini", "--domain", "c", "--recover", "c/train", "--only", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c/train" in err
