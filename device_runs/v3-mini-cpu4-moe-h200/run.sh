@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# v3-mini compressed for cpu4-moe (export_recipes/cpu4-moe.toml: 7/16 routed experts pruned, 4-bit QAT
+# v3-mini compressed for cpu4-moe (export_recipes/cpu4-moe.toml: 9/16 routed experts pruned, 4-bit QAT
 # distillation on the python domain's whole training text, 4-bit experts (per row) + lm_head) on the H200
 # host: torch stages on the GPU, onnxruntime on its CPU.
 # Writes, in this folder: compress.log, report.json (the build-time report: gates on the whole
