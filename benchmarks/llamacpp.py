@@ -316,6 +316,17 @@ def parse_bench(text: str) -> dict:
 REPACK_ABORT = "cur_backend_id != -1"
 
 
+def failure_line(stderr: str) -> str:
+    """The line of a failed llama.cpp run that says why: its GGML_ASSERT (from the assert on, without
+    the source path), else the first line naming an error, else the last line (one line either way;
+    the tail of a crash is a debugger backtrace that names nothing)."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if "GGML_ASSERT" in ln:
+            return ln[ln.index("GGML_ASSERT"):]
+    return next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "no output")
+
+
 def bench(gguf: Path, bindir: Path, threads: int, reps: int = 5, timeout: float = 1800) -> dict:
     """Run llama-bench in a child and parse it; adds the child's peak RSS and the resolved flash attention.
     When its default weight repacking aborts (``REPACK_ABORT``), runs again with ``--repack 0`` and
@@ -332,7 +343,7 @@ def bench(gguf: Path, bindir: Path, threads: int, reps: int = 5, timeout: float 
                 "measured with --repack 0")
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if p.returncode:
-        raise LlamaCppError(f"llama-bench failed (rc {p.returncode}):\n{p.stderr[-2000:]}")
+        raise LlamaCppError(f"llama-bench failed (rc {p.returncode}): {failure_line(p.stderr)}")
     out = parse_bench(p.stdout)
     if note:
         out["note"] = note

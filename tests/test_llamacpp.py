@@ -105,3 +105,13 @@ def test_nano_gguf_runs_in_llama_bench(tmp_path):
     assert r["build_commit"].startswith(llamacpp.LLAMA_COMMIT[:7])
     assert r["prefill_p50_ms"] > 0 and r["decode_ms_ctx0"] > 0 and r["decode_ms_ctx1024"] > 0
     assert 8_000_000 < r["model_n_params"] < 9_500_000   # v3-nano: 8.8M
+
+
+def test_failure_line_names_the_assert_not_the_backtrace():
+    crash = ("/src/llama.cpp/src/llama-model.cpp:1365: GGML_ASSERT(hparams.n_expert_groups < hparams.n_expert) failed\n"
+             "[Thread debugging using libthread_db enabled]\n#9  __libc_start_main_impl () at ../csu/libc-start.c:360\n"
+             "360\t../csu/libc-start.c: No such file or directory.\n")
+    assert llamacpp.failure_line(crash) == "GGML_ASSERT(hparams.n_expert_groups < hparams.n_expert) failed"
+    assert llamacpp.failure_line("load ok\nerror: unknown model architecture: 'x'\nbye\n") == \
+        "error: unknown model architecture: 'x'"
+    assert llamacpp.failure_line("a\nlast words\n") == "last words" and llamacpp.failure_line("") == "no output"

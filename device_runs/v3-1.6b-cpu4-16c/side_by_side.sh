@@ -7,7 +7,8 @@
 # lacks (onnxsim, tomli-w). Writes compress_stream.log here, benchmarks/results/run_16c_t$T_v3-1.6b.*
 # (the table) and profile_v3-1.6b_16c_t$T.* (onnxruntime's profiler on the bundle, benchmarks/scale_speed.py).
 # Usage: bash device_runs/v3-1.6b-cpu4-16c/side_by_side.sh   (WORK=/path, THREADS=4 by default;
-# SHAPE=v3-nano RESULT=/tmp/x PROFILE_OUT=/tmp/y tries it on a small shape; VARIANTS=llama-q8_0,edgekit-cpu4
+# SHAPE=v3-nano RESULT=/tmp/x PROFILE_OUT=/tmp/y MACHINE="..." tries it on a small shape (llama.cpp refuses
+# pruned v3-nano: 4 experts in 4 groups fail its n_expert_groups < n_expert check); VARIANTS=llama-q8_0,edgekit-cpu4
 # and PROFILE=0 make it shorter)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -16,6 +17,8 @@ work=${WORK:-/tmp/v3-1.6b}
 threads=${THREADS:-4}
 shape=${SHAPE:-v3-1.6b}
 mkdir -p "$work"
+# the committed log is the v3-1.6b run's; a trial on another shape logs into WORK
+log="$here/compress_stream.log"; [ "$shape" = v3-1.6b ] || log="$work/compress_stream.log"
 site="$work/site"
 if [ -d "$root/benchmarks/.llama/pack/wheels" ] && [ ! -d "$site" ]; then
     python3 -m pip install -q --no-index --no-deps --target "$site" "$root"/benchmarks/.llama/pack/wheels/*.whl
@@ -32,18 +35,18 @@ if [ ! -f "$work/bundle/manifest.json" ]; then
     step "compress --stream (recipe: $here/recipe.toml)"
     t0=$(date +%s)
     ek compress "$work/ckpt" --target "$here/recipe.toml" --stream --device auto -o "$work/bundle" --force \
-        > "$here/compress_stream.log" 2>&1
+        > "$log" 2>&1
     rc=$?
     step "compress exit $rc in $(( $(date +%s) - t0 )) s"
-    [ "$rc" -le 1 ] || { tail -20 "$here/compress_stream.log"; exit "$rc"; }
+    [ "$rc" -le 1 ] || { tail -20 "$log"; exit "$rc"; }
 fi
 pruned=$(ls -d "$work"/cache/prune/*/ | head -1)
-ln -sfn "$pruned" "$work/v3-1.6b-pruned"
+ln -sfn "$pruned" "$work/$shape-pruned"
 step "side by side, $threads threads (pruned checkpoint: $pruned)"
-python3 benchmarks/run.py --checkpoint "$work/v3-1.6b-pruned" --bundle "$work/bundle" \
+python3 benchmarks/run.py --checkpoint "$work/$shape-pruned" --bundle "$work/bundle" \
     --variants "${VARIANTS:-ort-dynamic-int8,llama-q8_0,edgekit-cpu4}" --threads "$threads" --work "$work/bench" \
-    --machine "16-core Xeon host (H200 beside it)" \
-    --note "v3-1.6b compressed for cpu4 (half the routed experts removed); every row runs that pruned 875.7M-parameter checkpoint" \
+    --machine "${MACHINE:-16-core Xeon host (H200 beside it)}" \
+    --note "$shape compressed for cpu4 (half the routed experts removed); every row runs that pruned checkpoint" \
     --out "${RESULT:-benchmarks/results/run_16c_t${threads}_v3-1.6b}"
 [ "${PROFILE:-1}" = 0 ] && { step done; exit 0; }
 step "profile of the bundle (and onnxruntime's dynamic block sizing beside the default)"
