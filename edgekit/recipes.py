@@ -148,11 +148,11 @@ class Data:
     recover: str = "recover"
 
     def __post_init__(self):
-        from .data import domain_names, recovery_splits
+        from .data import RECOVERY_SPLITS, domain_names, recovery_splits
 
         if self.domain and self.domain not in domain_names():
             raise ValueError(f"domain={self.domain!r}: use one of {', '.join(domain_names())} (or \"\" for none)")
-        if self.recover not in ("recover", "train"):
+        if self.recover not in RECOVERY_SPLITS:
             raise ValueError(f"recover={self.recover!r}: use \"recover\" (the shipped sample) or \"train\"")
         if self.domain and self.recover not in recovery_splits(self.domain):
             raise ValueError(f"recover={self.recover!r}: domain {self.domain!r} ships "

@@ -42,9 +42,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import load_text, shipped_file
+from ..data import SEPARATOR, load_text, shipped_file
 
-SEPARATOR = "<|eos|>"
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>")
 SPLITS = ("eval", "calib", "train")
 EVAL_TARGET_BYTES = 560_000
