@@ -1,7 +1,7 @@
 """Batch-1 decode latency of two exports of the same model, interleaved in one process.
 
     python benchmarks/decode_ab.py BEFORE_DIR AFTER_DIR [--threads 1 --rounds 9 --steps 32 --ctx 128 1024]
-        [--prefill 128] [--clock cpu]
+        [--prefill 128] [--clock cpu] [--config-after session.dynamic_block_base=4] [--spinning]
 
 What: for each context length, each round prefills the same random prompt in both exports (order
 alternating per round) and times ``--steps`` single-token ``OrtModel.decode`` calls; a round's
@@ -9,6 +9,8 @@ figure is the median ms/token, and the result is the median over rounds plus the
 ratio; ``--prefill N`` also times N-token prefills the same way (``--steps`` calls per round).
 Also prints the graphs' node counts. Used to show that a graph change (e.g. the
 ``left_pad`` input) does not slow decode: run it on the export before and after the change.
+``--config-before/--config-after KEY=VALUE,...`` give a side onnxruntime session config entries;
+with the same directory twice that A/Bs a session setting on one bundle.
 
 Why interleaved rounds: on a shared machine, load drifts over minutes; alternating the two
 exports inside every round lets the drift hit both alike (the spread across rounds is printed).
@@ -67,21 +69,36 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, default=0, help="also time prefills of this many tokens")
     ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                     help="wall time, or the process's CPU time (stable on a loaded machine; use --threads 1)")
+    ap.add_argument("--config-before", default="", metavar="KEY=VALUE,...",
+                    help="onnxruntime session config entries for the before side")
+    ap.add_argument("--config-after", default="", metavar="KEY=VALUE,...",
+                    help="the same for the after side (e.g. session.dynamic_block_base=4; the same directory "
+                         "twice then A/Bs that setting)")
+    ap.add_argument("--spinning", action="store_true", help="intra-op thread spinning (as cpu4 bundles run)")
     ap.add_argument("--json", default=None, help="also write the result here")
     a = ap.parse_args(argv)
+    configs = {}
+    for side in ("before", "after"):
+        text = getattr(a, f"config_{side}")
+        bad = [kv for kv in text.split(",") if kv and "=" not in kv]
+        if bad:
+            ap.error(f"--config-{side}: {bad[0]!r} is not KEY=VALUE (e.g. session.dynamic_block_base=4)")
+        configs[side] = dict(kv.split("=", 1) for kv in text.split(",") if kv)
     sys.path.insert(0, str(ROOT))
     import onnx
 
     from edgekit.runtime import OrtModel
 
-    models = {k: OrtModel(d, threads=a.threads, spinning=False) for k, d in (("before", a.before), ("after", a.after))}
+    models = {k: OrtModel(d, threads=a.threads, spinning=a.spinning, session_config=configs[k])
+              for k, d in (("before", a.before), ("after", a.after))}
     nodes = {k: len(onnx.load(str(Path(d) / "model.onnx"), load_external_data=False).graph.node)
              for k, d in (("before", a.before), ("after", a.after))}
     clock = CLOCKS[a.clock]
     import onnxruntime
 
     res = {"before": Path(a.before).name, "after": Path(a.after).name, "onnxruntime": onnxruntime.__version__,
-           "threads": a.threads, "rounds": a.rounds, "steps": a.steps, "clock": a.clock, "nodes": nodes, "ctx": {}}
+           "threads": a.threads, "rounds": a.rounds, "steps": a.steps, "clock": a.clock, "nodes": nodes,
+           "session_config": configs, "spinning": a.spinning, "ctx": {}}
     for ctx in a.ctx:
         for om in models.values():                       # warm-up
             decode_ms(om, ctx, 4, clock=clock)

@@ -81,13 +81,15 @@ def make_runner(variant: str, artifact: Path, threads: int):
 
 class OrtEdgekitRunner:
     """An edgekit export or bundle (one graph with the MLA latent cache) through
-    ``edgekit.runtime.session.OrtModel``: IO binding into preallocated cache buffers."""
+    ``edgekit.runtime.session.OrtModel``: IO binding into preallocated cache buffers; a bundle runs
+    with its target's onnxruntime session config entries, as ``edgekit.runtime.Engine`` runs it."""
 
 
     def __init__(self, d: Path, threads: int):
+        from edgekit.bundle import read_target
         from edgekit.runtime.session import OrtModel
 
-        self.m = OrtModel(d, threads=threads)
+        self.m = OrtModel(d, threads=threads, session_config=read_target(d).get("session_config", {}))
 
     def logits(self, ids):
         return self.m.logits(ids)

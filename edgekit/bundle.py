@@ -154,6 +154,28 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
     return m
 
 
+def read_target(d: str | os.PathLike) -> dict:
+    """The ``[target]`` table of a bundle's (or export's) ``recipe.toml``; {} when it has none. A
+    ``session_config`` there must map names to strings (onnxruntime session config entries, used
+    wherever the bundle runs or is timed)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    p = Path(d) / "recipe.toml"
+    if not p.exists():
+        return {}
+    try:
+        target = tomllib.loads(p.read_text()).get("target", {})
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        raise EdgekitError(f"{p} is corrupt; {REBUILD}") from None
+    config = target.get("session_config", {})
+    if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
+        raise EdgekitError(f"{p}: [target] session_config must map names to strings; {REBUILD}")
+    return target
+
+
 def read_export_spec(d: str | os.PathLike, what: str = "export") -> dict:
     """``export.json`` of an export dir or bundle, with the fields the runtime reads checked."""
     spec = read_json(d, "export.json", what)

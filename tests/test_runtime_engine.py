@@ -149,6 +149,29 @@ def test_tampered_bundle_is_refused(bundle, tmp_path):
         Engine.from_bundle(bad)
 
 
+def test_session_config_comes_from_recipe(bundle, tmp_path):
+    """A bundle's [target] session_config reaches onnxruntime wherever it runs: the Engine and the
+    benchmarks' runner (run.py's edgekit rows); a malformed one is a one-line error."""
+    import shutil
+
+    from benchmarks.runners import OrtEdgekitRunner
+    from edgekit.runtime import Engine
+
+    d = tmp_path / "cfg"
+    shutil.copytree(bundle, d)
+    want = {"session.dynamic_block_base": "4"}
+    (d / "recipe.toml").write_text(RECIPE.replace("spinning = false\n", "spinning = false\n"
+                                                  'session_config = { "session.dynamic_block_base" = "4" }\n'))
+    assert Engine.from_bundle(d, verify=False).model.session_config == want
+    assert OrtEdgekitRunner(d, threads=1).m.session_config == want
+    assert OrtEdgekitRunner(bundle, threads=1).m.session_config == {}
+    (d / "recipe.toml").write_text(RECIPE.replace("spinning = false\n", "spinning = false\n"
+                                                  'session_config = { "session.dynamic_block_base" = 4 }\n'))
+    for load in (lambda: Engine.from_bundle(d, verify=False), lambda: OrtEdgekitRunner(d, threads=1)):
+        with pytest.raises(EdgekitError, match="session_config must map names to strings"):
+            load()
+
+
 NO_TORCH = textwrap.dedent("""
     import sys
     class Block:

@@ -32,11 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from .. import bundle as _bundle
 from ..errors import EdgekitError
 from .session import OrtModel
@@ -162,21 +157,13 @@ class Engine:
         """Load a ``edgekit compress`` bundle; threads/spinning default to its target's [target] table."""
         d = Path(bundle_dir)
         manifest = _bundle.verify(d) if verify else _bundle.read_manifest(d)
-        target = {}
-        if (d / "recipe.toml").exists():
-            try:
-                target = tomllib.loads((d / "recipe.toml").read_text()).get("target", {})
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError):
-                raise EdgekitError(f"{d / 'recipe.toml'} is corrupt; {_bundle.REBUILD}") from None
+        target = _bundle.read_target(d)
         threads = threads or target.get("threads") or manifest.get("threads")
         spinning = spinning if spinning is not None else target.get("spinning", manifest.get("spinning"))
         if not (d / "tokenizer.json").exists():
             raise EdgekitError(f"{d} has no tokenizer.json; rebuild the bundle with `edgekit compress`")
         tokenizer = _bundle.read_tokenizer(d, "bundle")
-        config = target.get("session_config") or {}
-        if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
-            raise EdgekitError(f"{d / 'recipe.toml'}: [target] session_config must map names to strings; "
-                               f"{_bundle.REBUILD}")
+        config = target.get("session_config", {})
         return cls(OrtModel(d, threads=threads, spinning=spinning, session_config=config), tokenizer, manifest, d,
                    threads, spinning)
 
