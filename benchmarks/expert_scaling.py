@@ -8,7 +8,10 @@ experts at the same top-k and expert width (same active parameters per token), e
 ``--dense`` adds a dense-dispatch baseline (every expert on every token, unselected weights 0).
 ``--design`` measures the export's design choices on the base model: IO-bound cache buffers vs
 ``session.run`` with a concatenated cache; absorbed vs expanded attention (prefill and decode);
-one session vs a prefill + decode session pair in one process.
+one session vs a prefill + decode session pair in one process. ``--shape NAME [--layers N]
+[--experts N]`` runs the design measurements on a named shape instead (random init as
+``edgekit synth``; e.g. the first 3 layers of v3-1.6b with 16 routed experts, to see what the
+attention form costs at that layer size on a small machine).
 
 Run: ``python benchmarks/expert_scaling.py [--dense] [--design] [--threads N]``. Figures are noisy
 on shared 2-core machines: compare ratios within one run.
@@ -140,23 +143,44 @@ def expert_scaling(tmp: Path, a) -> None:
               f"at E={4 * base_e}: {res[('dense', 4 * base_e)] / res[('portable', 4 * base_e)]:.2f}x")
 
 
+def shape_model(shape: str, layers: int | None, experts: int | None) -> Transformer:
+    """A named shape (edgekit/data/shapes.toml), optionally cut to its first ``layers`` decoder
+    layers and ``experts`` routed experts, random init as ``edgekit synth`` (std 0.02)."""
+    from edgekit.checkpoint import args_from_config
+    from edgekit.shapes import shape_config
+    from edgekit.synth import init_tensor
+
+    cfg = shape_config(shape)
+    cfg.update({k: v for k, v in (("num_hidden_layers", layers), ("n_routed_experts", experts)) if v})
+    m = Transformer(args_from_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in m.state_dict().items():
+            p.copy_(init_tensor(name, tuple(p.shape), 0, 0.02))
+    return m
+
+
 def design(tmp: Path, a) -> None:
     import onnx
 
-    from edgekit.export import _trace
+    from edgekit.export import _trace, optional_input_defaults
     from edgekit.export.onnx_io import finish_graph
 
-    m = model(ModelArgs().n_routed_experts)
-    absorbed = export(m, tmp / "absorb", ExportConfig(moe="contrib"))
-    expanded = export(m, tmp / "expand", ExportConfig(moe="contrib"))   # same dir layout, graph replaced
+    m = shape_model(a.shape, a.layers, a.experts) if a.shape else model(ModelArgs().n_routed_experts)
+    simplify = not a.shape                                    # onnxsim on a big shape: minutes, same graph here
+    absorbed = export(m, tmp / "absorb", ExportConfig(moe="contrib", simplify=simplify))
+    expanded = export(m, tmp / "expand", ExportConfig(moe="contrib", simplify=simplify))   # graph replaced below
     _trace(m, ExportConfig(moe="contrib"), tmp / "raw.onnx", attention="expand")
     proto = onnx.load(str(tmp / "raw.onnx"))
-    finish_graph(proto, simplify=True, meta={})
-    onnx.save(proto, str(expanded / "model.onnx"))
+    finish_graph(proto, simplify=simplify, meta={})
+    proto.graph.initializer.extend(optional_input_defaults(m.args))
+    onnx.save(proto, str(expanded / "model.onnx"), save_as_external_data=not simplify,
+              location="model.onnx.data")
     om_a, om_e = OrtModel(absorbed, threads=a.threads), OrtModel(expanded, threads=a.threads)
     concat = ConcatRunner(om_a)
 
-    print(f"\n-- design (contrib MoE, v3-nano shape, median of {a.rounds} rounds) --")
+    what = (f"{a.shape}" + (f", first {a.layers} layers" if a.layers else "")
+            + (f", {a.experts} routed experts" if a.experts else "")) if a.shape else "v3-nano shape"
+    print(f"\n-- design (contrib MoE, {what}, median of {a.rounds} rounds) --")
     res = rounds_median({
         "io-binding ctx 128": lambda: decode_ms(om_a, 128, a.steps),
         "concat+run ctx 128": lambda: concat.decode_ms(128, a.steps),
@@ -196,7 +220,12 @@ def main() -> None:
     p.add_argument("--dense", action="store_true", help="add the dense-dispatch baseline")
     p.add_argument("--design", action="store_true", help="measure cache binding / attention / session choices")
     p.add_argument("--skip-scaling", action="store_true")
+    p.add_argument("--shape", default=None, help="--design on this named shape instead of v3-nano's")
+    p.add_argument("--layers", type=int, default=None, help="with --shape: keep the first N decoder layers")
+    p.add_argument("--experts", type=int, default=None, help="with --shape: routed experts kept per MoE layer")
     a = p.parse_args()
+    if a.shape and not a.design:
+        p.error("--shape applies to --design; add --design (and --skip-scaling to skip the expert scaling)")
     with tempfile.TemporaryDirectory() as tmp:
         if not a.skip_scaling:
             expert_scaling(Path(tmp), a)

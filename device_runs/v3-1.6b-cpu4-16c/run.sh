@@ -2,8 +2,9 @@
 # Seed-scale device run (the 16-core host beside the lent GPU): synthesize the 1.6B-parameter V3
 # shape, compress it for cpu4 with this folder's recipe, validate the bundle at 4 threads (the
 # target's) and 16, and run runtime_tests on it. Writes report.json/html here, t16/ for 16 threads,
-
-# it is built as there (streamed compress, the GPU for the torch stages: compress_stream.log). Usage: bash device_runs/v3-1.6b-cpu4-16c/run.sh
+# validate logs and runtime_tests.txt. A bundle already in WORK (side_by_side.sh builds the same)
+# is reused, else it is built as there: streamed compress, the GPU for the torch stages
+# (compress_stream.log). Usage: bash device_runs/v3-1.6b-cpu4-16c/run.sh
 # (WORK=/path for the ~12 GB of checkpoint, cache and bundle; default /tmp/v3-1.6b; SHAPE=v3-nano
 # tries the script on a small shape).
 set -uo pipefail

@@ -156,6 +156,13 @@ def export(model, out_dir: str | os.PathLike, config: ExportConfig | None = None
     return out
 
 
+def optional_input_defaults(a) -> list:
+    """logits_keep and left_pad become optional: an initializer of the same name is the default
+    (all rows; no padding, a [1] zero that broadcasts over the batch)."""
+    return [onnx.numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep"),
+            onnx.numpy_helper.from_array(np.zeros(1, np.int64), "left_pad")]
+
+
 def write_export(tmp: Path, proto, a, cfg: ExportConfig, *, digest: str, model_name, simplify: bool, large: bool,
                  linears: set[str] | None, tokenizer_from=None, data_written: bool = False, extra: dict | None = None):
     """The traced graph ``proto`` of a model with args ``a`` -> ``tmp``: post-processing
@@ -174,11 +181,7 @@ def write_export(tmp: Path, proto, a, cfg: ExportConfig, *, digest: str, model_n
     if lost:
         raise RuntimeError(f"export: the graph lost the name of {lost[0]} ({len(lost)} units); "
                            "graph_units cannot map it")
-    # logits_keep and left_pad become optional: an initializer of the same name is the default
-    # (all rows; no padding, a [1] zero that broadcasts over the batch)
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(np.array(a.max_position_embeddings, np.int64), "logits_keep"),
-        onnx.numpy_helper.from_array(np.zeros(1, np.int64), "left_pad")])
+    proto.graph.initializer.extend(optional_input_defaults(a))
     if data_written:
         onnx.save_model(proto, str(tmp / GRAPH_FILE))
     else:
