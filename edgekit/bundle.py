@@ -170,6 +170,8 @@ def read_target(d: str | os.PathLike) -> dict:
         target = tomllib.loads(p.read_text()).get("target", {})
     except (tomllib.TOMLDecodeError, UnicodeDecodeError):
         raise EdgekitError(f"{p} is corrupt; {REBUILD}") from None
+    if not isinstance(target, dict):
+        raise EdgekitError(f"{p}: [target] is not a table; {REBUILD}")
     config = target.get("session_config", {})
     if not (isinstance(config, dict) and all(isinstance(v, str) for v in config.values())):
         raise EdgekitError(f"{p}: [target] session_config must map names to strings; {REBUILD}")

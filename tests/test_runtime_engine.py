@@ -170,6 +170,9 @@ def test_session_config_comes_from_recipe(bundle, tmp_path):
     for load in (lambda: Engine.from_bundle(d, verify=False), lambda: OrtEdgekitRunner(d, threads=1)):
         with pytest.raises(EdgekitError, match="session_config must map names to strings"):
             load()
+    (d / "recipe.toml").write_text('target = "cpu4"\n')
+    with pytest.raises(EdgekitError, match=r"\[target\] is not a table"):
+        Engine.from_bundle(d, verify=False)
 
 
 NO_TORCH = textwrap.dedent("""
