@@ -210,7 +210,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers kept (the first N)")
     ap.add_argument("--threads", default="4")
     ap.add_argument("--moe", default="row,grouped",
-                    help="int8 expert paths: row (QMoE), block (QMoE), grouped; '+fold': column scales in the kernel")
+                    help="int8 expert paths: row (QMoE), block (QMoE), grouped; '+fold': column scales in the kernel "
+                         "(grouped+fold is the batched layout `edgekit compress` builds; plain grouped runs one If "
+                         "per expert)")
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=10)
@@ -218,7 +220,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--parallel", default="0", help="'0', '1' or '0,1': onnxruntime's parallel executor too")
     ap.add_argument("--session-config", default="",
                     help="onnxruntime session config variants to time besides the default, ';'-separated, each "
-                    "a ','-list of KEY=VALUE (e.g. 'session.dynamic_block_base=4')")
+                    "a ','-list of KEY=VALUE (e.g. 'session.dynamic_block_base=4'); timed one after another, so on a "
+                    "drifting host A/B a setting with decode_ab.py --config-after instead")
     ap.add_argument("--dir", type=Path, default=None,
                     help="time (and --profile) this export or bundle as it is instead of building --shape")
     ap.add_argument("--work", type=Path, default=ROOT / ".cache" / "scale")
