@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgekit.export import ExportConfig, export  # noqa: E402
 from edgekit.model import ModelArgs, MoE, Transformer  # noqa: E402
 from edgekit.runtime import OrtModel  # noqa: E402
+from edgekit.shapes import shape_names  # noqa: E402
 
 
 def model(n_experts: int, seed: int = 0) -> Transformer:
@@ -148,15 +149,11 @@ def shape_model(shape: str, layers: int | None, experts: int | None) -> Transfor
     layers and ``experts`` routed experts, random init as ``edgekit synth`` (std 0.02)."""
     from edgekit.checkpoint import args_from_config
     from edgekit.shapes import shape_config
-    from edgekit.synth import init_tensor
+    from edgekit.synth import random_model
 
     cfg = shape_config(shape)
     cfg.update({k: v for k, v in (("num_hidden_layers", layers), ("n_routed_experts", experts)) if v})
-    m = Transformer(args_from_config(cfg)).eval()
-    with torch.no_grad():
-        for name, p in m.state_dict().items():
-            p.copy_(init_tensor(name, tuple(p.shape), 0, 0.02))
-    return m
+    return random_model(args_from_config(cfg))
 
 
 def design(tmp: Path, a) -> None:
@@ -220,7 +217,8 @@ def main() -> None:
     p.add_argument("--dense", action="store_true", help="add the dense-dispatch baseline")
     p.add_argument("--design", action="store_true", help="measure cache binding / attention / session choices")
     p.add_argument("--skip-scaling", action="store_true")
-    p.add_argument("--shape", default=None, help="--design on this named shape instead of v3-nano's")
+    p.add_argument("--shape", default=None, choices=shape_names(),
+                   help="--design on this named shape instead of v3-nano's")
     p.add_argument("--layers", type=int, default=None, help="with --shape: keep the first N decoder layers")
     p.add_argument("--experts", type=int, default=None, help="with --shape: routed experts kept per MoE layer")
     a = p.parse_args()

@@ -5,7 +5,7 @@
 
 For a named shape (``edgekit/data/shapes.toml``; ``--experts N`` keeps N routed experts per MoE
 layer, as structured expert pruning would; ``--layers N`` keeps the first N decoder layers, for
-profiling a big shape's per-layer graph on a small machine), random init (std 0.02, ``edgekit.synth.init_tensor``):
+profiling a big shape's per-layer graph on a small machine), random init (std 0.02, ``edgekit.synth.random_model``):
 exports the fp32 graph once, rewrites it to int8 with each ``--moe`` path (``edgekit.quantize.
 quantize_export``: every linear, the embedding and the routed experts int8, routers fp32), then per
 path and thread count measures prefill (``--prefill`` tokens) and decode ms/token in a clean
@@ -153,16 +153,13 @@ def calibrate(model, vocab: int, tokens: int = 512, seq: int = 128) -> dict:
 
 def build(shape: str, experts: int | None, work: Path, moe_paths: list[str],
           layers: int | None = None) -> dict[str, Path]:
-    import torch
-
     from edgekit.checkpoint import args_from_config
     from edgekit.export import ExportConfig, export
-    from edgekit.model import Transformer
     from edgekit.quantize import quantize_export
     from edgekit.quantize.apply import quantizable_units
     from edgekit.quantize.emulate import units
     from edgekit.shapes import shape_config
-    from edgekit.synth import init_tensor
+    from edgekit.synth import random_model
 
     cfg = shape_config(shape)
     if experts:
@@ -174,11 +171,7 @@ def build(shape: str, experts: int | None, work: Path, moe_paths: list[str],
     out = {}
     model = None
     if not (fp32 / "export.json").exists() or any(not (work / p / "export.json").exists() for p in moe_paths):
-        torch.manual_seed(0)
-        model = Transformer(args).eval()
-        with torch.no_grad():
-            for name, p in model.state_dict().items():
-                p.copy_(init_tensor(name, tuple(p.shape), 0, 0.02))
+        model = random_model(args)
         n = sum(p.numel() for p in model.parameters())
         log(f"{shape} with {args.n_routed_experts} routed experts: {n / 1e6:.1f}M parameters")
     if not (fp32 / "export.json").exists():
@@ -204,8 +197,10 @@ def size_mb(d: Path) -> float:
 
 
 def main(argv=None) -> dict:
+    from edgekit.shapes import shape_names
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="v3-1.6b")
+    ap.add_argument("--shape", default="v3-1.6b", choices=shape_names())
     ap.add_argument("--experts", type=int, default=None, help="routed experts kept per MoE layer")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers kept (the first N)")
     ap.add_argument("--threads", default="4")

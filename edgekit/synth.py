@@ -48,6 +48,18 @@ def init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> tor
     return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
+def random_model(args, seed: int = 0, std: float = 0.02):
+    """The in-memory ``Transformer`` of ``args`` (``model.ModelArgs``) with the values ``synth``
+    writes for the same seed (speed experiments on a shape, or a cut of one, without a checkpoint)."""
+    from .model import Transformer
+
+    m = Transformer(args).eval()
+    with torch.no_grad():
+        for name, p in m.state_dict().items():
+            p.copy_(init_tensor(name, tuple(p.shape), seed, std))
+    return m
+
+
 def _stored(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """The checkpoint tensors for one fp32 tensor in the chosen storage dtype."""
     keep_fp32 = ".gate." in name or t.dim() < 2

@@ -91,6 +91,9 @@ def test_synth_same_seed_same_weights_any_sharding(tiny_shape, tmp_path):
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
+    m = synth_mod.random_model(shapes.shape_args(tiny_shape), seed=1)         # in memory, same values
+    sm = m.state_dict()
+    assert sm.keys() == sa.keys() and all(torch.equal(sa[k], sm[k]) for k in sa)
     h = load(synth(tiny_shape, tmp_path / "h", seed=1, dtype="bf16"))
     k = "model.layers.2.self_attn.o_proj.weight"
     with safe_open(str(tmp_path / "h" / "model.safetensors"), "pt") as f:
