@@ -102,6 +102,10 @@ def parse_args(argv=None):
                     help="use this prebuilt edgekit bundle for MODEL's edgekit-cpu4 row (default: "
                     "edgekit-out/<model>-cpu4 if present, else built by compress in a full run)")
     ap.add_argument("--prepare", action="store_true", help="build every artifact, measure nothing")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every variant this many times, interleaved (order rotated per round); a row "
+                    "is the median over rounds, and edgekit-cpu4 / llama-q8_0 is also compared round by round "
+                    "(a machine whose speed drifts over minutes biases one-after-another runs)")
     ap.add_argument("--machine", default=None, help="a name for the machine, written into the results")
     ap.add_argument("--note", default="", help="a label put at the head of the table's note (what the run is, caveats)")
     ap.add_argument("--rebuild", action="store_true",
@@ -281,6 +285,18 @@ def run_llama_worker(gguf: str, threads: int, reps: int, home: Path, timeout: fl
     return row
 
 
+def measure_variant(v: str, art: dict, a, s: dict, home, prompt_ids: Path, eval_ids: Path | None) -> dict:
+    """One variant's timings (and accuracy when ``eval_ids``) in a child process of its own."""
+    if v == "llama-q8_0":
+        return run_llama_worker(art["artifact"], a.threads, s["llama_reps"], home, s["timeout_s"])
+    spec = {"variant": v, "artifact": art["artifact"], "threads": a.threads,
+            "prompt": str(prompt_ids), "prefill_tokens": PREFILL_TOKENS,
+            "prefill_warmup": s["prefill_warmup"], "prefill_reps": s["prefill_reps"],
+            "decode_ctx": list(tables.CONTEXTS), "decode_tokens": s["decode_tokens"],
+            "eval": str(eval_ids) if eval_ids else None, "eval_windows": s["eval_windows"], "seq_len": SEQ_LEN}
+    return run_worker(spec, art.get("env", {}), s["timeout_s"])
+
+
 def model_list(a) -> list[tuple[str, dict]]:
     specs = [variants.model_spec(n) for n in a.shape] + [variants.model_spec(checkpoint=c) for c in a.checkpoint]
     if a.models or not specs:
@@ -298,6 +314,9 @@ def main(argv=None) -> int:
     s = QUICK if a.quick else FULL
     wanted = [v.strip() for v in a.variants.split(",") if v.strip()]
     bad = [v for v in wanted if v not in VARIANTS]
+    if a.rounds < 1:
+        print(f"error: --rounds {a.rounds}: give 1 or more", file=sys.stderr)
+        return 2
     if bad:
         print(f"error: unknown variant {bad[0]!r}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
@@ -348,38 +367,43 @@ def main(argv=None) -> int:
 
     bw = {"gbs_1t": measure.memory_bandwidth_gbs(1), "gbs": measure.memory_bandwidth_gbs(a.threads)}
     log(f"copy bandwidth: {bw['gbs_1t']:.1f} GB/s (1 thread), {bw['gbs']:.1f} GB/s ({a.threads} threads)")
+    order = [v for v in VARIANTS if v in wanted]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for rnd in range(a.rounds):
+        # each round runs every variant once, the order rotated, so a drift in the machine's speed
+        # over minutes reaches every variant alike (tables.paired_ratios compares them round by round)
+        turn = order[rnd % len(order):] + order[:rnd % len(order)]
+        for model, mspec in specs:
+            arts = arts_by_model[model]
+            for v in turn:
+                art = arts.get(v, {"error": "not built"})
+                if "error" in art:
+                    results.setdefault((model, v), []).append({"error": art["error"]})
+                    continue
+                t = time.perf_counter()
+                res = measure_variant(v, art, a, s, home, prompt_ids,
+                                      eval_ids if mspec["trained"] and rnd == 0 else None)
+                results.setdefault((model, v), []).append(res)
+                log(f"{model} {v}{f' (round {rnd + 1}/{a.rounds})' if a.rounds > 1 else ''}: "
+                    + (res.get("error") or ", ".join(f"{k}={res[k]:.4g}" for k in tables.METRICS
+                                                     if res.get(k) is not None))
+                    + f" ({time.perf_counter() - t:.0f}s)")
     rows = []
     for model, mspec in specs:
         arts = arts_by_model[model]
         ckpt = variants.prepare_model(model, a.work / "work", mspec)
         cfg = json.loads((ckpt / "config.json").read_text())
-        for v in [v for v in VARIANTS if v in wanted]:
+        for v in order:
             art = arts.get(v, {"error": "not built"})
             row = {"model": model, "variant": v, "trained": mspec["trained"]}
-            if "error" in art:
-                row["error"] = art["error"]
-            else:
-                t = time.perf_counter()
-                if v == "llama-q8_0":
-                    res = run_llama_worker(art["artifact"], a.threads, s["llama_reps"], home, s["timeout_s"])
-                else:
-                    spec = {"variant": v, "artifact": art["artifact"], "threads": a.threads,
-                            "prompt": str(prompt_ids), "prefill_tokens": PREFILL_TOKENS,
-                            "prefill_warmup": s["prefill_warmup"], "prefill_reps": s["prefill_reps"],
-                            "decode_ctx": list(tables.CONTEXTS), "decode_tokens": s["decode_tokens"],
-                            "eval": str(eval_ids) if mspec["trained"] else None,
-                            "eval_windows": s["eval_windows"], "seq_len": SEQ_LEN}
-                    res = run_worker(spec, art.get("env", {}), s["timeout_s"])
-                if "size_mb" not in res and not res.get("error"):
-                    res["size_mb"] = variants.dir_mb(Path(art["artifact"]), (".onnx", ".data"))
-                row.update(res)
+            row.update(tables.merge_rounds(results[(model, v)]))
+            if not row.get("error"):
+                if "size_mb" not in row:
+                    row["size_mb"] = variants.dir_mb(Path(art["artifact"]), (".onnx", ".data"))
                 row["note"] = art.get("note", "")
                 row_cfg = art.get("config") or cfg   # the model this row runs (a pruned one for bundles)
                 row["params"] = measure.active_params(row_cfg).total
                 tables.add_floor(row, measure.active_params(row_cfg), bw["gbs"], art["cache_elem_bytes"])
-                log(f"{model} {v}: " + (row.get("error") or ", ".join(
-                    f"{k}={row[k]:.4g}" for k in tables.METRICS if row.get(k) is not None))
-                    + f" ({time.perf_counter() - t:.0f}s)")
             row["threads"] = a.threads
             rows.append(row)
     tables.add_ratios(rows)
@@ -388,13 +412,14 @@ def main(argv=None) -> int:
         r.pop("traceback", None) if not r.get("error") else None
     settings = {k: s[k] for k in ("prefill_warmup", "prefill_reps", "decode_tokens", "eval_windows", "calib_rows",
                                   "llama_reps")}
-    settings.update(quick=a.quick, prefill_tokens=PREFILL_TOKENS, eval_seq_len=SEQ_LEN)
+    settings.update(quick=a.quick, prefill_tokens=PREFILL_TOKENS, eval_seq_len=SEQ_LEN, rounds=a.rounds)
     load = {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)}
-    note = run_note(a, rows, llama, host, load)
+    pairs = tables.paired_ratios(rows, "edgekit-cpu4", "llama-q8_0") if a.rounds > 1 else {}
+    note = run_note(a, rows, llama, host, load, pairs)
     doc = {"host": host, "threads": a.threads, "bandwidth": bw, "load_avg_1min": load, "settings": settings,
            "command": "python benchmarks/run.py " + " ".join(map(_rel_arg, argv if argv is not None else sys.argv[1:])),
            "llama_cpp": llama and {k: (_rel(v) if k in ("src", "bin") else v) for k, v in llama.items()},
-           "note": note, "rows": rows}
+           "note": note, "paired_ratios": pairs, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
     log(f"wrote {out}.json and {out}.md")
@@ -402,8 +427,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_note(a, rows: list[dict], llama: dict | None, host: dict, load: dict) -> str:
-    """The table's footnote: what was run how (accuracy, llama.cpp build and flash attention, load)."""
+def run_note(a, rows: list[dict], llama: dict | None, host: dict, load: dict, pairs: dict | None = None) -> str:
+    """The table's footnote: what was run how (accuracy, llama.cpp build and flash attention, load,
+    interleaved rounds and their paired ratios)."""
     trained = any(r.get("trained") for r in rows)
     machine = host.get("machine") or host.get("cpu_model")
     note = ((a.note + " ") if a.note else "") + (f"Machine: {machine}; {a.threads} threads in every row. "
@@ -419,6 +445,10 @@ def run_note(a, rows: list[dict], llama: dict | None, host: dict, load: dict) ->
                  f"prefill p50/p95 over its {lb[0].get('prefill_samples') if lb else '?'} reps, decode = mean "
                  f"ms/token of {BENCH_GEN} tokens after a context of 128 / 1024 (other rows: p50 of single-token "
                  "steps from that context). " + "".join(sorted({x["note"] + ". " for x in lb if x.get("note")})))
+    if a.rounds > 1:
+        note += (f"Each figure is the median over {a.rounds} interleaved rounds (every variant once per round, in a "
+                 "child process of its own, the order rotated each round). "
+                 + tables.paired_note(pairs or {}, "edgekit-cpu4", "llama-q8_0") + " ")
     note += f"1-min load average {load['start']} at start, {load['end']} at end ({host['cores']} cores)."
     return note
 

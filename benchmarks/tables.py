@@ -15,6 +15,68 @@ METRICS = ("size_mb", "prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "d
            "peak_rss_mb", "accuracy")
 BASELINE = "ort-fp32"
 CONTEXTS = (128, 1024)
+# timings that differ round to round (merge_rounds takes their median; the rest comes from round 1)
+TIMED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx0", "decode_ms_ctx128", "decode_ms_ctx1024")
+PAIRED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "decode_ms_ctx1024")
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One variant's results over interleaved rounds -> one row: each timing (``TIMED``) is the median
+    over the rounds that measured it, peak RSS the largest, everything else (size, accuracy, notes)
+    the first successful round's; ``rounds`` keeps every round's timings in order (None for a round
+    that failed, which the medians leave out); when all failed, the first error is the row's."""
+    ok = [r for r in results if not r.get("error")]
+    if not ok:
+        return dict(results[0]) if results else {"error": "not measured"}
+    row = dict(ok[0])
+    for k in TIMED:
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        if vals:
+            row[k] = _median(vals)
+    rss = [r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb") is not None]
+    if rss:
+        row["peak_rss_mb"] = max(rss)
+    if len(results) > 1:
+        row["rounds"] = [None if r.get("error") else {k: r[k] for k in TIMED if r.get(k) is not None}
+                         for r in results]
+    return row
+
+
+def paired_ratios(rows: list[dict], a: str, b: str) -> dict:
+    """Per model with both variants measured in the same rounds: for each timing in ``PAIRED``, the
+    per-round ratio a / b summarised as median, min and max. Pairing rounds cancels a drift in the
+    machine's speed that a ratio of two medians taken minutes apart would carry."""
+    out = {}
+    by = {(r["model"], r["variant"]): r for r in rows if r.get("rounds")}
+    for (model, v), ra in by.items():
+        rb = by.get((model, b))
+        if v != a or rb is None or len(ra["rounds"]) != len(rb["rounds"]):
+            continue
+        m = {}
+        for k in PAIRED:
+            q = [x[k] / y[k] for x, y in zip(ra["rounds"], rb["rounds"]) if x and y and x.get(k) and y.get(k)]
+            if q:
+                m[k] = {"median": _median(q), "min": min(q), "max": max(q), "rounds": len(q)}
+        out[model] = m
+    return out
+
+
+def paired_note(pairs: dict, a: str, b: str) -> str:
+    """One sentence per model: the per-round ratios ``paired_ratios`` found."""
+    parts = []
+    for model, m in pairs.items():
+        cells = [f"{k.replace('_ms', '').replace('_', ' ')} {v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"
+                 for k, v in m.items()]
+        if cells:
+            n = max(v["rounds"] for v in m.values())
+            parts.append(f"{model}: {a} ÷ {b} per round (median [min-max] of {n}): " + ", ".join(cells) + ".")
+    return " ".join(parts)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:

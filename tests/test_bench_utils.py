@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.measure import ActiveParams, active_params, decode_floor_ms, floor_fraction
-from benchmarks.tables import add_floor, add_ratios, markdown
+from benchmarks.tables import add_floor, add_ratios, markdown, merge_rounds, paired_note, paired_ratios
 
 NANO = Path(__file__).resolve().parent.parent / "edgekit" / "data" / "v3-nano" / "config.json"
 
@@ -87,6 +87,33 @@ def test_markdown_table_shape_and_marks():
     assert all(line.count("|") == table[0].count("|") for line in table), md
     assert "10.0 (0.25×)" in md and "1.00 (0.25×)" in md, md
     assert "failed: build failed: boom" in md and "note line" in md and "30.0 GB/s" in md
+
+
+def test_rounds_merge_to_medians_and_pair_round_by_round():
+    """Interleaved rounds (run.py --rounds): timings are medians over the rounds, RSS the largest,
+    accuracy from the round that measured it; a failed round is left out. Paired ratios divide
+    within a round: a machine twice as slow in round 2 leaves them at 0.5 while the ratio of
+    the medians would mix rounds."""
+    ek = [{"prefill_p50_ms": 10.0, "decode_ms_ctx128": 1.0, "peak_rss_mb": 100, "accuracy": 0.5, "size_mb": 7},
+          {"prefill_p50_ms": 20.0, "decode_ms_ctx128": 2.0, "peak_rss_mb": 120, "accuracy": None, "size_mb": 7},
+          {"error": "timed out"},
+          {"prefill_p50_ms": 40.0, "decode_ms_ctx128": 4.0, "peak_rss_mb": 90, "accuracy": None, "size_mb": 7}]
+    row = merge_rounds(ek)
+    assert row["prefill_p50_ms"] == 20.0 and row["decode_ms_ctx128"] == 2.0 and row["peak_rss_mb"] == 120
+    assert row["accuracy"] == 0.5 and row["rounds"][2] is None and len(row["rounds"]) == 4
+    assert merge_rounds([{"error": "boom"}, {"error": "again"}])["error"] == "boom"
+    assert "rounds" not in merge_rounds(ek[:1])                    # one round: the row as measured
+    ll = [{"prefill_p50_ms": 20.0, "decode_ms_ctx128": 4.0}, {"prefill_p50_ms": 40.0, "decode_ms_ctx128": 1.0},
+          {"prefill_p50_ms": 1.0, "decode_ms_ctx128": 1.0}, {"prefill_p50_ms": 80.0, "decode_ms_ctx128": 8.0}]
+    rows = [{"model": "m", "variant": "edgekit-cpu4", **row},
+            {"model": "m", "variant": "llama-q8_0", **merge_rounds(ll)}]
+    p = paired_ratios(rows, "edgekit-cpu4", "llama-q8_0")["m"]          # round 3 failed on one side: unpaired
+    assert p["prefill_p50_ms"] == {"median": 0.5, "min": 0.5, "max": 0.5, "rounds": 3}
+    assert p["decode_ms_ctx128"]["median"] == 0.5 and p["decode_ms_ctx128"]["max"] == 2.0
+    assert "prefill_p95_ms" not in p                              # not measured: no ratio
+    assert "prefill p50 0.50 [0.50-0.50]" in paired_note({"m": p}, "edgekit-cpu4", "llama-q8_0")
+    rows[1]["rounds"] = rows[1]["rounds"][:2]                      # rounds that do not line up: no pairing
+    assert paired_ratios(rows, "edgekit-cpu4", "llama-q8_0") == {}
 
 
 def test_llama_server_repacking_abort_is_retried_without_repacking(tmp_path):
