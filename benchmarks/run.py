@@ -422,7 +422,9 @@ def main(argv=None) -> int:
            "note": note, "paired_ratios": pairs, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
-    log(f"wrote {out}.json and {out}.md")
+    from benchmarks.rounds_plot import plot
+    plotted = a.rounds > 1 and plot(doc, Path(str(out) + ".png"))
+    log(f"wrote {out}.json and {out}.md" + (f" and {out}.png (timings round by round)" if plotted else ""))
     print(tables.markdown(rows, host, a.threads, bw, note))
     return 0
 

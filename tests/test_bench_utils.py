@@ -116,6 +116,22 @@ def test_rounds_merge_to_medians_and_pair_round_by_round():
     assert paired_ratios(rows, "edgekit-cpu4", "llama-q8_0") == {}
 
 
+def test_rounds_plot_draws_rounds_and_refuses_a_run_without_them(tmp_path):
+    from benchmarks.rounds_plot import main, plot
+
+    rounds = [{"prefill_p50_ms": 10.0, "decode_ms_ctx128": 1.0}, None, {"prefill_p50_ms": 12.0}]
+    doc = {"threads": 4, "settings": {"rounds": 3}, "host": {"cpu_model": "X"},
+           "rows": [{"model": "m", "variant": "edgekit-cpu4", "rounds": rounds}],
+           "paired_ratios": {"m": {"prefill_p50_ms": {"median": 0.5, "min": 0.4, "max": 0.6, "rounds": 2}}}}
+    out = tmp_path / "r.png"
+    assert plot(doc, out) and out.read_bytes()[:4] == b"\x89PNG"
+    assert not plot({"rows": [{"model": "m", "variant": "v"}]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
+    src = tmp_path / "one.json"
+    src.write_text(json.dumps({"rows": [{"model": "m", "variant": "v"}]}))
+    assert main([str(src)]) == 2 and main([str(tmp_path / "missing.json")]) == 2
+
+
 def test_llama_server_repacking_abort_is_retried_without_repacking(tmp_path):
     """A server that dies at start with llama.cpp's repacking abort: start() says so with its log, and
     only llama-server (not yet --no-repack) is started again with --no-repack."""
