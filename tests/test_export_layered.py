@@ -4,6 +4,7 @@ graph outputs as the single-trace export, names its units, and reads fp8 checkpo
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -42,6 +43,13 @@ def test_layered_export_equals_single_trace(tiny, tiny_ckpt, tmp_path, moe):
     assert want <= set(spec["units"]), sorted(want - set(spec["units"]))
     if moe == "contrib":
         assert [m["layer"] for m in spec["moe_nodes"]] == [1, 2]
+    # each piece took B, T, P from its own inputs; all shape nodes now read layer 0's (share_shapes),
+    # so onnxruntime merges the copies (the logits above are unchanged)
+    shapes = [n.input[0] for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node
+              if n.op_type == "Shape"]
+    readers = {s for s in shapes if s.endswith("/x_in") or s.startswith("past_latent.")}
+    assert readers and readers <= {"/layers.0/x_in", "past_latent.0"}, sorted(readers)
+
 
 def test_layered_export_of_fp8_checkpoint(tmp_path):
     from edgekit.synth import synth

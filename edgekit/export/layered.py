@@ -18,7 +18,10 @@ tensors as initializers appended to ``model.onnx.data``, before the next layer i
 stitched graph then goes through the single trace's own post-processing and writer
 (``export.write_export``: row attention and sparse experts expanded, MoE nodes named, the ``units``
 map, ``export.json``), so later passes (``quantize.apply.quantize_export``) read it as any export.
-``model_hash`` is the single trace's, computed reading one tensor at a time.
+``model_hash`` is the single trace's, computed reading one tensor at a time. Each piece computed
+the call's batch, length and cache length from its own inputs; ``share_shapes`` points those shape
+nodes at layer 0's, so onnxruntime merges the copies at load (v3-nano int8 with fp16 cache: 639 ->
+616 nodes per call after onnxruntime's optimizations; logits bit-identical).
 
 Why: tracing the whole ``LatentDecoder`` needs every weight in memory (and torch's exporter holds
 a second copy while it builds the protobuf): for a 6.4 GB checkpoint that alone is > 13 GB. Here
@@ -390,8 +393,34 @@ def export_layered(source, out_dir: str | os.PathLike, config=None, tokenizer_fr
     return out
 
 
+def share_shapes(nodes, num_layers: int) -> int:
+    """Point every ``Shape`` of a layer's hidden state (``/layers.{i}/x_in``, [B, T, D] for every i)
+    at layer 0's, and of a layer's cache (``past_latent.{i}``, [B, P, W] for every i) at layer 0's.
+    Each piece was traced on its own inputs, so each computed B, T and P from them (the single trace
+    takes them from ``input_ids`` once): ~6 shape nodes per layer run on every call. With one source,
+    the copies are identical nodes, which onnxruntime's common-subexpression pass merges at load
+    (with its constant sharing for their index constants). Values are unchanged. Returns how many
+    Shape nodes were rewired. Invariant it relies on: the runtime feeds every layer the same batch
+    and past length (``OrtModel`` binds all layers from one cache)."""
+    import re
+
+    first = {"x_in": "/layers.0/x_in", "past": "past_latent.0"}
+    pat = {"x_in": re.compile(r"/layers\.(\d+)/x_in"), "past": re.compile(r"past_latent\.(\d+)")}
+    n_rewired = 0
+    for n in nodes:
+        if n.op_type != "Shape" or not n.input:
+            continue
+        for kind, rx in pat.items():
+            m = rx.fullmatch(n.input[0])
+            if m and int(m.group(1)) <= num_layers and n.input[0] != first[kind]:
+                n.input[0] = first[kind]
+                n_rewired += 1
+    return n_rewired
+
+
 def _assemble(sink: _Sink, a, W: int) -> onnx.GraphProto:
-    """The graph inputs and outputs of ``export``'s graph around the stitched nodes."""
+    """The graph inputs and outputs of ``export``'s graph around the stitched nodes (the shape nodes
+    of the pieces sharing one source, ``share_shapes``)."""
     from onnx import TensorProto, helper
 
     from .graph import io_names
@@ -403,5 +432,6 @@ def _assemble(sink: _Sink, a, W: int) -> onnx.GraphProto:
                helper.make_tensor_value_info("left_pad", TensorProto.INT64, ["pad_batch"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "logits_seq", a.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", W]) for n in outs[1:]]
-    return helper.make_graph([n for p in sink.parts for n in p.node], "edgekit_decoder", inputs, outputs,
-                             [t for p in sink.parts for t in p.initializer])
+    nodes = [n for p in sink.parts for n in p.node]
+    share_shapes(nodes, a.num_hidden_layers)
+    return helper.make_graph(nodes, "edgekit_decoder", inputs, outputs, [t for p in sink.parts for t in p.initializer])
