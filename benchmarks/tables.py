@@ -15,7 +15,8 @@ METRICS = ("size_mb", "prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "d
            "peak_rss_mb", "accuracy")
 BASELINE = "ort-fp32"
 CONTEXTS = (128, 1024)
-# timings that differ round to round (merge_rounds takes their median; the rest comes from round 1)
+# timings that differ round to round (merge_rounds takes their median; the rest comes from the first
+# round that succeeded)
 TIMED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx0", "decode_ms_ctx128", "decode_ms_ctx1024")
 PAIRED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "decode_ms_ctx1024")
 

@@ -20,6 +20,7 @@ step "host: $(nproc) cores; $(python3 -c 'import onnxruntime as o; print("onnxru
 step "llama.cpp build (beside the bundle build; done before compress's own latency check)"
 python3 -m benchmarks.llamacpp build > "$work/llama_build.log" 2>&1 &
 llama_pid=$!
+trap 'kill "$llama_pid" 2>/dev/null' EXIT     # a failed bundle build does not leave the build running
 build_bundle
 wait "$llama_pid" || { tail -20 "$work/llama_build.log"; exit 2; }
 pruned=$(ls -d "$work"/cache/prune/*/ | head -1)

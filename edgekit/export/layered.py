@@ -43,6 +43,7 @@ Failure modes: as ``export`` (routing the contrib MoE op cannot express).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -397,13 +398,12 @@ def share_shapes(nodes, num_layers: int) -> int:
     """Point every ``Shape`` of a layer's hidden state (``/layers.{i}/x_in``, [B, T, D] for every i)
     at layer 0's, and of a layer's cache (``past_latent.{i}``, [B, P, W] for every i) at layer 0's.
     Each piece was traced on its own inputs, so each computed B, T and P from them (the single trace
-    takes them from ``input_ids`` once): ~6 shape nodes per layer run on every call. With one source,
+    takes them from ``input_ids`` once): ~6 nodes of shape arithmetic per layer ran on every call. With one source,
     the copies are identical nodes, which onnxruntime's common-subexpression pass merges at load
     (with its constant sharing for their index constants). Values are unchanged. Returns how many
-    Shape nodes were rewired. Invariant it relies on: the runtime feeds every layer the same batch
-    and past length (``OrtModel`` binds all layers from one cache)."""
-    import re
-
+    Shape nodes were rewired. Invariant it relies on, as the single trace does (its P comes from
+    ``past_latent.0``): every layer gets the same batch and past length (``OrtModel`` binds all
+    layers from one cache)."""
     first = {"x_in": "/layers.0/x_in", "past": "past_latent.0"}
     pat = {"x_in": re.compile(r"/layers\.(\d+)/x_in"), "past": re.compile(r"past_latent\.(\d+)")}
     n_rewired = 0
