@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import measure, tables, variants  # noqa: E402
 from benchmarks.llamacpp import BENCH_GEN  # noqa: E402
+from benchmarks.rounds_plot import plot as plot_rounds  # noqa: E402
 
 VARIANTS = ("ort-fp32", "torch-fp32", "torch-int8", "ort-dynamic-int8", "nncf-int8", "llama-q8_0",
             "edgekit-fp32", "edgekit-cpu4")
@@ -422,8 +423,7 @@ def main(argv=None) -> int:
            "note": note, "paired_ratios": pairs, "rows": rows}
     _write(Path(str(out) + ".json"), json.dumps(doc, indent=1) + "\n")
     _write(Path(str(out) + ".md"), tables.markdown(rows, host, a.threads, bw, note))
-    from benchmarks.rounds_plot import plot
-    plotted = a.rounds > 1 and plot(doc, Path(str(out) + ".png"))
+    plotted = a.rounds > 1 and plot_rounds(doc, Path(str(out) + ".png"))
     log(f"wrote {out}.json and {out}.md" + (f" and {out}.png (timings round by round)" if plotted else ""))
     print(tables.markdown(rows, host, a.threads, bw, note))
     return 0

@@ -9,6 +9,8 @@ decode context and the fraction of it reached), ``notes``, ``error``.
 
 from __future__ import annotations
 
+from statistics import median
+
 from benchmarks.measure import ActiveParams, decode_floor_ms, floor_fraction
 
 METRICS = ("size_mb", "prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "decode_ms_ctx1024",
@@ -19,12 +21,6 @@ CONTEXTS = (128, 1024)
 # round that succeeded)
 TIMED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx0", "decode_ms_ctx128", "decode_ms_ctx1024")
 PAIRED = ("prefill_p50_ms", "prefill_p95_ms", "decode_ms_ctx128", "decode_ms_ctx1024")
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def merge_rounds(results: list[dict]) -> dict:
@@ -39,7 +35,7 @@ def merge_rounds(results: list[dict]) -> dict:
     for k in TIMED:
         vals = [r[k] for r in ok if r.get(k) is not None]
         if vals:
-            row[k] = _median(vals)
+            row[k] = median(vals)
     rss = [r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb") is not None]
     if rss:
         row["peak_rss_mb"] = max(rss)
@@ -63,7 +59,7 @@ def paired_ratios(rows: list[dict], a: str, b: str) -> dict:
         for k in PAIRED:
             q = [x[k] / y[k] for x, y in zip(ra["rounds"], rb["rounds"]) if x and y and x.get(k) and y.get(k)]
             if q:
-                m[k] = {"median": _median(q), "min": min(q), "max": max(q), "rounds": len(q)}
+                m[k] = {"median": median(q), "min": min(q), "max": max(q), "rounds": len(q)}
         out[model] = m
     return out
 
