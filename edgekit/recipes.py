@@ -123,16 +123,19 @@ class Goals:
 
 @dataclass
 class Validate:
-    """How validation measures: repetitions after warm-up, decode length, eval data size."""
+    """How validation measures: repetitions after warm-up, decode length, eval data size. ``rounds``:
+    the latency worker runs that many times (fresh processes, one after another) and each latency
+    gate takes the median over rounds of a round's p95 (edgekit/latency.py says why)."""
     warmup: int = 3
     runs: int = 20
     decode_tokens: int = 32
     eval_max_tokens: int = 0          # 0: the whole eval split
     seq_len: int = 512
+    rounds: int = 1
 
     def __post_init__(self):
-        if self.runs < 2 or self.warmup < 0 or self.decode_tokens < 2:
-            raise ValueError("validate: need runs >= 2, warmup >= 0, decode_tokens >= 2")
+        if self.runs < 2 or self.warmup < 0 or self.decode_tokens < 2 or self.rounds < 1:
+            raise ValueError("validate: need runs >= 2, warmup >= 0, decode_tokens >= 2, rounds >= 1")
 
 
 @dataclass

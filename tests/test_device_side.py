@@ -48,6 +48,7 @@ runs = 2
 decode_tokens = 4
 eval_max_tokens = 600
 seq_len = 64
+rounds = 2
 
 [prune]
 experts = 0.25
@@ -91,6 +92,8 @@ def test_validate_and_runtime_run_without_torch(device, tmp_path):
     r = json.loads((tmp_path / "report.json").read_text())
     assert r["status"] == "pass" and r["compressed"]["tokens"] > 0, r["gates"]
     assert r["compressed"]["latency"]["prefill_ms"]["p50"] > 0          # the latency worker ran, torch-free too
+    gate = r["gates"]["latency_prefill_p95_ms"]                            # in the recipe's 2 rounds
+    assert len(gate["rounds_p95"]) == 2 and min(gate["rounds_p95"]) <= gate["value"] <= max(gate["rounds_p95"]), gate
     code = (f"import importlib, json, sys\nfrom edgekit.runtime import Engine\n"
             f"text = Engine.from_bundle({str(bundle)!r}).generate('def f(x):', max_new_tokens=4)\n"
             f"mods = [importlib.import_module(m).__name__ for m in {DEVICE_MODULES!r}]\n"

@@ -41,6 +41,7 @@ def test_cpu4_budgets_are_the_v3x_guide_numbers():
     ({"target": {"name": "x"}, "data": {"recover": "all"}}, "recover='all': use \"recover\""),
     ({"target": {"name": "x"}, "data": {"domain": "c", "recover": "train"}}, "domain 'c' ships recover only"),
     ({"goals": {}}, "missing \\[target\\] name"),
+    ({"target": {"name": "x"}, "validate": {"rounds": 0}}, "rounds >= 1"),
     ({"target": {"name": "x", "ops": "gpu"}}, "ops"),
     ({"target": {"name": "x", "format": "flatbuffer"}}, "format"),
     ({"target": {"name": "x"}, "auto": {"select": "biggest"}}, "select"),
