@@ -58,6 +58,12 @@ def render_targets(recipes, where: dict[str, list[str]] | None = None) -> None:
             con.print(f"  {r.target.name if i == 0 else '':<13} {line}")
 
 
+def _rounds_note(g: dict) -> str:
+    """A latency gate measured in rounds: its value is their median p95; say so, with their spread."""
+    r = g.get("rounds_p95")
+    return f"median of {len(r)} rounds' p95 ({min(r):.4g}-{max(r):.4g})" if r else ""
+
+
 def render_report(r: dict, where) -> None:
     con = Console()
     color = {"pass": "green", "fail": "red", "unverified": "yellow"}
@@ -65,7 +71,7 @@ def render_report(r: dict, where) -> None:
     for k, g in r["gates"].items():
         v = g["value"]
         t.add_row(k, "-" if v is None else f"{v:.4g}", f"{g['limit']:g}",
-                  f"[{color[g['status']]}]{g['status']}[/]", g.get("reason", "")[:60])
+                  f"[{color[g['status']]}]{g['status']}[/]", g.get("reason", "")[:60] or _rounds_note(g))
     con.print(t)
     c = r["compressed"]
     con.print(f"accuracy {100 * c['accuracy']:.2f}% (fp32 {100 * r['baseline']['accuracy']:.2f}%), "
