@@ -19,10 +19,11 @@ attributes ``k``, ``normalize_routing_weights``) in place by::
 
 That is the default "batched" layout: per expert only its two GEMMs, the elementwise work once per
 layer (measured on the 1.6B shape, 16-core host: the per-expert small elementwise nodes cost about
-as much kernel time as the expert GEMMs themselves). The "branch" layout (``layout="branch"``, and
-always with static scales, MatMulNBits or ``fold=False``) runs each expert's whole chain inside one
-``If`` that skips experts without tokens; per row both compute the same operations on the same
-values, so their results are equal bit for bit (tests/test_moe_grouped.py).
+as much kernel time as the expert GEMMs themselves). The MatMulNBits path batches the same way
+(its kernel quantizes its rows itself, so between the GEMMs only SwiGLU runs). The "branch" layout
+(``layout="branch"``, and always with static scales or ``fold=False``) runs each expert's whole
+chain inside one ``If`` that skips experts without tokens; per row both compute the same
+operations on the same values, so their results are equal bit for bit (tests/test_moe_grouped.py).
 
 Why (measured, see benchmarks/results/ and benchmarks/moe_kernels.py): onnxruntime's CPU ``QMoE``
 kernel with 8-bit weights dequantizes each used expert's weights to fp32 and runs an fp32 GEMM,
@@ -71,9 +72,9 @@ class GroupedMoEConfig:
     # layer's expert input; static_h: per expert, the down projection's input. Need ``fold``.
     static_x: float | None = None
     static_h: tuple[float, ...] | None = None
-    # dynamic integer path with fold: "batched" = the elementwise work (x scale, SwiGLU, h quantization)
-    # once over all experts' rows between the two GEMM stages; "branch" = all of it in one If per expert
-    # (what static scales, MatMulNBits and fold=False always use)
+    # dynamic integer path with fold, and MatMulNBits: "batched" = the elementwise work (x scale, SwiGLU,
+    # h quantization) once over all experts' rows between the two GEMM stages; "branch" = all of it in
+    # one If per expert (what static scales and fold=False always use)
     layout: str = "batched"
 
     def __post_init__(self):
@@ -220,6 +221,9 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
     if E == 1:
         xs_e = [xs_e]
         ss_e = ss_e if nb is not None or static else [ss_e]
+    if nb is not None and cfg.layout == "batched":
+        _batched_experts_nbits(em, fc1, fc2, xs_e, ws, inverse, counts, k, c, nb, out)
+        return em.nodes, em.inits
     batched = nb is None and not static and cfg.fold and cfg.layout == "batched"
     if batched:
         _batched_experts(em, fc1, fc2, xs_e, ss, ws, inverse, counts, k, c, cfg, out, qmax)
@@ -292,6 +296,36 @@ def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int,
         ys.append(em.op("MatMulIntegerToFloat", [hq_e[e], W2, c["one"], S2, c["zp"]], f"e{e}.y", domain=MS))
     factor = em.op("Mul", [sh, ws], "row_factor")
     y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
+    y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)
+    y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
+    em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
+                                     keepdims=0, name=f"{em.prefix}/sum_slots"))
+
+
+def _batched_experts_nbits(em: _Emit, fc1, fc2, xs_e, ws, inverse, counts, k: int, c: dict, nb: NBitsConfig,
+                           out: str) -> None:
+    """The MatMulNBits path, batched like ``_batched_experts``: per expert only its two
+    ``MatMulNBits`` (fp32 rows in; the kernel quantizes them per row and block itself), SwiGLU once
+    over all N*k rows between them. Per row the same operations as the per-expert branches."""
+    E, two_i, D = fc1.shape
+    add = lambda arr, hint: em.const(arr, hint)                                                 # noqa: E731
+    gu, w2s = [], []
+    for e in range(E):
+        w1 = np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T                               # [D, 2I]
+        a = em.name("gu")
+        em.nodes.append(matmul_nbits(xs_e[e], w1, a, a, add, nb, f"e{e}.w1"))
+        gu.append(a)
+        w2s.append(fc2[e].T)                                                                      # [I, D]
+    g, u = em.op("Split", [em.op("Concat", gu, "gu_cat", axis=0), c["split_gu"]], "g_u", n_out=2, axis=-1)
+    h = em.op("Mul", [em.op("Mul", [g, em.op("Sigmoid", [g])]), u], "h")                           # [N*k, I]
+    h_e = em.op("Split", [h, counts], "h_e", n_out=E, axis=0)
+    h_e = [h_e] if E == 1 else h_e
+    ys = []
+    for e, w2 in enumerate(w2s):
+        y = em.name("y")
+        em.nodes.append(matmul_nbits(h_e[e], w2, y, y, add, nb, f"e{e}.w2"))
+        ys.append(y)
+    y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), ws], "y_sorted")                # [N*k, D]
     y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)
     y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
     em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
