@@ -382,8 +382,10 @@ def main(argv=None) -> int:
                     results.setdefault((model, v), []).append({"error": art["error"]})
                     continue
                 t = time.perf_counter()
+                # accuracy once per variant: in its first round that runs (a failed round scores nothing)
+                scored = any(not r.get("error") for r in results.get((model, v), []))
                 res = measure_variant(v, art, a, s, home, prompt_ids,
-                                      eval_ids if mspec["trained"] and rnd == 0 else None)
+                                      eval_ids if mspec["trained"] and not scored else None)
                 results.setdefault((model, v), []).append(res)
                 log(f"{model} {v}{f' (round {rnd + 1}/{a.rounds})' if a.rounds > 1 else ''}: "
                     + (res.get("error") or ", ".join(f"{k}={res[k]:.4g}" for k in tables.METRICS
