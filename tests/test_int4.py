@@ -4,6 +4,7 @@ grouped MatMulNBits experts, the torch emulation computes what onnxruntime compu
 is smaller than the all-8-bit one."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -52,10 +53,11 @@ def test_int4_units_in_graph_and_emulation(tmp_path, moe):
         assert len(qmoe) == len(experts) and all(a["expert_weight_bits"] == 4 for a in qmoe), qmoe
         assert all(a.get("block_size", 0) == (0 if rows else 16) for a in qmoe), qmoe
         assert set(rep["graph"]["moe"].values()) == {"row4" if rows else "block16x4"}, rep["graph"]["moe"]
-    else:            # grouped experts' MatMulNBits live inside the If branches
-        sub = [n for n in g.node if n.op_type == "If" and any(
-            s.op_type == "MatMulNBits" for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for s in a.g.node)]
-        assert sub, "grouped experts should run MatMulNBits 4-bit"
+    else:            # grouped experts: two MatMulNBits 4-bit per expert, batched (no If)
+        grouped = [n for n in g.node if n.op_type == "MatMulNBits" and re.match(r"m\d+/", n.name)]
+        per_layer = [m.args.for_layer(int(u.split(".")[2])).n_routed_experts for u in experts]
+        assert len(grouped) == 2 * sum(per_layer), (len(grouped), per_layer)
+        assert not any(n.op_type == "If" and re.match(r"m\d+/", n.name) for n in g.node)
     # the emulation the planner measured with is what onnxruntime computes
     ids = np.random.default_rng(1).integers(0, 128, (2, 24))
     got = OrtModel(tmp_path / "q").logits(ids)
