@@ -20,6 +20,7 @@ step "validate, 16 threads"
 sed 's/^threads = 4$/threads = 16/' "$here/recipe.toml" > "$work/recipe16.toml"
 ek validate "$work/bundle" --target "$work/recipe16.toml" --report-dir "$out/t16" > "$out/validate_t16.txt" 2>&1
 echo "exit $?" >> "$out/validate_t16.txt"
+sed -i "s#$root/##g" "$out/validate_t4.txt" "$out/validate_t16.txt"   # paths in the logs relative to the repo
 step runtime_tests
 python3 -m pytest -q -p no:cacheprovider "$root/runtime_tests" --bundle "$work/bundle" > "$out/runtime_tests.txt" 2>&1
 step "done"

@@ -256,13 +256,18 @@ def grouped_nodes(node: onnx.NodeProto, fc1: np.ndarray, fc2: np.ndarray, cfg: G
         shs += [outs[1]] if dyn_h else []
     # one per-row factor for all experts' rows: routing weight (x the down GEMM's per-token scale)
     factor = em.op("Mul", [em.op("Concat", shs, "sh", axis=0), ws], "row_factor") if dyn_h else ws
+    _combine(em, ys, factor, inverse, k, D, out)
+    return em.nodes, em.inits
+
+
+def _combine(em: _Emit, ys: list[str], factor: str, inverse: str, k: int, D: int, out: str) -> None:
+    """The experts' rows (in expert order) times one factor per row, back in slot order and summed
+    over each token's k slots into ``out`` [N, D]."""
     y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
     y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)                               # [N*k, D]
-    shape = em.const(np.array([-1, k, D], np.int64), "nkd")
-    y3 = em.op("Reshape", [y_slots, shape], "y3")
+    y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
     em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
                                      keepdims=0, name=f"{em.prefix}/sum_slots"))
-    return em.nodes, em.inits
 
 
 def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int, c: dict,
@@ -294,12 +299,7 @@ def _batched_experts(em: _Emit, fc1, fc2, xs_e, ss, ws, inverse, counts, k: int,
     ys = []
     for e, (W2, S2) in enumerate(s2s):
         ys.append(em.op("MatMulIntegerToFloat", [hq_e[e], W2, c["one"], S2, c["zp"]], f"e{e}.y", domain=MS))
-    factor = em.op("Mul", [sh, ws], "row_factor")
-    y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), factor], "y_sorted")           # [N*k, D]
-    y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)
-    y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
-    em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
-                                     keepdims=0, name=f"{em.prefix}/sum_slots"))
+    _combine(em, ys, em.op("Mul", [sh, ws], "row_factor"), inverse, k, D, out)
 
 
 def _batched_experts_nbits(em: _Emit, fc1, fc2, xs_e, ws, inverse, counts, k: int, c: dict, nb: NBitsConfig,
@@ -325,11 +325,7 @@ def _batched_experts_nbits(em: _Emit, fc1, fc2, xs_e, ws, inverse, counts, k: in
         y = em.name("y")
         em.nodes.append(matmul_nbits(h_e[e], w2, y, y, add, nb, f"e{e}.w2"))
         ys.append(y)
-    y_sorted = em.op("Mul", [em.op("Concat", ys, "y_cat", axis=0), ws], "y_sorted")                # [N*k, D]
-    y_slots = em.op("Gather", [y_sorted, inverse], "y_slots", axis=0)
-    y3 = em.op("Reshape", [y_slots, em.const(np.array([-1, k, D], np.int64), "nkd")], "y3")
-    em.nodes.append(helper.make_node("ReduceSum", [y3, em.const(np.array([1], np.int64), "ax1")], [out],
-                                     keepdims=0, name=f"{em.prefix}/sum_slots"))
+    _combine(em, ys, ws, inverse, k, D, out)
 
 
 def rewrite_moe_grouped(proto: onnx.ModelProto, node_name: str, cfg: GroupedMoEConfig | None = None,
