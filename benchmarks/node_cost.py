@@ -5,7 +5,7 @@ activations.
     python benchmarks/node_cost.py --threads 1,4 --nodes 500,2000 --json benchmarks/results/node_cost_16c.json
 
 Prints microseconds per node (median call time / N, after warm-up). Why: a v3-1.6b decode step
-runs ~3,300 nodes after onnxruntime's fusions; this is the part of a step no kernel change touches.
+runs ~4,000 nodes after onnxruntime's fusions; this is the part of a step no kernel change touches.
 Graph optimizations are off so the chain is not folded or fused.
 """
 
