@@ -11,6 +11,9 @@ Invariants:
 - ``finalize`` replaces only what ``edgekit.outputs.check_replace`` allows (nothing, an empty dir,
   a dir edgekit wrote, or a dir the user forced); a file or a foreign directory raises
   ``EdgekitError`` and ``out`` stays as it was.
+- a failed block's staging dir is removed with SIGTERM held back (``discard``): a launcher that
+  follows one failing rank with SIGTERM to the others (torchrun) cannot cut the removal short; the
+  signal reaches its handler when the dir is gone.
 - staging and scratch dirs carry the host and the pid of their writer in their name
   (``.NAME.tmp-<host>-<pid>-*``); dirs whose process is gone (``kill -9``, power loss) are removed
   the next time a dir with the same prefix is made, and ``.NAME.old`` left between the two
@@ -22,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -102,6 +106,27 @@ def finalize(tmp: Path, out: Path) -> Path:
     return out
 
 
+def discard(tmp: Path) -> None:
+    """Remove a staging dir whose write failed. A SIGTERM arriving meanwhile is held and delivered to
+    the handler it would have reached once the dir is gone (that handler raises ``SystemExit`` in
+    edgekit's commands, which would otherwise stop the removal halfway). Handlers can only be swapped
+    on the main thread; elsewhere the removal runs as is."""
+    held: list[int] = []
+    try:
+        prev = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    except ValueError:                                     # not the main thread
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        signal.signal(signal.SIGTERM, prev if prev is not None else signal.SIG_DFL)
+        if held and callable(prev):
+            prev(held[0], None)
+        elif held and prev in (signal.SIG_DFL, None):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike):
     out = Path(out)
@@ -112,5 +137,5 @@ def atomic_dir(out: str | os.PathLike):
         finalize(tmp, out)
     except BaseException:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
         raise

@@ -32,7 +32,6 @@ turned into ``SystemExit`` so staging dirs are removed; ``publish`` then leaves 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import warnings
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from .atomic import finalize, staging_dir
+from .atomic import discard, finalize, staging_dir
 from .errors import EdgekitError
 
 TIMEOUT_ENV = "EDGEKIT_DIST_TIMEOUT"     # seconds a collective may wait (rank 0 writing a large checkpoint)
@@ -234,7 +233,7 @@ def publish(out: str | os.PathLike, write: Callable[[Path], object]) -> Path:
             raise EdgekitError(f"another rank failed; {out} was not written (see that rank's error)")
         return finalize(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
 
 

@@ -543,3 +543,33 @@ def test_an_interrupted_swap_restores_the_previous_output(ckpt, tmp_path, monkey
     tmp = staging_dir(tmp_path / "out")
     assert (tmp_path / "out" / "model.onnx").exists() and not (tmp_path / ".out.old").exists()
     shutil.rmtree(tmp)
+
+
+def test_a_sigterm_during_cleanup_waits_until_the_staging_dir_is_gone(tmp_path, monkeypatch):
+    """torchrun follows a dead rank with SIGTERM to the others: when that lands while a failed write's
+    staging dir is being removed, the removal still finishes, and then the signal's handler runs."""
+    from edgekit import atomic
+
+    d = tmp_path / ".out.tmp-x"
+    d.mkdir()
+    for name in "abc":
+        (d / name).write_text(name)
+    real = shutil.rmtree
+
+    def rmtree(p, ignore_errors=False):
+        os.kill(os.getpid(), signal.SIGTERM)    # arrives mid-removal
+        (Path(p) / "a").unlink()
+        real(p, ignore_errors=ignore_errors)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
+    prev = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(SystemExit):
+            atomic.discard(d)
+        assert signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+    assert not d.exists(), sorted(p.name for p in d.iterdir())
