@@ -96,15 +96,16 @@ def run_worker(d: str, threads: int, spinning: bool, prefill_tokens: int, decode
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
-    """One worker result per round -> one result: p50/p95/mean/min = the median over rounds of each
-    round's figure, samples pooled, ``"rounds"`` = each round's p50/p95, peak RSS the largest."""
+    """One worker result per round -> one result: p50/p95/mean = the median over rounds of each
+    round's figure, min the smallest, samples pooled, ``"rounds"`` = each round's p50/p95, peak RSS
+    the largest."""
     if len(rounds) == 1:
         return rounds[0]
     out = dict(rounds[0])
     for key in ("prefill_ms", "decode_ms"):
         per = [r[key] for r in rounds]
-        out[key] = {**{s: float(np.median([p[s] for p in per])) for s in ("p50", "p95", "mean", "min")},
-                    "samples": [x for p in per for x in p["samples"]],
+        out[key] = {**{s: float(np.median([p[s] for p in per])) for s in ("p50", "p95", "mean")},
+                    "min": min(p["min"] for p in per), "samples": [x for p in per for x in p["samples"]],
                     "rounds": [{"p50": round(p["p50"], 4), "p95": round(p["p95"], 4)} for p in per]}
     out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
     out["session_load_s"] = round(float(np.median([r["session_load_s"] for r in rounds])), 3)

@@ -59,9 +59,11 @@ def validate(model_dir: str | Path, recipe, baseline: dict, eval_tokens, facts: 
     lat = measure(d, threads=min(t.threads, facts["cores"]), spinning=t.spinning, prefill_tokens=goals.prefill_tokens,
                   decode_tokens=v.decode_tokens, runs=v.runs, warmup=v.warmup, session_config=t.session_config,
                   rounds=v.rounds)
-    # with rounds > 1 a latency gate's value is the median over rounds of the round's p95; each round's is kept
-    per_round = lambda key: ({"rounds_p95": [r["p95"] for r in lat[key]["rounds"]]}   # noqa: E731
-                             if "rounds" in lat[key] else {})
+
+    def per_round(key: str) -> dict:    # rounds > 1: the gate's value is their median p95; keep each round's
+        rounds = lat[key].get("rounds")
+        return {"rounds_p95": [r["p95"] for r in rounds]} if rounds else {}
+
     size = graph_bytes(d, t.format)
     drop = baseline["accuracy"] - acc["accuracy"]
     ratio = size / baseline["onnx_bytes"]

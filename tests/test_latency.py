@@ -23,6 +23,7 @@ def test_one_slow_round_of_three_does_not_decide_the_p95():
     assert m["prefill_ms"]["p95"] < 115 < float(np.percentile(calm[0] + slow + calm[1], 95)), per
     assert [r["p95"] for r in m["prefill_ms"]["rounds"]] == pytest.approx(per, abs=1e-4)
     assert len(m["prefill_ms"]["samples"]) == 60 and m["peak_rss_mb"] == 950.0 and m["rounds"] == 3
+    assert m["prefill_ms"]["min"] == min(calm[0] + slow + calm[1])
 
 
 def test_a_graph_slow_in_two_rounds_still_reads_slow():

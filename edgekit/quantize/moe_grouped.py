@@ -307,7 +307,7 @@ def _batched_experts_nbits(em: _Emit, fc1, fc2, xs_e, ws, inverse, counts, k: in
     """The MatMulNBits path, batched like ``_batched_experts``: per expert only its two
     ``MatMulNBits`` (fp32 rows in; the kernel quantizes them per row and block itself), SwiGLU once
     over all N*k rows between them. Per row the same operations as the per-expert branches."""
-    E, two_i, D = fc1.shape
+    E, _, D = fc1.shape
     add = lambda arr, hint: em.const(arr, hint)                                                 # noqa: E731
     gu, w2s = [], []
     for e in range(E):
