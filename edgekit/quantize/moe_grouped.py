@@ -72,9 +72,9 @@ class GroupedMoEConfig:
     # layer's expert input; static_h: per expert, the down projection's input. Need ``fold``.
     static_x: float | None = None
     static_h: tuple[float, ...] | None = None
-    # dynamic integer path with fold, and MatMulNBits: "batched" = the elementwise work (x scale, SwiGLU,
-    # h quantization) once over all experts' rows between the two GEMM stages; "branch" = all of it in
-    # one If per expert (what static scales and fold=False always use)
+    # dynamic integer path with fold, and MatMulNBits: "batched" = the elementwise work between the two
+    # GEMM stages (integer path: x scale, SwiGLU, h quantization; MatMulNBits: SwiGLU) once over all
+    # experts' rows; "branch" = all of it in one If per expert (what static scales and fold=False always use)
     layout: str = "batched"
 
     def __post_init__(self):
